@@ -1,0 +1,785 @@
+"""Train a FLUX.1 Kontext LoRA that inserts one product into a mask region at the mask's size.
+
+Run (one process or many, through accelerate)::
+
+    accelerate launch train_kontext_lora.py --config configs/example_tiny.yaml
+    accelerate launch train_kontext_lora.py --config configs/flux_kontext_dev.yaml train.max_steps=2000
+    python train_kontext_lora.py --config configs/example_tiny.yaml output_dir=outputs/try
+
+The script reads top to bottom: ``setup`` (config, output folder, dataset check, model, LoRA, cache,
+optimiser, resume) -> ``train`` (the rectified-flow step plus the mask-geometry losses) ->
+``finish`` (export, validation, model card). The step math is :func:`compute_loss`, a plain function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from kontext.config import Config, ConfigError, config_to_dict, dump_config, load_config
+
+logger = logging.getLogger("kontext_lora")
+
+FINISHED_MARKER = "pytorch_lora_weights.safetensors"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class UserError(Exception):
+    """An error in the user's input that ends the run with one clear message (no traceback)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The training step: rectified flow as FLUX uses it, then geometry losses on the predicted x0.
+# ---------------------------------------------------------------------------------------------
+
+
+def compute_loss(
+    transformer: torch.nn.Module,
+    batch: dict[str, Any],
+    cfg: Config,
+    generator: torch.Generator,
+    scheduler_sigmas: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One micro-batch's loss.
+
+    ``batch`` holds ``target_latents`` / ``context_latents`` ``[B, 16, h, w]``, ``prompt_embeds [B, L, D]``,
+    ``pooled_prompt_embeds [B, Dp]`` and ``geometry`` (a ``losses.MaskTargets`` at latent resolution).
+    ``scheduler_sigmas`` is the training scheduler's sigma table (``[num_train_timesteps]``, descending).
+    Returns the total loss (float32 scalar) and its detached components for logging.
+    """
+    from kontext.flux import predict_velocity
+    from losses import flow_matching as fm
+    from losses import GeometryLossWeights, geometry_loss, noise_level_weight
+
+    x0 = batch["target_latents"]
+    ctx = batch["context_latents"]
+    bsz = x0.shape[0]
+    device = x0.device
+    tc = cfg.train
+
+    noise = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=torch.float32).to(device)
+    u = fm.sample_timestep_density(
+        tc.weighting_scheme, bsz, tc.logit_mean, tc.logit_std, tc.mode_scale, generator=generator
+    )
+    sigmas = fm.sigmas_from_density(u, scheduler_sigmas).to(device)  # [B]
+    sig = sigmas.view(-1, 1, 1, 1)
+    x0f = x0.float()
+    x_t = fm.add_noise(x0f, noise, sig)
+
+    v_pred = predict_velocity(
+        transformer,
+        x_t.to(x0.dtype),
+        ctx,
+        sigmas,
+        batch["prompt_embeds"],
+        batch["pooled_prompt_embeds"],
+        cfg.model.guidance_scale,
+    )
+    # Losses in float32 whatever the model's dtype.
+    v_pred = v_pred.float()
+    target = fm.velocity_target(x0f, noise)
+    weighting = fm.loss_weighting(tc.weighting_scheme, sig)
+    base = fm.flow_matching_loss(v_pred, target, weighting)
+    logs: dict[str, torch.Tensor] = {"loss/flow": base.detach()}
+    total = base
+
+    geo = cfg.loss.geometry
+    if geo.enabled:
+        z_pred = fm.predicted_clean(x_t, v_pred, sig)
+        weights = GeometryLossWeights(mse=geo.mse, bg=geo.bg, dice=geo.dice, area=geo.area, boundary=geo.boundary)
+        geo_total, parts = geometry_loss(
+            z_pred,
+            x0f,
+            ctx.float(),
+            batch["geometry"],
+            weights,
+            w_in=geo.w_in,
+            w_band=geo.w_band,
+            w_out=geo.w_out,
+            k_sigma=geo.k_sigma,
+            sample_weights=noise_level_weight(sigmas, geo.noise_weighting),
+        )
+        total = total + geo.weight * geo_total
+        logs["loss/geometry"] = geo_total.detach()
+        logs.update({f"loss/{k}": v.detach() for k, v in parts.items()})
+    logs["loss/total"] = total.detach()
+    return total, logs
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built by :func:`setup`."""
+
+    cfg: Config
+    accelerator: Any
+    output_dir: Path
+    pipe: Any
+    transformer: torch.nn.Module
+    lora_params: list[torch.nn.Parameter]
+    optimizer: Any
+    lr_scheduler: Any
+    dataset: Any
+    sampler: Any
+    scheduler_sigmas: torch.Tensor
+    encoders_device: torch.device
+    start_step: int = 0
+    data_state: dict[str, int] = field(default_factory=lambda: {"epoch": 0, "position": 0})
+    history: list[dict[str, float]] = field(default_factory=list)
+    stop_reason: str = ""
+
+
+def check_output_dir(cfg: Config, output_dir: Path) -> None:
+    """Refuse to start a fresh run over a finished one (its LoRA would be overwritten)."""
+    if (output_dir / FINISHED_MARKER).exists() and not cfg.checkpoint.resume_from:
+        if not cfg.checkpoint.overwrite_output_dir:
+            raise UserError(
+                f"output_dir {output_dir} already holds a finished run ({FINISHED_MARKER}). Choose a new "
+                "output_dir, resume with checkpoint.resume_from=latest, or set checkpoint.overwrite_output_dir=true."
+            )
+
+
+def resolve_model(name_or_path: str) -> str:
+    """``tiny`` -> the cached tiny model folder (built on first use); anything else unchanged or absolute."""
+    if name_or_path == "tiny":
+        from kontext.tiny import tiny_model_path
+
+        return str(tiny_model_path())
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        if not (p / "model_index.json").is_file():
+            raise UserError(
+                f"`model.pretrained_model_name_or_path` = {name_or_path!r} is a folder without model_index.json; "
+                "point it at a diffusers FLUX.1 Kontext folder, a hub id, or `tiny`."
+            )
+        return str(p.resolve())
+    return name_or_path
+
+
+def open_dataset_source(cfg: Config):
+    """The configured sample source, validated in full (all problems reported at once)."""
+    from data import DatasetError, open_source, validate_source
+
+    d = cfg.data
+    try:
+        source = open_source(
+            d.source,
+            d.root,
+            split=d.split,
+            default_prompt=d.default_prompt,
+            context_column=d.context_column,
+            target_column=d.target_column,
+            mask_column=d.mask_column,
+            prompt_column=d.prompt_column,
+        )
+        validate_source(source, max_pixels=d.max_pixels)
+    except DatasetError as e:
+        raise UserError(str(e)) from None
+    return source
+
+
+def setup(cfg: Config) -> Run:
+    """Config -> a ready-to-train :class:`Run` (cheap checks first, models after)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    output_dir = Path(cfg.output_dir).expanduser().resolve()
+    check_output_dir(cfg, output_dir)
+    from kontext.checkpoint import CheckpointError, read_trainer_state, remove_incomplete, resolve_resume
+
+    try:
+        resume_ckpt = resolve_resume(output_dir, cfg.checkpoint.resume_from)
+    except CheckpointError as e:
+        raise UserError(str(e)) from None
+    if resume_ckpt is not None:
+        # Fail on a mismatched LoRA before any model is loaded.
+        _check_resume_shape(cfg, resume_ckpt, read_trainer_state(resume_ckpt))
+
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        log_with=None if cfg.logging.report_to == "none" else cfg.logging.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        # The LR schedule counts optimiser updates, once per update whatever the number of processes.
+        step_scheduler_with_optimizer=False,
+    )
+    _setup_logging(accelerator)
+    set_seed(cfg.train.seed)
+
+    # -- data: generate (embedded default) and validate before any model is loaded
+    if cfg.data.synthetic.enabled:
+        from data.synthetic import generate_dataset
+
+        with accelerator.main_process_first():
+            if accelerator.is_main_process:
+                s = cfg.data.synthetic
+                generate_dataset(cfg.data.root, num_samples=s.num_samples, size=(s.size, s.size), seed=s.seed)
+    source = open_dataset_source(cfg)
+
+    # -- model
+    with accelerator.main_process_first():
+        model_path = resolve_model(cfg.model.pretrained_model_name_or_path)
+    cfg.model.pretrained_model_name_or_path = model_path
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        remove_incomplete(output_dir)
+        dump_config(cfg, output_dir / "config.yaml")
+
+    weight_dtype = DTYPES[cfg.model.dtype]
+    pipe = _load_pipeline(cfg, model_path, weight_dtype)
+    device = accelerator.device
+    transformer = pipe.transformer
+    for m in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        m.requires_grad_(False)
+        m.eval()
+    encoders_device = torch.device("cpu") if cfg.model.offload_encoders else device
+    if cfg.model.quantization == "none":
+        transformer.to(device)
+    pipe.vae.to(encoders_device)
+    pipe.text_encoder.to(encoders_device)
+    pipe.text_encoder_2.to(encoders_device)
+
+    from kontext.lora import attach_lora, make_lora_config
+
+    lc = cfg.lora
+    torch.manual_seed(cfg.train.seed)  # LoRA init is part of the run's seed
+    try:
+        lora_params = attach_lora(
+            transformer, make_lora_config(lc.rank, lc.alpha, lc.dropout, lc.init, lc.target_modules)
+        )
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if cfg.model.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+
+    # -- dataset, cache, sampler
+    dataset = _build_dataset(cfg, source, pipe, accelerator, encoders_device)
+    from data import BucketBatchSampler
+
+    sampler = BucketBatchSampler(
+        dataset.bucket_ids,
+        batch_size=cfg.train.batch_size,
+        seed=cfg.train.seed,
+        shuffle=True,
+        drop_last=True,
+        num_replicas=accelerator.num_processes,
+        rank=accelerator.process_index,
+    )
+    if len(sampler) == 0:
+        raise UserError(
+            f"No full batch can be formed: {len(dataset)} samples, train.batch_size={cfg.train.batch_size}, "
+            f"{accelerator.num_processes} process(es). Lower train.batch_size or add samples."
+        )
+
+    # -- optimiser and schedule
+    optimizer = _make_optimizer(cfg, lora_params)
+    from diffusers.optimization import get_scheduler
+
+    lr_scheduler = get_scheduler(
+        cfg.train.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=cfg.train.lr_warmup_steps,
+        num_training_steps=cfg.train.max_steps,
+    )
+    transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
+    _register_lora_hooks(accelerator, transformer)
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    # Training sigmas come from the scheduler's un-shifted training table, as diffusers' Kontext script.
+    train_sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    run = Run(
+        cfg=cfg,
+        accelerator=accelerator,
+        output_dir=output_dir,
+        pipe=pipe,
+        transformer=transformer,
+        lora_params=lora_params,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        dataset=dataset,
+        sampler=sampler,
+        scheduler_sigmas=train_sched.sigmas.clone(),
+        encoders_device=encoders_device,
+    )
+    if resume_ckpt is not None:
+        state = read_trainer_state(resume_ckpt)
+        accelerator.load_state(str(resume_ckpt))
+        run.start_step = int(state["step"])
+        run.data_state = dict(state["data"])
+        run.history = list(state.get("history", []))
+        accelerator.print(f"Resumed from {resume_ckpt} at step {run.start_step}.")
+    if accelerator.is_main_process and cfg.logging.report_to != "none":
+        accelerator.init_trackers(cfg.logging.project_name, config=_flat_config(cfg))
+    return run
+
+
+def _check_resume_shape(cfg: Config, ckpt: Path, state: dict[str, Any]) -> None:
+    from kontext.checkpoint import CheckpointError, check_compatible
+
+    try:
+        check_compatible(ckpt, state, _lora_shape(cfg))
+    except CheckpointError as e:
+        raise UserError(str(e)) from None
+
+
+def _lora_shape(cfg: Config) -> dict[str, Any]:
+    return {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "target_modules": sorted(cfg.lora.target_modules)}
+
+
+def _setup_logging(accelerator: Any) -> None:
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+    )
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.set_verbosity_error()
+
+
+def _load_pipeline(cfg: Config, model_path: str, weight_dtype: torch.dtype):
+    from diffusers import FluxKontextPipeline
+
+    kwargs: dict[str, Any] = {"torch_dtype": weight_dtype}
+    if cfg.model.revision:
+        kwargs["revision"] = cfg.model.revision
+    if cfg.model.variant:
+        kwargs["variant"] = cfg.model.variant
+    if cfg.model.quantization != "none":
+        from kontext.quantization import quantized_transformer
+
+        kwargs["transformer"] = quantized_transformer(model_path, cfg.model.quantization, weight_dtype, kwargs)
+    try:
+        return FluxKontextPipeline.from_pretrained(model_path, **kwargs)
+    except OSError as e:
+        raise UserError(
+            f"Could not load FLUX.1 Kontext from {model_path!r} ({e}). For the gated hub model run "
+            "`huggingface-cli login` after accepting its licence, or point model.pretrained_model_name_or_path "
+            "at a local diffusers folder (or `tiny`)."
+        ) from None
+
+
+def _build_dataset(cfg: Config, source: Any, pipe: Any, accelerator: Any, encoders_device: torch.device):
+    """The training dataset; with caching on, latents/embeddings are computed once and the encoders parked."""
+    from data import LatentCache, TripletDataset
+    from kontext.flux import encode_images, encode_prompts
+
+    d = cfg.data
+    g = cfg.loss.geometry
+    model_id = f"{cfg.model.pretrained_model_name_or_path}|{cfg.model.dtype}|msl{cfg.model.max_sequence_length}"
+
+    def enc_images(pixels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return encode_images(pipe.vae, pixels.to(encoders_device)).float().cpu()
+
+    def enc_prompts(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        pe, pooled = encode_prompts(pipe, prompts, cfg.model.max_sequence_length, encoders_device)
+        return pe.float().cpu(), pooled.float().cpu()
+
+    cache = None
+    if d.cache_latents:
+        cache_dir = Path(d.cache_dir).expanduser() if d.cache_dir else _default_cache_dir()
+        cache = LatentCache(cache_dir, model_id=model_id)
+    dataset = TripletDataset(
+        source,
+        resolution=d.resolution,
+        aspect_buckets=d.aspect_buckets,
+        random_crop=d.random_crop,
+        random_flip=d.random_flip,
+        mask_hint=d.mask_hint,
+        seed=cfg.train.seed,
+        band_r=g.band_r,
+        sdm_normalize=g.sdm_normalize,
+        cache=cache,
+        encode_images=enc_images,
+        encode_prompts=enc_prompts,
+    )
+    if cache is not None:
+        # Main process fills the shared cache; the others then read it.
+        with accelerator.main_process_first():
+            dataset.build_cache(progress=accelerator.is_local_main_process)
+        if encoders_device.type != "cpu":
+            # The encoders are not needed until validation: give their memory to training.
+            for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+                m.to("cpu")
+            _empty_cache()
+    return dataset
+
+
+def _default_cache_dir() -> Path:
+    import os
+
+    root = os.environ.get("KONTEXT_LORA_CACHE") or str(Path.home() / ".cache" / "kontext-lora")
+    return Path(root) / "latents"
+
+
+def _empty_cache() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _make_optimizer(cfg: Config, params: list[torch.nn.Parameter]):
+    t = cfg.train
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(
+            params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay
+        )
+    if t.optimizer == "adamw8bit":
+        if not torch.cuda.is_available():
+            raise UserError("`train.optimizer: adamw8bit` needs a CUDA GPU (bitsandbytes); use `adamw` on this machine.")
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError(
+                "`train.optimizer: adamw8bit` needs bitsandbytes: pip install -e '.[quantization]'."
+            ) from None
+        return bnb.optim.AdamW8bit(
+            params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay
+        )
+    try:
+        import prodigyopt
+    except ImportError:
+        raise UserError("`train.optimizer: prodigy` needs prodigyopt: pip install -e '.[prodigy]'.") from None
+    return prodigyopt.Prodigy(
+        params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay
+    )
+
+
+def _register_lora_hooks(accelerator: Any, transformer: torch.nn.Module) -> None:
+    """Checkpoints hold only the LoRA (plus what accelerate adds), never the frozen 12B base."""
+    from kontext.lora import load_lora_state_dict, save_lora
+    from safetensors.torch import load_file
+
+    base = accelerator.unwrap_model(transformer)
+
+    def save_hook(models: list, weights: list, out_dir: str) -> None:
+        for i in reversed(range(len(models))):
+            if accelerator.unwrap_model(models[i]) is base:
+                if accelerator.is_main_process:
+                    save_lora(base, out_dir)
+                if weights:
+                    weights.pop(i)
+
+    def load_hook(models: list, in_dir: str) -> None:
+        for i in reversed(range(len(models))):
+            if accelerator.unwrap_model(models[i]) is base:
+                models.pop(i)
+                sd = load_file(str(Path(in_dir) / FINISHED_MARKER))
+                sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
+                load_lora_state_dict(base, sd)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def _flat_config(cfg: Config) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+
+    def walk(d: dict[str, Any], prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+
+    walk(config_to_dict(cfg), "")
+    return flat
+
+
+# ---------------------------------------------------------------------------------------------
+# Train
+# ---------------------------------------------------------------------------------------------
+
+
+def _batches(run: Run) -> Iterator[dict[str, Any]]:
+    """Micro-batches forever, epoch after epoch, from the saved data position on.
+
+    The position (epoch, batches consumed) is counted here, where batches are used, not in the
+    sampler, so a checkpoint records exactly what training has consumed.
+    """
+    from data import collate_triplets
+
+    state = run.data_state
+    while True:
+        run.sampler.set_epoch(state["epoch"])
+        run.sampler.load_state_dict({"epoch": state["epoch"], "position": state["position"]})
+        for indices in run.sampler:
+            batch = collate_triplets([run.dataset[i] for i in indices])
+            state["position"] += 1
+            yield batch
+        state["epoch"] += 1
+        state["position"] = 0
+
+
+def _to_device(batch: dict[str, Any], run: Run) -> dict[str, Any]:
+    """Move a collated batch to the device; encode on the fly when latents are not cached."""
+    from kontext.flux import encode_images, encode_prompts
+    from losses import MaskTargets
+
+    device = run.accelerator.device
+    weight_dtype = DTYPES[run.cfg.model.dtype]
+    out = dict(batch)
+    if "target_latents" not in batch:
+        with torch.no_grad():
+            out["target_latents"] = encode_images(run.pipe.vae, batch["target_pixels"].to(run.encoders_device))
+            out["context_latents"] = encode_images(run.pipe.vae, batch["context_pixels"].to(run.encoders_device))
+            pe, pooled = encode_prompts(run.pipe, batch["prompt"], run.cfg.model.max_sequence_length, run.encoders_device)
+        out["prompt_embeds"], out["pooled_prompt_embeds"] = pe, pooled
+    for k in ("target_latents", "context_latents", "prompt_embeds", "pooled_prompt_embeds"):
+        out[k] = out[k].to(device=device, dtype=weight_dtype)
+    geo = batch["geometry"]
+    out["geometry"] = (geo if isinstance(geo, MaskTargets) else MaskTargets.from_dict(geo)).to(device)
+    return out
+
+
+def _step_generator(run: Run, step: int, micro: int) -> torch.Generator:
+    """Noise and timesteps of (step, micro-batch, rank) come from their own seeded generator.
+
+    Seeding per step (instead of drawing from one global stream) makes a resumed run draw exactly the
+    numbers the uninterrupted run drew, independent of anything else that consumed randomness.
+    """
+    acc = run.accelerator
+    seed = (run.cfg.train.seed * 1_000_003 + step * 1009 + micro * 31 + acc.process_index) % (2**63 - 1)
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def train(run: Run) -> str:
+    """The optimisation loop. Returns why it stopped: ``done``, ``signal`` or ``nonfinite``."""
+    from tqdm.auto import tqdm
+
+    from kontext.signals import StopRequest
+
+    cfg, acc = run.cfg, run.accelerator
+    accum = cfg.train.gradient_accumulation_steps
+    batches = _batches(run)
+    step = run.start_step
+    bad_streak = 0
+    progress = tqdm(
+        total=cfg.train.max_steps, initial=step, desc="train", disable=not acc.is_local_main_process, dynamic_ncols=True
+    )
+    reason = "done"
+    with StopRequest() as stop:
+        while step < cfg.train.max_steps:
+            t0 = time.perf_counter()
+            totals: dict[str, float] = {}
+            finite = True
+            for micro in range(accum):
+                batch = _to_device(next(batches), run)
+                # LoRA dropout draws from the global stream: pin it to the step too.
+                torch.manual_seed(cfg.train.seed + 7919 * step + micro)
+                sync = micro == accum - 1
+                ctx = acc.no_sync(run.transformer) if not sync else contextlib.nullcontext()
+                with ctx, acc.autocast():
+                    loss, logs = compute_loss(run.transformer, batch, cfg, _step_generator(run, step, micro), run.scheduler_sigmas)
+                bad_terms = [k for k, v in logs.items() if not torch.isfinite(v).all()]
+                if _any_process(acc, bool(bad_terms)):
+                    finite = False
+                    logger.warning(
+                        "step %d: non-finite %s; skipping this update", step + 1, ", ".join(bad_terms) or "loss on another process"
+                    )
+                    break
+                acc.backward(loss / accum)
+                for k, v in logs.items():
+                    totals[k] = totals.get(k, 0.0) + float(v) / accum
+            grad_norm = None
+            if finite:
+                grads = [p.grad for p in run.lora_params if p.grad is not None]
+                gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) if grads else torch.zeros(())
+                if not torch.isfinite(gnorm):
+                    finite = False
+                    logger.warning("step %d: non-finite gradient norm; skipping this update", step + 1)
+                else:
+                    grad_norm = float(gnorm)
+                    if cfg.train.max_grad_norm > 0:
+                        acc.clip_grad_norm_(run.lora_params, cfg.train.max_grad_norm)
+                    run.optimizer.step()
+                    run.lr_scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            if not finite:
+                bad_streak += 1
+                if bad_streak >= cfg.train.max_nonfinite_steps:
+                    reason = "nonfinite"
+                    break
+                continue  # the same step number is retried with the next batch
+            bad_streak = 0
+            step += 1
+            totals["lr"] = run.lr_scheduler.get_last_lr()[0]
+            totals["grad_norm"] = grad_norm if grad_norm is not None else 0.0
+            totals["step_time_s"] = time.perf_counter() - t0
+            run.history.append({"step": step, **{k: totals[k] for k in sorted(totals)}})
+            if step % cfg.logging.log_every == 0:
+                acc.log(totals, step=step)
+            progress.update(1)
+            progress.set_postfix(
+                loss=f"{totals['loss/total']:.4f}",
+                flow=f"{totals['loss/flow']:.4f}",
+                **({"geo": f"{totals['loss/geometry']:.4f}"} if "loss/geometry" in totals else {}),
+            )
+
+            if stop.requested:
+                save_checkpoint(run, step)
+                reason = "signal"
+                break
+            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < cfg.train.max_steps:
+                save_checkpoint(run, step)
+            v_every = cfg.validation.every_steps
+            if v_every > 0 and step % v_every == 0 and step < cfg.train.max_steps:
+                validate(run, step)
+    progress.close()
+    run.start_step = step
+    return reason
+
+
+def _any_process(acc: Any, flag: bool) -> bool:
+    """True if ``flag`` is true on any process (all processes must skip an update together under DDP)."""
+    if acc.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=acc.device)
+    return bool(acc.reduce(t, reduction="sum").item() > 0)
+
+
+def save_checkpoint(run: Run, step: int) -> Path:
+    """Atomically write ``checkpoint-<step>`` (see ``kontext.checkpoint``), on every process as accelerate needs."""
+    from kontext.checkpoint import finalize, temp_path
+
+    acc = run.accelerator
+    tmp = temp_path(run.output_dir, step)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    acc.wait_for_everyone()
+    final = run.output_dir / f"checkpoint-{step}"
+    if acc.is_main_process:
+        state = {
+            "step": step,
+            "data": dict(run.data_state),
+            "lora": _lora_shape(run.cfg),
+            "history": run.history,
+            "num_processes": acc.num_processes,
+        }
+        final = finalize(run.output_dir, step, state, run.cfg.checkpoint.total_limit)
+        logger.info("saved %s", final)
+    acc.wait_for_everyone()
+    return final
+
+
+# ---------------------------------------------------------------------------------------------
+# Finish: export, validation, model card
+# ---------------------------------------------------------------------------------------------
+
+
+def validate(run: Run, step: int) -> dict[str, float]:
+    """Generate for fixed samples with the current LoRA; write a grid PNG and log mask metrics (main process)."""
+    acc = run.accelerator
+    metrics: dict[str, float] = {}
+    if acc.is_main_process:
+        from kontext.validation import run_validation
+
+        transformer = acc.unwrap_model(run.transformer)
+        was_training = transformer.training
+        transformer.eval()
+        try:
+            metrics = run_validation(run.pipe, transformer, run.dataset, run.cfg, step, run.output_dir, acc)
+        finally:
+            transformer.train(was_training)
+    acc.wait_for_everyone()
+    return metrics
+
+
+def finish(run: Run, reason: str) -> None:
+    """Export the LoRA (and the ComfyUI file), validate once more, write the model card."""
+    cfg, acc = run.cfg, run.accelerator
+    if reason == "signal":
+        acc.print(
+            f"Stopped by signal at step {run.start_step}; checkpoint saved. Resume with:\n"
+            f"  accelerate launch train_kontext_lora.py --config {run.output_dir / 'config.yaml'} "
+            "checkpoint.resume_from=latest"
+        )
+        return
+    if reason == "nonfinite":
+        last = _last_checkpoint_name(run)
+        raise UserError(
+            f"{cfg.train.max_nonfinite_steps} consecutive updates had a NaN/inf loss or gradient (see the warnings "
+            f"above for the term); stopped at step {run.start_step}. Last good checkpoint: {last}. Lower "
+            "train.learning_rate, check the data, or use model.dtype=float32 / train.mixed_precision=no."
+        )
+    acc.wait_for_everyone()
+    metrics: dict[str, float] = {}
+    if cfg.validation.every_steps >= 0:
+        metrics = validate(run, run.start_step)
+    if acc.is_main_process:
+        from kontext.lora import save_lora
+
+        transformer = acc.unwrap_model(run.transformer)
+        path = save_lora(transformer, run.output_dir, DTYPES[cfg.export.save_dtype])
+        if cfg.export.comfyui:
+            from kontext.comfyui import export_comfyui
+
+            export_comfyui(path)
+        (run.output_dir / "training_history.json").write_text(json.dumps(run.history, indent=1), encoding="utf-8")
+        from kontext.model_card import write_model_card
+
+        write_model_card(run.output_dir, cfg, metrics, run.history)
+        acc.print(f"Done: {path}")
+    acc.wait_for_everyone()
+    acc.end_training()
+
+
+def _last_checkpoint_name(run: Run) -> str:
+    from kontext.checkpoint import list_checkpoints
+
+    ckpts = list_checkpoints(run.output_dir)
+    return str(ckpts[-1]) if ckpts else "none (set checkpoint.every_steps)"
+
+
+def run_training(cfg: Config) -> Run:
+    """setup -> train -> finish; returns the finished :class:`Run` (used by tests and notebooks)."""
+    run = setup(cfg)
+    reason = train(run)
+    finish(run, reason)
+    run.stop_reason = reason
+    return run
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Train a FLUX.1 Kontext product-insertion LoRA with mask-geometry losses.",
+        epilog="Example: accelerate launch train_kontext_lora.py --config configs/example_tiny.yaml train.max_steps=20",
+    )
+    parser.add_argument("--config", required=True, help="YAML config (see configs/ and docs/config.md).")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=100")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        run_training(cfg)
+    except (ConfigError, UserError) as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
