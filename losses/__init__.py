@@ -1,0 +1,69 @@
+"""Mask-geometry losses for object insertion with FLUX.1 Kontext LoRAs, plus the flow-matching math.
+
+The seed API (``downsample_mask_area`` ... ``boundary_loss``) works on any latents; ``compute_mask_targets``
++ ``geometry_loss`` is the training-loop form with per-sample precomputed targets. See ``docs/losses.md``.
+"""
+
+from __future__ import annotations
+
+from .combined import LOSS_TERMS, GeometryLoss, GeometryLossWeights, geometry_loss, noise_level_weight
+from .distance import distance_transform_edt, signed_distance_map_from_mask
+from .flow_matching import (
+    add_noise,
+    calculate_shift,
+    expand_sigmas,
+    flow_matching_loss,
+    loss_weighting,
+    predicted_clean_latents,
+    sample_timestep_density,
+    shift_sigmas_for_resolution,
+    time_shift,
+    timesteps_and_sigmas_from_density,
+    velocity_target,
+)
+from .geometry import (
+    ChangeMaskStats,
+    area_ratio_loss,
+    background_preservation_mse_latent,
+    boundary_loss,
+    dice_loss,
+    soft_change_mask_from_latents,
+    weighted_masked_mse_latent,
+)
+from .masks import boundary_band, dilate, downsample_mask_area, erode, outside_region
+from .targets import MaskTargets, compute_mask_targets
+
+__all__ = [
+    "LOSS_TERMS",
+    "ChangeMaskStats",
+    "GeometryLoss",
+    "GeometryLossWeights",
+    "MaskTargets",
+    "add_noise",
+    "area_ratio_loss",
+    "background_preservation_mse_latent",
+    "boundary_band",
+    "boundary_loss",
+    "calculate_shift",
+    "compute_mask_targets",
+    "dice_loss",
+    "dilate",
+    "distance_transform_edt",
+    "downsample_mask_area",
+    "erode",
+    "expand_sigmas",
+    "flow_matching_loss",
+    "geometry_loss",
+    "loss_weighting",
+    "noise_level_weight",
+    "outside_region",
+    "predicted_clean_latents",
+    "sample_timestep_density",
+    "shift_sigmas_for_resolution",
+    "signed_distance_map_from_mask",
+    "soft_change_mask_from_latents",
+    "time_shift",
+    "timesteps_and_sigmas_from_density",
+    "velocity_target",
+    "weighted_masked_mse_latent",
+]

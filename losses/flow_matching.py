@@ -1,0 +1,234 @@
+"""Rectified-flow (FLUX) training math as pure functions.
+
+Numbers match diffusers' ``training_utils.compute_density_for_timestep_sampling`` /
+``compute_loss_weighting_for_sd3``, ``pipelines.flux.pipeline_flux.calculate_shift`` and
+``FlowMatchEulerDiscreteScheduler`` for the same inputs (and the same generator state).
+
+Training step, in these terms::
+
+    u = sample_timestep_density("logit_normal", B, generator=g)
+    timesteps, sigmas = timesteps_and_sigmas_from_density(u, scheduler)
+    x_t = add_noise(x0, noise, sigmas)
+    v_pred = model(x_t, timesteps / 1000, ...)
+    loss = flow_matching_loss(v_pred, velocity_target(x0, noise), loss_weighting("none", sigmas))
+    z_pred = predicted_clean_latents(x_t, v_pred, sigmas)   # for the geometry losses
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "add_noise",
+    "calculate_shift",
+    "expand_sigmas",
+    "flow_matching_loss",
+    "loss_weighting",
+    "predicted_clean_latents",
+    "sample_timestep_density",
+    "shift_sigmas_for_resolution",
+    "time_shift",
+    "timesteps_and_sigmas_from_density",
+    "velocity_target",
+]
+
+DensityScheme = Literal["none", "uniform", "logit_normal", "mode", "sigma_sqrt", "cosmap"]
+_DENSITY_SCHEMES = ("none", "uniform", "logit_normal", "mode", "sigma_sqrt", "cosmap")
+
+
+def sample_timestep_density(
+    weighting_scheme: DensityScheme | str,
+    batch_size: int,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    mode_scale: float = 1.29,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Sample ``u`` in ``[0, 1]`` per sample (SD3 density sampling).
+
+    ``"logit_normal"``: ``sigmoid(N(logit_mean, logit_std))``; ``"mode"``: ``1 - u - mode_scale *
+    (cos(pi u / 2)^2 - 1 + u)`` for uniform ``u``; anything else in ``"none"``, ``"uniform"``,
+    ``"sigma_sqrt"``, ``"cosmap"``: uniform (those two are *loss* weightings, see :func:`loss_weighting`).
+    Draws the same random numbers in the same order as diffusers.
+
+    Returns:
+        ``[batch_size]`` float32 on ``device``.
+    """
+    if weighting_scheme not in _DENSITY_SCHEMES:
+        raise ValueError(f"weighting_scheme must be one of {_DENSITY_SCHEMES}; got {weighting_scheme!r}")
+    if weighting_scheme == "logit_normal":
+        u = torch.normal(mean=logit_mean, std=logit_std, size=(batch_size,), device=device, generator=generator)
+        return torch.sigmoid(u)
+    u = torch.rand(size=(batch_size,), device=device, generator=generator)
+    if weighting_scheme == "mode":
+        u = 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+    return u
+
+
+def loss_weighting(weighting_scheme: DensityScheme | str, sigmas: Tensor) -> Tensor:
+    """SD3 loss weighting: ``"sigma_sqrt"`` -> ``sigma^-2``; ``"cosmap"`` -> ``2 / (pi (1 - 2s + 2s^2))``; else 1.
+
+    Args:
+        sigmas: any shape (usually ``[B, 1, 1, 1]``).
+
+    Returns:
+        Tensor shaped like ``sigmas``.
+    """
+    if weighting_scheme == "sigma_sqrt":
+        return (sigmas**-2.0).float()
+    if weighting_scheme == "cosmap":
+        bot = 1 - 2 * sigmas + 2 * sigmas**2
+        return 2 / (math.pi * bot)
+    return torch.ones_like(sigmas)
+
+
+def _schedule(scheduler: Any) -> tuple[Tensor, Tensor, int]:
+    try:
+        return scheduler.timesteps, scheduler.sigmas, int(scheduler.config.num_train_timesteps)
+    except AttributeError as err:
+        raise TypeError(
+            "scheduler must be a diffusers FlowMatchEulerDiscreteScheduler (with .timesteps, .sigmas and "
+            f".config.num_train_timesteps); got {type(scheduler).__name__}"
+        ) from err
+
+
+def timesteps_and_sigmas_from_density(u: Tensor, scheduler: Any) -> tuple[Tensor, Tensor]:
+    """Map density samples to the training scheduler's discrete timesteps and sigmas.
+
+    ``indices = (u * num_train_timesteps).long()``, ``timesteps = scheduler.timesteps[indices]`` and the
+    sigma of each timestep, as diffusers' FLUX training scripts do. ``u = 1`` (reachable with the
+    ``"mode"`` scheme) is clamped to the last index instead of indexing past the schedule.
+
+    Args:
+        u: ``[B]`` values in ``[0, 1]``.
+        scheduler: the training ``FlowMatchEulerDiscreteScheduler`` (before ``set_timesteps``).
+
+    Returns:
+        ``(timesteps [B], sigmas [B])`` on ``u.device`` (float32).
+    """
+    timesteps, sigmas, n = _schedule(scheduler)
+    indices = (u * n).long().clamp(0, len(timesteps) - 1).cpu()
+    return timesteps[indices].to(u.device), sigmas[indices].to(device=u.device, dtype=torch.float32)
+
+
+def expand_sigmas(sigmas: Tensor, ndim: int) -> Tensor:
+    """View ``[B]`` sigmas as ``[B, 1, ..., 1]`` with ``ndim`` dims (for broadcasting over latents)."""
+    s = sigmas.reshape(sigmas.shape[0], *([1] * (ndim - 1)))
+    return s
+
+
+def calculate_shift(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """FLUX resolution-dependent shift ``mu``: linear in the packed image token count.
+
+    ``mu = base_shift`` at ``base_seq_len`` tokens and ``max_shift`` at ``max_seq_len`` tokens
+    (a 1024x1024 image has ``(1024/16)^2 = 4096`` tokens).
+    """
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * m + (base_shift - m * base_seq_len)
+
+
+def time_shift(mu: float, t: Tensor, sigma: float = 1.0, kind: Literal["exponential", "linear"] = "exponential") -> Tensor:
+    """Shift ``t`` in ``(0, 1]``: exponential ``e^mu / (e^mu + (1/t - 1)^sigma)`` or linear ``mu / (mu + (1/t - 1)^sigma)``.
+
+    The exponential form is what ``FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)`` applies
+    to its sigmas in ``set_timesteps(mu=...)``.
+    """
+    if kind == "exponential":
+        return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
+    if kind == "linear":
+        return mu / (mu + (1 / t - 1) ** sigma)
+    raise ValueError(f"time shift kind must be 'exponential' or 'linear'; got {kind!r}")
+
+
+def shift_sigmas_for_resolution(
+    sigmas: Tensor,
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> Tensor:
+    """Apply FLUX's inference-time resolution shift to sigmas in ``(0, 1]``.
+
+    ``time_shift(calculate_shift(image_seq_len, ...), sigmas)``: larger images spend more of the schedule
+    at high noise. Use it to train at the noise levels the pipeline uses for that resolution.
+
+    Args:
+        sigmas: any shape, values in ``(0, 1]`` (0 maps to 0).
+        image_seq_len: packed image tokens, ``(H/16) * (W/16)`` for an ``H x W`` image.
+
+    Returns:
+        Shifted sigmas, same shape.
+    """
+    mu = calculate_shift(image_seq_len, base_seq_len, max_seq_len, base_shift, max_shift)
+    safe = sigmas.clamp_min(torch.finfo(sigmas.dtype).tiny)
+    return torch.where(sigmas > 0, time_shift(mu, safe), torch.zeros_like(sigmas))
+
+
+def add_noise(x0: Tensor, noise: Tensor, sigmas: Tensor) -> Tensor:
+    """Rectified-flow interpolation ``x_t = (1 - sigma) x0 + sigma noise``.
+
+    Args:
+        x0: ``[B, ...]`` clean latents.
+        noise: same shape, standard normal.
+        sigmas: ``[B]`` or broadcastable ``[B, 1, ..., 1]``.
+
+    Returns:
+        ``[B, ...]`` noisy latents.
+    """
+    s = expand_sigmas(sigmas, x0.ndim).to(x0.dtype)
+    return (1.0 - s) * x0 + s * noise
+
+
+def velocity_target(x0: Tensor, noise: Tensor) -> Tensor:
+    """Flow-matching regression target ``v = noise - x0`` (``d x_t / d sigma``), shape of ``x0``."""
+    return noise - x0
+
+
+def predicted_clean_latents(x_t: Tensor, v_pred: Tensor, sigmas: Tensor) -> Tensor:
+    """Recover the clean latents a velocity prediction implies: ``x_t - sigma * v_pred``.
+
+    Exact inverse of :func:`add_noise` when ``v_pred = noise - x0``.
+
+    Args:
+        x_t: ``[B, ...]`` noisy latents; ``v_pred`` same shape; ``sigmas`` ``[B]`` or ``[B, 1, ..., 1]``.
+    """
+    s = expand_sigmas(sigmas, x_t.ndim).to(v_pred.dtype)
+    return x_t - s * v_pred
+
+
+def flow_matching_loss(
+    model_pred: Tensor,
+    target: Tensor,
+    weighting: Tensor | None = None,
+    reduction: Literal["mean", "none"] = "mean",
+) -> Tensor:
+    """Weighted MSE as diffusers' FLUX training: ``mean_b mean_{...}(weighting * (pred - target)^2)`` in float32.
+
+    Args:
+        model_pred, target: ``[B, ...]``.
+        weighting: optional, broadcastable to ``target`` (e.g. :func:`loss_weighting` of ``[B, 1, 1, 1]`` sigmas).
+        reduction: ``"mean"`` (scalar) or ``"none"`` (``[B]`` per-sample losses).
+    """
+    if model_pred.shape != target.shape:
+        raise ValueError(f"model_pred {tuple(model_pred.shape)} and target {tuple(target.shape)} must match")
+    sq = (model_pred.float() - target.float()) ** 2
+    if weighting is not None:
+        sq = weighting.float() * sq
+    per_sample = sq.reshape(target.shape[0], -1).mean(1)
+    if reduction == "none":
+        return per_sample
+    if reduction == "mean":
+        return per_sample.mean()
+    raise ValueError(f"reduction must be 'mean' or 'none'; got {reduction!r}")
