@@ -1,0 +1,416 @@
+"""Export a diffusers/PEFT FLUX LoRA to the original-FLUX (BFL) layout that ComfyUI and kohya tools load.
+
+Run on a finished output folder or on any diffusers-format FLUX LoRA file::
+
+    python -m kontext.comfyui outputs/my-product            # writes outputs/my-product/lora_comfyui.safetensors
+    python -m kontext.comfyui some/pytorch_lora_weights.safetensors --out product_comfy.safetensors
+
+Key format: kohya's ``lora_unet_<bfl module with dots as underscores>.{lora_down.weight,lora_up.weight,alpha}``,
+e.g. ``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight``. ComfyUI's ``model_lora_keys_unet`` maps
+``lora_unet_`` + every ``diffusion_model.*.weight`` key of the loaded model with dots replaced by underscores,
+so these names reach every FLUX layer; kohya sd-scripts, Forge and diffusers' own kohya reader use the same names.
+
+Diffusers splits layers that the original FLUX fuses: a double block's ``img_attn.qkv`` is ``to_q``/``to_k``/
+``to_v``, ``txt_attn.qkv`` is ``add_q_proj``/``add_k_proj``/``add_v_proj``, and a single block's ``linear1`` is
+``[to_q; to_k; to_v; proj_mlp]`` stacked on the output axis. A LoRA on the parts becomes one LoRA on the fused
+layer without approximation: ``down`` is the parts' ``lora_A`` stacked on the rank axis and ``up`` is the
+block-diagonal of the parts' ``lora_B``, each multiplied by its own PEFT scale (``alpha / r``, or
+``alpha / sqrt(r)`` with rsLoRA, honouring ``rank_pattern`` / ``alpha_pattern``). Every ``.alpha`` equals the
+rank of its ``down`` matrix, so loaders that apply ``alpha / rank`` multiply by exactly 1 and the delta is
+``up @ down`` = the diffusers delta, part by part (parts without a LoRA contribute zero rows).
+
+The only other rearrangement is the final adaLN: diffusers' ``norm_out.linear`` emits ``[scale; shift]``
+while BFL's ``final_layer.adaLN_modulation.1`` emits ``[shift; scale]``, so the two halves of that ``up``
+matrix's rows are swapped. Q/K/V rows need no permutation (both layouts order heads then head channels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft.utils.other import get_pattern_key
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
+COMFYUI_LORA_NAME = "lora_comfyui.safetensors"
+KOHYA_PREFIX = "lora_unet_"
+METADATA_KEY = "lora_adapter_metadata"
+
+# Diffusers' FluxSingleTransformerBlock is built with mlp_ratio=4 and the model offers no way to change it.
+SINGLE_MLP_RATIO = 4
+
+# Fused BFL layers: (diffusers part suffixes in output-row order, BFL suffix). Widths as multiples of inner_dim.
+_DOUBLE_FUSED = {
+    "img_attn.qkv": (("attn.to_q", "attn.to_k", "attn.to_v"), (1, 1, 1)),
+    "txt_attn.qkv": (("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"), (1, 1, 1)),
+}
+_SINGLE_FUSED = {
+    "linear1": (("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), (1, 1, 1, SINGLE_MLP_RATIO)),
+}
+_DOUBLE_PLAIN = {
+    "attn.to_out.0": "img_attn.proj",
+    "attn.to_add_out": "txt_attn.proj",
+    "ff.net.0.proj": "img_mlp.0",
+    "ff.net.2": "img_mlp.2",
+    "ff_context.net.0.proj": "txt_mlp.0",
+    "ff_context.net.2": "txt_mlp.2",
+    "norm1.linear": "img_mod.lin",
+    "norm1_context.linear": "txt_mod.lin",
+}
+_SINGLE_PLAIN = {
+    "proj_out": "linear2",
+    "norm.linear": "modulation.lin",
+}
+_TOP_PLAIN = {
+    "x_embedder": "img_in",
+    "context_embedder": "txt_in",
+    "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+    "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+    "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+    "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+    "proj_out": "final_layer.linear",
+    "norm_out.linear": "final_layer.adaLN_modulation.1",
+}
+# BFL layers whose output rows are ordered differently from diffusers': [shift; scale] vs [scale; shift].
+_SWAP_HALVES = {"final_layer.adaLN_modulation.1"}
+
+_BLOCK_RE = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
+_LORA_KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where one diffusers module lands: BFL module name, part index and relative widths of its fused group."""
+
+    bfl: str
+    part: int
+    group: tuple[str, ...]  # diffusers module names of every part, in output-row order
+    width_mult: tuple[int, ...]
+
+
+def _target_for(module: str) -> _Target | None:
+    """Map a diffusers transformer module name (no ``transformer.`` prefix) to its BFL layer, or None."""
+    m = _BLOCK_RE.match(module)
+    if m is None:
+        if module in _TOP_PLAIN:
+            return _Target(_TOP_PLAIN[module], 0, (module,), (0,))
+        return None
+    kind, idx, rest = m.group(1), m.group(2), m.group(3)
+    fused, plain, bfl_block = (
+        (_DOUBLE_FUSED, _DOUBLE_PLAIN, f"double_blocks.{idx}")
+        if kind == "transformer_blocks"
+        else (_SINGLE_FUSED, _SINGLE_PLAIN, f"single_blocks.{idx}")
+    )
+    if rest in plain:
+        return _Target(f"{bfl_block}.{plain[rest]}", 0, (module,), (0,))
+    for bfl_suffix, (parts, mults) in fused.items():
+        if rest in parts:
+            group = tuple(f"{kind}.{idx}.{p}" for p in parts)
+            return _Target(f"{bfl_block}.{bfl_suffix}", parts.index(rest), group, mults)
+    return None
+
+
+def kohya_key(bfl_module: str) -> str:
+    """``double_blocks.0.img_attn.qkv`` -> ``lora_unet_double_blocks_0_img_attn_qkv`` (ComfyUI/kohya naming)."""
+    return KOHYA_PREFIX + bfl_module.replace(".", "_")
+
+
+def parse_adapter_metadata(metadata: Mapping[str, Any] | str | None) -> dict[str, Any] | None:
+    """The PEFT ``LoraConfig`` dict from diffusers' ``lora_adapter_metadata``.
+
+    Accepts the JSON string stored in the safetensors header, the dict it decodes to (whose keys diffusers
+    prefixes with ``transformer.``), or an unprefixed ``LoraConfig.to_dict()``. Returns None for None.
+    """
+    if metadata is None:
+        return None
+    if isinstance(metadata, str):
+        metadata = json.loads(metadata)
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"adapter metadata must be a dict or JSON string; got {type(metadata).__name__}")
+    prefixed = {k[len("transformer.") :]: v for k, v in metadata.items() if k.startswith("transformer.")}
+    if prefixed:
+        return prefixed
+    other = sorted({k.split(".")[0] for k in metadata if "." in k})
+    if other and not any(k in metadata for k in ("r", "lora_alpha")):
+        raise ValueError(
+            f"adapter metadata describes {other} but no transformer LoRA; only the transformer can be exported"
+        )
+    return dict(metadata)
+
+
+def module_scale(module: str, rank: int, config: Mapping[str, Any] | None, source: str = "LoRA") -> float:
+    """PEFT's multiplier for one module: ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
+
+    ``rank`` is the module's actual rank (``lora_A.shape[0]``). ``alpha`` follows PEFT's own pattern matching
+    (``alpha_pattern`` over the module name relative to the transformer, else ``lora_alpha``). Without a
+    config the scale is 1, which is what diffusers assumes for a file with neither metadata nor alphas.
+    """
+    if config is None:
+        return 1.0
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    expected_rank = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config.get("r"))
+    if expected_rank is not None and int(expected_rank) != rank:
+        raise ValueError(
+            f"{source}: module {module!r} has rank {rank} in its weights but the adapter metadata says "
+            f"{expected_rank} (r / rank_pattern); the metadata does not describe this file"
+        )
+    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config.get("lora_alpha", rank))
+    if config.get("use_rslora", False):
+        return float(alpha) / math.sqrt(rank)
+    return float(alpha) / rank
+
+
+def _inner_dim_from_config(transformer_config: Mapping[str, Any] | None) -> int | None:
+    if transformer_config is None:
+        return None
+    try:
+        return int(transformer_config["num_attention_heads"]) * int(transformer_config["attention_head_dim"])
+    except KeyError as e:
+        raise ValueError(
+            f"transformer_config lacks {e.args[0]!r}; pass the FluxTransformer2DModel config (transformer.config)"
+        ) from None
+
+
+def _check_block_index(module: str, transformer_config: Mapping[str, Any] | None, source: str) -> None:
+    if transformer_config is None:
+        return
+    m = _BLOCK_RE.match(module)
+    if m is None:
+        return
+    limit_key = "num_layers" if m.group(1) == "transformer_blocks" else "num_single_layers"
+    limit = transformer_config.get(limit_key)
+    if limit is not None and int(m.group(2)) >= int(limit):
+        raise ValueError(
+            f"{source}: {module!r} is beyond the transformer's {limit_key}={limit}; "
+            "the LoRA was trained on a different base model"
+        )
+
+
+def convert_diffusers_lora_to_comfyui(
+    state_dict: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, Any] | str | None,
+    transformer_config: Mapping[str, Any] | None = None,
+    source: str = "LoRA",
+    dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """Convert a diffusers/PEFT FLUX transformer LoRA to kohya-named original-FLUX LoRA tensors.
+
+    Args:
+        state_dict: ``{transformer.<module>.lora_A.weight: [r, in], ...lora_B.weight: [out, r]}`` as written by
+            ``FluxKontextPipeline.save_lora_weights`` (the ``transformer.`` prefix is optional).
+        metadata: the adapter's ``LoraConfig`` as a dict or JSON (see :func:`parse_adapter_metadata`), or None
+            (every module then has scale 1, as diffusers assumes without metadata).
+        transformer_config: optional ``FluxTransformer2DModel`` config; when given, widths and block indices are
+            checked against it. Fused-layer widths are otherwise inferred from the LoRA itself (each part's
+            input width is the model width ``d``; q/k/v are ``d`` wide, ``proj_mlp`` ``4 d``).
+        source: name used in error messages (the file path).
+        dtype: output dtype; defaults to the dtype of the input LoRA weights.
+
+    Returns:
+        ``{lora_unet_<bfl>.lora_down.weight: [R, in], .lora_up.weight: [out, R], .alpha: 0-d float32 = R}``
+        with ``up @ down`` equal to the PEFT scale times ``lora_B @ lora_A`` on every original layer.
+
+    Raises:
+        ValueError: a key that is not a transformer LoRA weight of a known FLUX layer, a DoRA/bias adapter,
+            a missing A/B half, or widths that contradict the model.
+    """
+    config = parse_adapter_metadata(metadata)
+    if config is not None:
+        if config.get("use_dora"):
+            raise ValueError(f"{source}: DoRA adapters (use_dora=true) have no kohya/ComfyUI LoRA equivalent")
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    groups: dict[str, _Target] = {}
+    unknown: list[str] = []
+    for key, value in state_dict.items():
+        name = key[len("transformer.") :] if key.startswith("transformer.") else key
+        m = _LORA_KEY_RE.match(name)
+        target = _target_for(m.group("module")) if m is not None else None
+        if m is None or target is None:
+            unknown.append(key)
+            continue
+        pairs.setdefault(m.group("module"), {})[m.group("ab")] = value
+        groups.setdefault(target.bfl, target)
+    if unknown:
+        hint = (
+            "DoRA magnitudes / LoRA biases cannot be exported"
+            if any("magnitude" in k or "lora_B.bias" in k for k in unknown)
+            else "expected transformer.<FLUX module>.lora_A.weight / .lora_B.weight of a FluxTransformer2DModel"
+        )
+        raise ValueError(f"{source}: unrecognised LoRA keys {sorted(unknown)[:6]} ({len(unknown)} in all); {hint}")
+    if not pairs:
+        raise ValueError(f"{source}: no transformer LoRA weights found")
+    for module, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            missing = "lora_B" if "A" in ab else "lora_A"
+            raise ValueError(f"{source}: {module} has no {missing}.weight; the LoRA file is incomplete")
+        a, b = ab["A"], ab["B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(
+                f"{source}: {module} lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not a linear LoRA pair"
+            )
+        _check_block_index(module, transformer_config, source)
+
+    out_dtype = dtype or next(iter(state_dict.values())).dtype
+    cfg_inner = _inner_dim_from_config(transformer_config)
+    result: dict[str, torch.Tensor] = {}
+    for bfl, t in sorted(groups.items()):
+        downs: list[torch.Tensor] = []
+        ups: list[tuple[torch.Tensor, int]] = []  # (scaled up [out_i, r_i], row offset)
+        present = [m for m in t.group if m in pairs]
+        in_features = {pairs[m]["A"].shape[1] for m in present}
+        if len(in_features) != 1:
+            raise ValueError(f"{source}: parts of {bfl} ({present}) disagree on input width {sorted(in_features)}")
+        (in_dim,) = in_features
+        if len(t.group) == 1:
+            widths = [pairs[t.group[0]]["B"].shape[0]]
+        else:
+            # Every part of a fused FLUX layer reads the hidden state, so its input width is the model width.
+            inner = cfg_inner if cfg_inner is not None else in_dim
+            if in_dim != inner:
+                raise ValueError(
+                    f"{source}: {present[0]} reads {in_dim} features but the transformer config has "
+                    f"inner_dim={inner}; the LoRA belongs to another model"
+                )
+            widths = [mult * inner for mult in t.width_mult]
+        offset = 0
+        for i, module in enumerate(t.group):
+            if module in pairs:
+                a = pairs[module]["A"].to(torch.float32)
+                b = pairs[module]["B"].to(torch.float32)
+                if b.shape[0] != widths[i]:
+                    raise ValueError(
+                        f"{source}: {module}.lora_B has {b.shape[0]} output rows but {bfl} needs {widths[i]} there "
+                        f"(part {i} of {len(t.group)}); unsupported FLUX variant"
+                    )
+                scale = module_scale(module, a.shape[0], config, source)
+                downs.append(a)
+                ups.append((b * scale, offset))
+            offset += widths[i]
+        rank = sum(d.shape[0] for d in downs)
+        down = torch.cat(downs, dim=0)
+        up = torch.zeros(offset, rank, dtype=torch.float32)
+        col = 0
+        for u, row in ups:
+            up[row : row + u.shape[0], col : col + u.shape[1]] = u
+            col += u.shape[1]
+        if bfl in _SWAP_HALVES:
+            first, second = up.chunk(2, dim=0)
+            up = torch.cat([second, first], dim=0)
+        key = kohya_key(bfl)
+        result[f"{key}.lora_down.weight"] = down.to(out_dtype).contiguous()
+        result[f"{key}.lora_up.weight"] = up.to(out_dtype).contiguous()
+        # alpha == rank: loaders multiply by alpha / rank = 1, the PEFT scales already live in `up`.
+        result[f"{key}.alpha"] = torch.tensor(float(rank), dtype=torch.float32)
+    return result
+
+
+def _resolve_input(path: Path) -> Path:
+    if path.is_dir():
+        candidate = path / DIFFUSERS_LORA_NAME
+        if not candidate.is_file():
+            raise FileNotFoundError(
+                f"{path} has no {DIFFUSERS_LORA_NAME}; pass a training output folder or a LoRA .safetensors file"
+            )
+        return candidate
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: only .safetensors LoRA files can be converted")
+    return path
+
+
+def _base_model_of(folder: Path) -> str | None:
+    """The run's base model from ``config.yaml`` beside the LoRA, when there is one."""
+    cfg = folder / "config.yaml"
+    if not cfg.is_file():
+        return None
+    import yaml
+
+    try:
+        data = yaml.safe_load(cfg.read_text())
+        value = data["model"]["pretrained_model_name_or_path"]
+    except (yaml.YAMLError, KeyError, TypeError):
+        return None
+    return str(value) if value is not None else None
+
+
+def export_comfyui(
+    lora_path_or_output_dir: str | Path,
+    out_path: str | Path | None = None,
+    transformer_config: Mapping[str, Any] | None = None,
+) -> Path:
+    """Read a diffusers FLUX LoRA file (or an output folder holding one) and write its ComfyUI/kohya twin.
+
+    Args:
+        lora_path_or_output_dir: ``pytorch_lora_weights.safetensors`` or the folder that holds it.
+        out_path: output file; default ``lora_comfyui.safetensors`` beside the input.
+        transformer_config: optional ``FluxTransformer2DModel`` config for width checks.
+
+    Returns:
+        The written path. The safetensors header records the format, source file, base model and ranks.
+    """
+    src = _resolve_input(Path(lora_path_or_output_dir))
+    with safe_open(str(src), framework="pt") as f:
+        header = f.metadata() or {}
+        state_dict = {k: f.get_tensor(k) for k in f.keys()}
+    raw_meta = header.get(METADATA_KEY)
+    try:
+        config = parse_adapter_metadata(raw_meta)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{src}: the {METADATA_KEY} header is not valid JSON ({e})") from None
+    converted = convert_diffusers_lora_to_comfyui(state_dict, config, transformer_config, source=str(src))
+    out = Path(out_path) if out_path is not None else src.parent / COMFYUI_LORA_NAME
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ranks = sorted({int(v.item()) for k, v in converted.items() if k.endswith(".alpha")})
+    file_meta = {
+        "format": "pt",
+        "lora_format": "kohya lora_unet_* (lora_down / lora_up / alpha), original FLUX module names",
+        "ss_network_module": "networks.lora_flux",
+        "ss_base_model_version": "flux1",
+        "modelspec.architecture": "flux-1-dev/lora",
+        "ss_network_dim": str(config.get("r")) if config else str(max(ranks)),
+        "ss_network_alpha": str(config.get("lora_alpha")) if config else str(max(ranks)),
+        "alpha_convention": "alpha == rank of each fused layer; the PEFT scales are folded into lora_up",
+        "fused_ranks": ",".join(str(r) for r in ranks),
+        "source_file": src.name,
+    }
+    base = _base_model_of(src.parent)
+    if base is not None:
+        file_meta["base_model"] = base
+    save_file(converted, str(out), metadata=file_meta)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: ``python -m kontext.comfyui PATH [--out FILE]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m kontext.comfyui",
+        description="Convert a diffusers FLUX (Kontext) LoRA to the original-FLUX/kohya layout ComfyUI loads.",
+    )
+    parser.add_argument("path", help=f"a training output folder (with {DIFFUSERS_LORA_NAME}) or a LoRA file")
+    parser.add_argument("--out", default=None, help=f"output file (default: {COMFYUI_LORA_NAME} beside the input)")
+    args = parser.parse_args(argv)
+    try:
+        out = export_comfyui(args.path, args.out)
+    except (FileNotFoundError, ValueError) as e:
+        parser.exit(2, f"error: {e}\n")
+    with safe_open(str(out), framework="pt") as f:
+        n_layers = sum(1 for k in f.keys() if k.endswith(".alpha"))
+    print(f"wrote {out} ({n_layers} FLUX layers)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
