@@ -1,0 +1,50 @@
+"""Triplet data for FLUX.1 Kontext LoRA training: (context, target, mask, prompt).
+
+    from data import open_source, validate_source, make_buckets, TripletDataset, BucketBatchSampler
+    src = open_source("folder", "datasets/my_product", default_prompt="insert the bottle")
+    validate_source(src)                      # every problem at once, before anything expensive
+    ds = TripletDataset(src, make_buckets(512, aspect_buckets=True), mask_hint="fill", flip=True, seed=0)
+
+See docs/data.md for the folder layout, metadata.jsonl, Hugging Face columns, hints and caching.
+"""
+
+from __future__ import annotations
+
+from .buckets import make_buckets, nearest_bucket
+from .cache import LatentCache, build_cache, cache_key
+from .dataset import TripletDataset, collate_triplets
+from .errors import DatasetError
+from .hint import MASK_HINT_MODES, apply_mask_hint, apply_mask_hint_pil, hint_region
+from .images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
+from .sampler import BucketBatchSampler
+from .sources import FolderSource, HFSource, RawSample, open_source
+from .transforms import area_resize, crop_box, flip_decision, prepare_sample, sample_rng
+from .validate import validate_source
+
+__all__ = [
+    "BucketBatchSampler",
+    "DEFAULT_MAX_PIXELS",
+    "DatasetError",
+    "FolderSource",
+    "HFSource",
+    "IMAGE_EXTENSIONS",
+    "LatentCache",
+    "MASK_HINT_MODES",
+    "RawSample",
+    "TripletDataset",
+    "apply_mask_hint",
+    "apply_mask_hint_pil",
+    "area_resize",
+    "build_cache",
+    "cache_key",
+    "collate_triplets",
+    "crop_box",
+    "flip_decision",
+    "hint_region",
+    "make_buckets",
+    "nearest_bucket",
+    "open_source",
+    "prepare_sample",
+    "sample_rng",
+    "validate_source",
+]

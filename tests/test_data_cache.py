@@ -1,0 +1,263 @@
+"""The latent cache: keys follow content and parameters only, entries round-trip, uncached and cached agree.
+
+Encoders are real: a tiny diffusers AutoencoderKL (8x, 16 latent channels) and a tiny byte-level
+text encoder, both randomly initialised with a fixed seed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import losses
+from data import (
+    BucketBatchSampler,
+    FolderSource,
+    LatentCache,
+    TripletDataset,
+    build_cache,
+    collate_triplets,
+    make_buckets,
+    validate_source,
+)
+
+SHIFT, SCALE = 0.1159, 0.3611  # FLUX.1's VAE shift and scaling factors
+
+
+@pytest.fixture(scope="module")
+def vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    model = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        latent_channels=16,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=32,
+    ).eval()
+    return model
+
+
+@pytest.fixture(scope="module")
+def encoders(vae):
+    torch.manual_seed(1)
+    emb = torch.nn.Embedding(256, 12)
+    proj = torch.nn.Linear(12, 6)
+
+    @torch.no_grad()
+    def encode_images(x: torch.Tensor) -> torch.Tensor:
+        encode_images.calls += x.shape[0]
+        return (vae.encode(x).latent_dist.mode() - SHIFT) * SCALE
+
+    @torch.no_grad()
+    def encode_prompts(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        encode_prompts.calls += len(prompts)
+        ids = torch.zeros(len(prompts), 10, dtype=torch.long)
+        for k, p in enumerate(prompts):
+            b = list(p.encode("utf-8"))[:10]
+            ids[k, : len(b)] = torch.tensor(b)
+        seq = emb(ids)
+        return seq, proj(seq.mean(1))
+
+    encode_images.calls = 0
+    encode_prompts.calls = 0
+    return encode_images, encode_prompts
+
+
+def _write(root: Path, n: int = 4) -> None:
+    rng = np.random.default_rng(0)
+    sizes = [(64, 48), (48, 64), (64, 64), (80, 48)]
+    for k in range(n):
+        w, h = sizes[k % len(sizes)]
+        ctx = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        mask = np.zeros((h, w), np.uint8)
+        mask[h // 5 : h // 2 + k, w // 6 : w // 2] = 255
+        tgt = ctx.copy()
+        tgt[mask > 0] = rng.integers(0, 256, 3)
+        for role, arr in (("context", ctx), ("target", tgt), ("mask", mask)):
+            (root / role).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(root / role / f"s{k}.png")
+    (root / "prompts").mkdir(exist_ok=True)
+    (root / "prompts" / "s1.txt").write_text("insert the cube, small")
+
+
+def _dataset(root: Path, cache: LatentCache | None, **kw) -> TripletDataset:
+    src = FolderSource(root, default_prompt="insert the cube")
+    validate_source(src, progress=False)
+    args = dict(resolution=64, aspect_buckets=True, mask_hint="fill", random_flip=True, seed=11, cache=cache)
+    args.update(kw)
+    return TripletDataset(src, **args)
+
+
+def _keys(ds: TripletDataset) -> dict[tuple[str, bool], str]:
+    return {(ds.source.names[i], f): ds.cache_key(i, f) for i in range(len(ds)) for f in ds.orientations()}
+
+
+def test_keys_change_with_pixels_and_parameters_only(tmp_path: Path) -> None:
+    root = tmp_path / "set"
+    _write(root)
+    cache = LatentCache(tmp_path / "cache", model_id="tiny-vae@fp32")
+    base = _keys(_dataset(root, cache))
+    assert len(set(base.values())) == len(base) == 8
+    assert _keys(_dataset(root, cache)) == base, "stable across runs"
+    # Reordering (a rename moves the sample to the end of the sorted list) keeps every key.
+    for role in ("context", "target", "mask"):
+        (root / role / "s0.png").rename(root / role / "zz.png")
+    renamed = _keys(_dataset(root, cache))
+    assert {k: v for k, v in renamed.items() if k[0] != "zz"} == {k: v for k, v in base.items() if k[0] != "s0"}
+    assert renamed[("zz", True)] == base[("s0", True)]
+    # One context pixel changes that sample's keys and no other.
+    arr = np.asarray(Image.open(root / "context" / "s2.png")).copy()
+    arr[0, 0, 0] ^= 1
+    Image.fromarray(arr).save(root / "context" / "s2.png")
+    edited = _keys(_dataset(root, cache))
+    assert [k for k in edited if edited[k] != renamed[k]] == [("s2", False), ("s2", True)]
+    # Every transform, geometry or model parameter changes every key.
+    variants = {
+        "resolution": dict(buckets=make_buckets(128, aspect_buckets=True)),
+        "hint": dict(mask_hint="outline"),
+        "outline width": dict(mask_hint="outline", outline_width=3),
+        "band": dict(band_r=2),
+        "sdm": dict(sdm_normalize=False),
+        "model": dict(cache=LatentCache(tmp_path / "cache", model_id="tiny-vae@bf16")),
+    }
+    for what, kw in variants.items():
+        other = _keys(_dataset(root, **{"cache": cache, **kw}))
+        assert not set(other.values()) & set(edited.values()), what
+    # Fixed 64x64 buckets: the square sample s2 is processed exactly as before (same key), the others not.
+    fixed = _keys(_dataset(root, cache, buckets=make_buckets(64, aspect_buckets=False)))
+    assert [k for k in fixed if fixed[k] == edited[k]] == [("s2", False), ("s2", True)]
+    # Orientation is part of the key; the seed (which only picks the orientation) is not.
+    assert _keys(_dataset(root, cache, seed=999)) == edited
+
+
+def test_cached_items_equal_fresh_computation_and_are_reused(tmp_path: Path, encoders) -> None:
+    encode_images, encode_prompts = encoders
+    root = tmp_path / "set"
+    _write(root)
+    cache = LatentCache(tmp_path / "cache", model_id="tiny")
+    cached = _dataset(root, cache)
+    cached.encode_images, cached.encode_prompts = encode_images, encode_prompts
+    stats = cached.build_cache(progress=False, batch_size=3)
+    assert stats == {"samples_built": 8, "samples_reused": 0, "prompts_built": 2, "prompts_reused": 0}
+    files = sorted((tmp_path / "cache").rglob("*.safetensors"))
+    assert len(files) == 10 and not list((tmp_path / "cache").rglob(".tmp-*"))
+
+    fresh = _dataset(root, None)
+    for epoch in (0, 1, 2):
+        cached.set_epoch(epoch)
+        fresh.set_epoch(epoch)
+        for i in range(len(fresh)):
+            c, f = cached[i], fresh[i]
+            assert c["name"] == f["name"] and c["prompt"] == f["prompt"]
+            torch.testing.assert_close(c["mask_px"], f["mask_px"], atol=1e-3, rtol=0)  # stored as float16
+            h, w = f["mask_px"].shape[-2] // 8, f["mask_px"].shape[-1] // 8
+            assert c["target_latents"].shape == c["context_latents"].shape == (16, h, w)
+            lat = encode_images(torch.stack([f["context_pixels"], f["target_pixels"]]))
+            torch.testing.assert_close(c["context_latents"], lat[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(c["target_latents"], lat[1], atol=1e-5, rtol=1e-5)
+            for g in ("mask", "band", "outside", "sdm"):
+                assert c["geometry"][g].shape == (1, h, w)
+                torch.testing.assert_close(c["geometry"][g], f["geometry"][g], atol=1e-3, rtol=0)
+            pe, pooled = encode_prompts([f["prompt"]])
+            torch.testing.assert_close(c["prompt_embeds"], pe[0])
+            torch.testing.assert_close(c["pooled_prompt_embeds"], pooled[0])
+    # The hint went into the context latents: without it they differ.
+    plain = _dataset(root, None, mask_hint="none")
+    raw_lat = encode_images(plain[0]["context_pixels"][None])[0]
+    assert not torch.allclose(raw_lat, cached[(0, 0)]["context_latents"], atol=1e-3)
+
+    # A second build reuses everything; editing one target rebuilds exactly its two orientations.
+    calls = encode_images.calls
+    again = build_cache(_dataset(root, cache), encode_images, encode_prompts, progress=False)
+    assert again == {"samples_built": 0, "samples_reused": 8, "prompts_built": 0, "prompts_reused": 2}
+    assert encode_images.calls == calls
+    arr = np.asarray(Image.open(root / "target" / "s3.png")).copy()
+    arr[5, 5] = 255 - arr[5, 5]
+    Image.fromarray(arr).save(root / "target" / "s3.png")
+    (root / "prompts" / "s1.txt").write_text("insert the cube, large")
+    third = build_cache(_dataset(root, cache), encode_images, encode_prompts, progress=False)
+    assert third == {"samples_built": 2, "samples_reused": 6, "prompts_built": 1, "prompts_reused": 1}
+    # A half-written (corrupt) entry is rebuilt rather than trusted.
+    victim = cache.sample_path(_dataset(root, cache).cache_key(0, True))
+    victim.write_bytes(victim.read_bytes()[:100])
+    assert build_cache(_dataset(root, cache), encode_images, encode_prompts, progress=False)["samples_built"] == 1
+    removed = cache.prune(_keys(_dataset(root, cache)).values(), [cache.prompt_key(p) for p in ("insert the cube", "insert the cube, large")])
+    assert removed == 3  # the two stale orientations of s3 and the old prompt
+
+
+def test_batches_through_sampler_and_collate(tmp_path: Path, encoders) -> None:
+    root = tmp_path / "set"
+    _write(root, n=8)
+    cache = LatentCache(tmp_path / "cache", model_id="tiny")
+    ds = _dataset(root, cache)
+    build_cache(ds, *encoders, progress=False)
+    sampler = BucketBatchSampler(ds.bucket_ids, batch_size=2, seed=0)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate_triplets)
+    n = 0
+    for batch in loader:
+        n += 1
+        b, c, h, w = batch["target_latents"].shape
+        assert (b, c) == (2, 16) and batch["context_latents"].shape == (2, 16, h, w)
+        assert batch["mask_px"].shape == (2, 1, 8 * h, 8 * w)
+        assert batch["prompt_embeds"].shape == (2, 10, 12) and batch["pooled_prompt_embeds"].shape == (2, 6)
+        assert {k: v.shape for k, v in batch["geometry"].items()} == {g: (2, 1, h, w) for g in ("mask", "band", "outside", "sdm")}
+        assert len(batch["name"]) == 2 and all(isinstance(p, str) for p in batch["prompt"])
+    assert n == len(sampler) == 4
+    fresh = _dataset(root, None)
+    batch = collate_triplets([fresh[i] for i in next(iter(sampler))])
+    assert batch["context_pixels"].shape[:2] == (2, 3)
+
+
+def test_geometry_computed_once_per_sample_without_cache(tmp_path: Path, monkeypatch) -> None:
+    root = tmp_path / "set"
+    _write(root)
+    calls = []
+    real = losses.compute_mask_targets
+
+    def counting(mask_px, *a, **k):
+        calls.append(mask_px.shape)
+        return real(mask_px, *a, **k)
+
+    monkeypatch.setattr(losses, "compute_mask_targets", counting)
+    ds = _dataset(root, None)
+    for epoch in range(4):  # flips vary across epochs; both orientations come from one computation
+        ds.set_epoch(epoch)
+        items = [ds[i] for i in range(len(ds))]
+    assert len(calls) == len(ds)
+    flips = {(e, i): bool(torch.equal(ds[(i, e)]["mask_px"], ds[(i, 0)]["mask_px"].flip(-1))) for e in range(4) for i in range(4)}
+    assert len(set(flips.values())) == 2, "some samples appear mirrored, some not"
+    direct = real(items[0]["mask_px"][None], ds.latent_size(0), 1, True).to_dict()
+    for g, v in direct.items():
+        torch.testing.assert_close(items[0]["geometry"][g], v[0])
+
+
+def test_geometry_of_mirrored_mask_is_mirrored_geometry() -> None:
+    rng = np.random.default_rng(0)
+    m = torch.from_numpy((rng.random((3, 1, 64, 96)) > 0.6).astype(np.float32))
+    m = torch.nn.functional.avg_pool2d(m, 5, 1, 2)  # soft, irregular
+    a = losses.compute_mask_targets(m.flip(-1), (8, 12), band_r=1, sdm_normalize=True).to_dict()
+    b = losses.compute_mask_targets(m, (8, 12), band_r=1, sdm_normalize=True).to_dict()
+    for g in a:
+        torch.testing.assert_close(a[g], b[g].flip(-1))
+
+
+def test_cache_misuse_is_explained(tmp_path: Path) -> None:
+    root = tmp_path / "set"
+    _write(root)
+    cache = LatentCache(tmp_path / "cache", model_id="tiny")
+    with pytest.raises(ValueError, match="data.random_crop cannot be cached"):
+        _dataset(root, cache, random_crop=True)
+    with pytest.raises(ValueError, match="needs encode_images and encode_prompts"):
+        _dataset(root, cache).build_cache(progress=False)
+    with pytest.raises(FileNotFoundError, match="build the cache first"):
+        _dataset(root, cache)[0]

@@ -1,0 +1,258 @@
+"""Validation finds every kind of broken sample, all at once, naming the file and the fix."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data import DatasetError, FolderSource, HFSource, open_source, validate_source
+
+
+def _save(path: Path, arr: np.ndarray, mode: str | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr, mode=mode).save(path)
+
+
+def _triplet(root: Path, name: str, size: tuple[int, int] = (48, 32), seed: int = 0) -> None:
+    """A valid sample: random context, target = context with a red box, mask = the box."""
+    w, h = size
+    rng = np.random.default_rng(seed)
+    ctx = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    mask = np.zeros((h, w), np.uint8)
+    mask[h // 4 : h // 2, w // 4 : w // 2] = 255
+    tgt = ctx.copy()
+    tgt[mask > 0] = (220, 20, 20)
+    _save(root / "context" / f"{name}.png", ctx)
+    _save(root / "target" / f"{name}.png", tgt)
+    _save(root / "mask" / f"{name}.png", mask)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _bomb_png(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height greyscale pixels but whose data is a few bytes."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def _problems(source, **kw) -> list[str]:
+    with pytest.raises(DatasetError) as info:
+        validate_source(source, progress=False, **kw)
+    err = info.value
+    assert isinstance(err, ValueError)
+    assert str(err).startswith(f"Dataset {source.describe()} has {len(err.problems)} problem")
+    for p in err.problems:
+        assert p in str(err)
+    return err.problems
+
+
+def _one(problems: list[str], *needles: str) -> str:
+    hits = [p for p in problems if all(n in p for n in needles)]
+    assert len(hits) == 1, f"expected exactly one problem with {needles}, got {hits} in:\n" + "\n".join(problems)
+    return hits[0]
+
+
+def test_valid_folder_passes_and_loads(tmp_path: Path) -> None:
+    for k in range(3):
+        _triplet(tmp_path, f"s{k}", seed=k)
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "s1.txt").write_text("  insert the red box  \n")
+    src = FolderSource(tmp_path, default_prompt="default words")
+    validate_source(src, progress=False)
+    assert src.names == ["s0", "s1", "s2"]
+    raw = src.load(1)
+    assert raw.prompt == "insert the red box"
+    assert src.load(0).prompt == "default words"
+    assert (raw.context.mode, raw.target.mode, raw.mask.mode) == ("RGB", "RGB", "L")
+    assert raw.context.size == raw.target.size == raw.mask.size == (48, 32)
+    assert src.size(2) == (48, 32)
+
+
+def test_every_problem_reported_at_once(tmp_path: Path) -> None:
+    root = tmp_path / "set"
+    _triplet(root, "good")
+    # missing counterparts
+    _triplet(root, "no_mask")
+    (root / "mask" / "no_mask.png").unlink()
+    _save(root / "context" / "only_context.png", np.zeros((32, 48, 3), np.uint8))
+    # non-image file and a file with an image name but text inside
+    (root / "context" / "notes.txt").write_text("shot list")
+    _triplet(root, "fake")
+    (root / "mask" / "fake.png").write_text("this is not a png")
+    # corrupt (truncated) image
+    _triplet(root, "truncated")
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 48, 3), dtype=np.uint8)).save(buf, format="PNG")
+    (root / "target" / "truncated.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    # sizes differ
+    _triplet(root, "sizes")
+    _save(root / "mask" / "sizes.png", np.full((30, 40), 0, np.uint8) | (np.arange(40) > 20).astype(np.uint8) * 255)
+    # empty, 0/1-valued, full masks
+    _triplet(root, "empty")
+    _save(root / "mask" / "empty.png", np.zeros((32, 48), np.uint8))
+    _triplet(root, "zero_one")
+    m01 = np.zeros((32, 48), np.uint8)
+    m01[5:10, 5:10] = 1
+    _save(root / "mask" / "zero_one.png", m01)
+    _triplet(root, "full")
+    _save(root / "mask" / "full.png", np.full((32, 48), 255, np.uint8))
+    # colour mask and mask with transparency
+    _triplet(root, "colour")
+    cm = np.zeros((32, 48, 3), np.uint8)
+    cm[8:16, 8:16] = (255, 0, 0)
+    _save(root / "mask" / "colour.png", cm)
+    _triplet(root, "alpha")
+    am = np.zeros((32, 48, 4), np.uint8)
+    am[..., 3] = 255
+    am[8:16, 8:16] = (255, 255, 255, 128)
+    _save(root / "mask" / "alpha.png", am, mode="RGBA")
+    # over the pixel limit (checked from the header, nothing decoded)
+    _triplet(root, "huge", size=(80, 80))
+    # a decompression bomb: the header claims 100000 x 100000
+    _triplet(root, "bomb")
+    (root / "context" / "bomb.png").write_bytes(_bomb_png(100_000, 100_000))
+    # metadata.jsonl: a good line, malformed JSON, a path escaping the folder, a symlink escaping it
+    outside = tmp_path / "outside.png"
+    _save(outside, np.zeros((32, 48, 3), np.uint8))
+    _triplet(root, "escape")
+    (root / "elsewhere").mkdir()
+    (root / "elsewhere" / "link.png").symlink_to(outside)
+    _triplet(root, "linked")
+    lines = [
+        json.dumps({"file_name": "good.png", "prompt": "insert the box"}),
+        "{not json",
+        json.dumps({"name": "escape", "prompt": "p", "context": "../outside.png"}),
+        json.dumps({"name": "linked", "prompt": "p", "target": "elsewhere/link.png"}),
+    ]
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    # a symlink inside context/ pointing outside
+    _triplet(root, "ctxlink")
+    (root / "context" / "ctxlink.png").unlink()
+    (root / "context" / "ctxlink.png").symlink_to(outside)
+    # a prompt file that matches no sample
+    (root / "prompts").mkdir()
+    (root / "prompts" / "typo.txt").write_text("insert")
+
+    src = FolderSource(root, default_prompt="insert the product")
+    problems = _problems(src, max_pixels=70 * 70)
+
+    assert "add mask/no_mask.png" in _one(problems, "'no_mask'", "no mask")
+    assert "add target/only_context.png and mask/only_context.png" in _one(problems, "'only_context'")
+    assert "remove it or convert it to PNG" in _one(problems, "context/notes.txt", "not an image file")
+    assert "re-export" in _one(problems, "mask/fake.png", "not an image Pillow can read")
+    assert "re-export" in _one(problems, "target/truncated.png", "truncated or corrupt")
+    assert "resize them" in _one(problems, "'sizes'", "mask/sizes.png is 40x30", "target/sizes.png is 48x32")
+    assert "paint the insertion region white" in _one(problems, "mask/empty.png", "empty")
+    assert "scale it to 0 and 255" in _one(problems, "mask/zero_one.png", "empty")
+    assert "paint the area outside the object black" in _one(problems, "mask/full.png", "full")
+    assert "greyscale" in _one(problems, "mask/colour.png", "not single-channel")
+    assert "opaque greyscale" in _one(problems, "mask/alpha.png", "transparency")
+    for role in ("context", "target", "mask"):
+        assert "downscale" in _one(problems, f"{role}/huge.png", "80x80 = 6,400 pixels, over the limit of 4,900")
+    assert "downscale" in _one(problems, "context/bomb.png", "over the")
+    assert "line 2" in _one(problems, "metadata.jsonl line 2", "not valid JSON")
+    assert "relative to it" in _one(problems, "metadata.jsonl line 3", "'../outside.png'", "outside the dataset folder")
+    assert "relative to it" in _one(problems, "metadata.jsonl line 4", "'elsewhere/link.png'", "outside the dataset folder")
+    assert "copy the file into the folder" in _one(problems, "context/ctxlink.png", "links outside")
+    assert "matches no sample" in _one(problems, "prompts/typo.txt")
+    assert not any("'good'" in p or "good.png" in p for p in problems)
+    assert len(problems) == 20
+
+
+def test_missing_and_empty_folders(tmp_path: Path) -> None:
+    problems = _problems(FolderSource(tmp_path / "nope"))
+    assert len(problems) == 1 and "does not exist; set data.root" in problems[0]
+
+    for r in ("context", "target", "mask"):
+        (tmp_path / "empty" / r).mkdir(parents=True)
+    problems = _problems(FolderSource(tmp_path / "empty"))
+    assert len(problems) == 1 and "is empty" in problems[0] and "context/NAME.png" in problems[0]
+
+    for k in range(5):
+        _triplet(tmp_path / "partial", f"s{k}")
+    import shutil
+
+    shutil.rmtree(tmp_path / "partial" / "mask")
+    problems = _problems(FolderSource(tmp_path / "partial", default_prompt="p"))
+    assert len(problems) == 1 and problems[0].startswith("folder mask/ is missing"), "one line, not one per sample"
+
+
+def test_prompt_sources_and_missing_prompt(tmp_path: Path) -> None:
+    for n in ("a", "b", "c"):
+        _triplet(tmp_path, n)
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "b.txt").write_text("from file b")
+    (tmp_path / "prompts" / "a.txt").write_text("from file a")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"name": "a", "prompt": "from metadata a"}) + "\n")
+    src = FolderSource(tmp_path, default_prompt="dflt")
+    assert [src.prompt(i) for i in range(3)] == ["from metadata a", "from file b", "dflt"]
+    assert [FolderSource(tmp_path, "dflt", prompts="files").prompt(i) for i in range(3)] == ["from file a", "from file b", "dflt"]
+    assert FolderSource(tmp_path, "dflt", prompts="default").prompt(0) == "dflt"
+    problems = _problems(FolderSource(tmp_path))
+    assert problems == ["sample 'c' has no prompt; write prompts/c.txt, add a metadata.jsonl line for it, or set data.default_prompt"]
+
+
+def test_metadata_explicit_paths_inside_folder(tmp_path: Path) -> None:
+    _triplet(tmp_path / "raw", "x")
+    lines = [json.dumps({"name": "item", "prompt": "p", **{r: f"raw/{r}/x.png" for r in ("context", "target", "mask")}})]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(lines))
+    for r in ("context", "target", "mask"):
+        (tmp_path / r).mkdir()
+    src = FolderSource(tmp_path)
+    validate_source(src, progress=False)
+    assert src.names == ["item"] and src.load(0).prompt == "p"
+
+
+def test_hf_source_problems(tmp_path: Path) -> None:
+    import datasets
+
+    img = Image.fromarray(np.zeros((8, 8, 3), np.uint8))
+    ds = datasets.Dataset.from_dict(
+        {"ctx": [img], "target": [img], "mask": [3], "prompt": [""]},
+        features=datasets.Features(
+            {"ctx": datasets.Image(), "target": datasets.Image(), "mask": datasets.Value("int64"), "prompt": datasets.Value("string")}
+        ),
+    )
+    ds.save_to_disk(str(tmp_path / "ds"))
+    problems = _problems(HFSource(tmp_path / "ds"))
+    assert "set data.context_column" in _one(problems, "column 'context'", "not in the dataset")
+    assert "datasets.Image" in _one(problems, "column 'mask'", "has type")
+    problems = _problems(open_source("hf", tmp_path / "missing_dataset"))
+    assert "check data.root" in _one(problems, "could not load")
+
+
+def test_exif_orientation_is_applied_consistently(tmp_path: Path) -> None:
+    _triplet(tmp_path, "phone", size=(48, 32))
+    upright = np.asarray(Image.open(tmp_path / "context" / "phone.png"))
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # pixels saved sideways ...
+    exif = Image.Exif()
+    exif[0x0112] = 6  # ... with the tag that turns them upright again
+    stored.save(tmp_path / "context" / "phone.png", exif=exif)
+    assert Image.open(tmp_path / "context" / "phone.png").size == (32, 48)
+    src = FolderSource(tmp_path, default_prompt="p")
+    validate_source(src, progress=False)
+    assert src.size(0) == (48, 32)
+    np.testing.assert_array_equal(np.asarray(src.load(0).context), upright)
+
+
+def test_dataset_error_survives_pickling_for_dataloader_workers() -> None:
+    import pickle
+
+    err = DatasetError("folder /x", ["mask/a.png: is empty; paint it"])
+    back = pickle.loads(pickle.dumps(err))
+    assert str(back) == str(err) and back.problems == err.problems and back.where == "folder /x"
+    assert str(DatasetError("whole message")) == "whole message"
