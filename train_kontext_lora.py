@@ -49,18 +49,19 @@ def compute_loss(
     batch: dict[str, Any],
     cfg: Config,
     generator: torch.Generator,
-    scheduler_sigmas: torch.Tensor,
+    train_scheduler: Any,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One micro-batch's loss.
 
     ``batch`` holds ``target_latents`` / ``context_latents`` ``[B, 16, h, w]``, ``prompt_embeds [B, L, D]``,
-    ``pooled_prompt_embeds [B, Dp]`` and ``geometry`` (a ``losses.MaskTargets`` at latent resolution).
-    ``scheduler_sigmas`` is the training scheduler's sigma table (``[num_train_timesteps]``, descending).
+    ``pooled_prompt_embeds [B, Dp]`` and ``geometry`` (a ``losses.MaskTargets`` ``[B, 1, h, w]`` each).
+    ``train_scheduler`` is the base model's ``FlowMatchEulerDiscreteScheduler`` before ``set_timesteps``
+    (its training table of timesteps and sigmas). Noise is drawn first, then ``u``, from ``generator``.
     Returns the total loss (float32 scalar) and its detached components for logging.
     """
     from kontext.flux import predict_velocity
-    from losses import flow_matching as fm
     from losses import GeometryLossWeights, geometry_loss, noise_level_weight
+    from losses import flow_matching as fm
 
     x0 = batch["target_latents"]
     ctx = batch["context_latents"]
@@ -68,11 +69,17 @@ def compute_loss(
     device = x0.device
     tc = cfg.train
 
-    noise = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=torch.float32).to(device)
+    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(device)
     u = fm.sample_timestep_density(
         tc.weighting_scheme, bsz, tc.logit_mean, tc.logit_std, tc.mode_scale, generator=generator
     )
-    sigmas = fm.sigmas_from_density(u, scheduler_sigmas).to(device)  # [B]
+    timesteps, sigmas = fm.timesteps_and_sigmas_from_density(u, train_scheduler)
+    if tc.resolution_shift:
+        # Train at the noise levels the pipeline samples at this resolution (FLUX's dynamic shift).
+        seq_len = (x0.shape[-2] // 2) * (x0.shape[-1] // 2)
+        sigmas = fm.shift_sigmas_for_resolution(sigmas, seq_len)
+        timesteps = sigmas * train_scheduler.config.num_train_timesteps
+    sigmas = sigmas.to(device)
     sig = sigmas.view(-1, 1, 1, 1)
     x0f = x0.float()
     x_t = fm.add_noise(x0f, noise, sig)
@@ -81,7 +88,7 @@ def compute_loss(
         transformer,
         x_t.to(x0.dtype),
         ctx,
-        sigmas,
+        (timesteps.to(device) / 1000.0),
         batch["prompt_embeds"],
         batch["pooled_prompt_embeds"],
         cfg.model.guidance_scale,
@@ -96,7 +103,8 @@ def compute_loss(
 
     geo = cfg.loss.geometry
     if geo.enabled:
-        z_pred = fm.predicted_clean(x_t, v_pred, sig)
+        # The clean latents the velocity implies; the geometry terms judge them against target and context.
+        z_pred = fm.predicted_clean_latents(x_t, v_pred, sig)
         weights = GeometryLossWeights(mse=geo.mse, bg=geo.bg, dice=geo.dice, area=geo.area, boundary=geo.boundary)
         geo_total, parts = geometry_loss(
             z_pred,
@@ -136,7 +144,7 @@ class Run:
     lr_scheduler: Any
     dataset: Any
     sampler: Any
-    scheduler_sigmas: torch.Tensor
+    train_scheduler: Any
     encoders_device: torch.device
     start_step: int = 0
     data_state: dict[str, int] = field(default_factory=lambda: {"epoch": 0, "position": 0})
@@ -186,6 +194,7 @@ def open_dataset_source(cfg: Config):
             target_column=d.target_column,
             mask_column=d.mask_column,
             prompt_column=d.prompt_column,
+            max_pixels=d.max_pixels,
         )
         validate_source(source, max_pixels=d.max_pixels)
     except DatasetError as e:
@@ -209,6 +218,7 @@ def setup(cfg: Config) -> Run:
     if resume_ckpt is not None:
         # Fail on a mismatched LoRA before any model is loaded.
         _check_resume_shape(cfg, resume_ckpt, read_trainer_state(resume_ckpt))
+    _check_optional_features(cfg)
 
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
@@ -271,20 +281,18 @@ def setup(cfg: Config) -> Run:
     dataset = _build_dataset(cfg, source, pipe, accelerator, encoders_device)
     from data import BucketBatchSampler
 
-    sampler = BucketBatchSampler(
-        dataset.bucket_ids,
-        batch_size=cfg.train.batch_size,
-        seed=cfg.train.seed,
-        shuffle=True,
-        drop_last=True,
-        num_replicas=accelerator.num_processes,
-        rank=accelerator.process_index,
-    )
-    if len(sampler) == 0:
-        raise UserError(
-            f"No full batch can be formed: {len(dataset)} samples, train.batch_size={cfg.train.batch_size}, "
-            f"{accelerator.num_processes} process(es). Lower train.batch_size or add samples."
+    try:
+        sampler = BucketBatchSampler(
+            dataset.bucket_ids,
+            batch_size=cfg.train.batch_size,
+            seed=cfg.train.seed,
+            shuffle=True,
+            drop_last=True,
+            num_replicas=accelerator.num_processes,
+            rank=accelerator.process_index,
         )
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
     # -- optimiser and schedule
     optimizer = _make_optimizer(cfg, lora_params)
@@ -314,19 +322,46 @@ def setup(cfg: Config) -> Run:
         lr_scheduler=lr_scheduler,
         dataset=dataset,
         sampler=sampler,
-        scheduler_sigmas=train_sched.sigmas.clone(),
+        train_scheduler=train_sched,
         encoders_device=encoders_device,
     )
     if resume_ckpt is not None:
         state = read_trainer_state(resume_ckpt)
         accelerator.load_state(str(resume_ckpt))
         run.start_step = int(state["step"])
-        run.data_state = dict(state["data"])
+        try:
+            # Refuses a position from another dataset size, batch size, seed or process count.
+            run.sampler.load_state_dict(state["data"])
+        except ValueError as e:
+            raise UserError(f"Cannot resume from {resume_ckpt}: {e}") from None
+        run.data_state = {"epoch": int(state["data"]["epoch"]), "position": int(state["data"]["position"])}
         run.history = list(state.get("history", []))
         accelerator.print(f"Resumed from {resume_ckpt} at step {run.start_step}.")
     if accelerator.is_main_process and cfg.logging.report_to != "none":
         accelerator.init_trackers(cfg.logging.project_name, config=_flat_config(cfg))
     return run
+
+
+def _check_optional_features(cfg: Config) -> None:
+    """GPU-only options fail here, before any data or model is touched."""
+    from kontext.quantization import QuantizationUnavailable, check_available
+
+    try:
+        check_available(cfg.model.quantization)
+    except QuantizationUnavailable as e:
+        raise UserError(str(e)) from None
+    if cfg.train.optimizer == "adamw8bit":
+        if not torch.cuda.is_available():
+            raise UserError("`train.optimizer: adamw8bit` needs a CUDA GPU (bitsandbytes); use `adamw` on this machine.")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise UserError("`train.optimizer: adamw8bit` needs bitsandbytes: pip install -e '.[quantization]'.") from None
+    if cfg.train.optimizer == "prodigy":
+        try:
+            import prodigyopt  # noqa: F401
+        except ImportError:
+            raise UserError("`train.optimizer: prodigy` needs prodigyopt: pip install -e '.[prodigy]'.") from None
 
 
 def _check_resume_shape(cfg: Config, ckpt: Path, state: dict[str, Any]) -> None:
@@ -343,10 +378,9 @@ def _lora_shape(cfg: Config) -> dict[str, Any]:
 
 
 def _setup_logging(accelerator: Any) -> None:
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        level=logging.INFO if accelerator.is_main_process else logging.WARNING,
-    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    # Our own messages at INFO on the main process; libraries only when something is wrong.
+    logger.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
     import diffusers
     import transformers
 
@@ -357,7 +391,7 @@ def _setup_logging(accelerator: Any) -> None:
 def _load_pipeline(cfg: Config, model_path: str, weight_dtype: torch.dtype):
     from diffusers import FluxKontextPipeline
 
-    kwargs: dict[str, Any] = {"torch_dtype": weight_dtype}
+    kwargs: dict[str, Any] = {"dtype": weight_dtype}
     if cfg.model.revision:
         kwargs["revision"] = cfg.model.revision
     if cfg.model.variant:
@@ -404,12 +438,15 @@ def _build_dataset(cfg: Config, source: Any, pipe: Any, accelerator: Any, encode
         random_crop=d.random_crop,
         random_flip=d.random_flip,
         mask_hint=d.mask_hint,
+        outline_width=d.outline_width,
         seed=cfg.train.seed,
         band_r=g.band_r,
         sdm_normalize=g.sdm_normalize,
         cache=cache,
         encode_images=enc_images,
         encode_prompts=enc_prompts,
+        # Mask-derived targets (latent mask, band, outside, SDM) are computed once per sample.
+        with_geometry=g.enabled,
     )
     if cache is not None:
         # Main process fills the shared cache; the others then read it.
@@ -445,21 +482,13 @@ def _make_optimizer(cfg: Config, params: list[torch.nn.Parameter]):
             params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay
         )
     if t.optimizer == "adamw8bit":
-        if not torch.cuda.is_available():
-            raise UserError("`train.optimizer: adamw8bit` needs a CUDA GPU (bitsandbytes); use `adamw` on this machine.")
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise UserError(
-                "`train.optimizer: adamw8bit` needs bitsandbytes: pip install -e '.[quantization]'."
-            ) from None
+        import bitsandbytes as bnb  # availability checked in _check_optional_features
+
         return bnb.optim.AdamW8bit(
             params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay
         )
-    try:
-        import prodigyopt
-    except ImportError:
-        raise UserError("`train.optimizer: prodigy` needs prodigyopt: pip install -e '.[prodigy]'.") from None
+    import prodigyopt
+
     return prodigyopt.Prodigy(
         params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay
     )
@@ -523,6 +552,8 @@ def _batches(run: Run) -> Iterator[dict[str, Any]]:
     while True:
         run.sampler.set_epoch(state["epoch"])
         run.sampler.load_state_dict({"epoch": state["epoch"], "position": state["position"]})
+        # Flips (and random crops) are drawn per (seed, epoch, index).
+        run.dataset.set_epoch(state["epoch"])
         for indices in run.sampler:
             batch = collate_triplets([run.dataset[i] for i in indices])
             state["position"] += 1
@@ -547,8 +578,9 @@ def _to_device(batch: dict[str, Any], run: Run) -> dict[str, Any]:
         out["prompt_embeds"], out["pooled_prompt_embeds"] = pe, pooled
     for k in ("target_latents", "context_latents", "prompt_embeds", "pooled_prompt_embeds"):
         out[k] = out[k].to(device=device, dtype=weight_dtype)
-    geo = batch["geometry"]
-    out["geometry"] = (geo if isinstance(geo, MaskTargets) else MaskTargets.from_dict(geo)).to(device)
+    geo = batch.get("geometry")
+    if geo is not None:
+        out["geometry"] = (geo if isinstance(geo, MaskTargets) else MaskTargets.from_dict(geo)).to(device)
     return out
 
 
@@ -563,8 +595,12 @@ def _step_generator(run: Run, step: int, micro: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(seed)
 
 
-def train(run: Run) -> str:
-    """The optimisation loop. Returns why it stopped: ``done``, ``signal`` or ``nonfinite``."""
+def train(run: Run, pause_at: int | None = None) -> str:
+    """The optimisation loop. Returns why it stopped: ``done``, ``signal``, ``nonfinite`` or ``paused``.
+
+    ``pause_at``: stop after that many updates with a checkpoint, as a pre-emption would (used to test
+    that a resumed run is the same run).
+    """
     from tqdm.auto import tqdm
 
     from kontext.signals import StopRequest
@@ -590,7 +626,7 @@ def train(run: Run) -> str:
                 sync = micro == accum - 1
                 ctx = acc.no_sync(run.transformer) if not sync else contextlib.nullcontext()
                 with ctx, acc.autocast():
-                    loss, logs = compute_loss(run.transformer, batch, cfg, _step_generator(run, step, micro), run.scheduler_sigmas)
+                    loss, logs = compute_loss(run.transformer, batch, cfg, _step_generator(run, step, micro), run.train_scheduler)
                 bad_terms = [k for k, v in logs.items() if not torch.isfinite(v).all()]
                 if _any_process(acc, bool(bad_terms)):
                     finite = False
@@ -636,9 +672,9 @@ def train(run: Run) -> str:
                 **({"geo": f"{totals['loss/geometry']:.4f}"} if "loss/geometry" in totals else {}),
             )
 
-            if stop.requested:
+            if stop.requested or step == pause_at:
                 save_checkpoint(run, step)
-                reason = "signal"
+                reason = "signal" if stop.requested else "paused"
                 break
             if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < cfg.train.max_steps:
                 save_checkpoint(run, step)
@@ -671,7 +707,7 @@ def save_checkpoint(run: Run, step: int) -> Path:
     if acc.is_main_process:
         state = {
             "step": step,
-            "data": dict(run.data_state),
+            "data": run.sampler.state_dict(consumed=run.data_state["position"]) | {"epoch": run.data_state["epoch"]},
             "lora": _lora_shape(run.cfg),
             "history": run.history,
             "num_processes": acc.num_processes,
@@ -708,20 +744,26 @@ def validate(run: Run, step: int) -> dict[str, float]:
 def finish(run: Run, reason: str) -> None:
     """Export the LoRA (and the ComfyUI file), validate once more, write the model card."""
     cfg, acc = run.cfg, run.accelerator
-    if reason == "signal":
-        acc.print(
-            f"Stopped by signal at step {run.start_step}; checkpoint saved. Resume with:\n"
-            f"  accelerate launch train_kontext_lora.py --config {run.output_dir / 'config.yaml'} "
-            "checkpoint.resume_from=latest"
-        )
+    if reason in ("paused", "signal"):
+        acc.end_training()
+        if reason == "signal":
+            acc.print(
+                f"Stopped by signal at step {run.start_step}; checkpoint saved. Resume with:\n"
+                f"  accelerate launch train_kontext_lora.py --config {run.output_dir / 'config.yaml'} "
+                "checkpoint.resume_from=latest"
+            )
         return
     if reason == "nonfinite":
+        acc.end_training()
         last = _last_checkpoint_name(run)
         raise UserError(
             f"{cfg.train.max_nonfinite_steps} consecutive updates had a NaN/inf loss or gradient (see the warnings "
             f"above for the term); stopped at step {run.start_step}. Last good checkpoint: {last}. Lower "
             "train.learning_rate, check the data, or use model.dtype=float32 / train.mixed_precision=no."
         )
+    if cfg.checkpoint.every_steps and not (run.output_dir / f"checkpoint-{run.start_step}").is_dir():
+        # A final checkpoint lets a finished run be extended (resume_from=latest with a larger max_steps).
+        save_checkpoint(run, run.start_step)
     acc.wait_for_everyone()
     metrics: dict[str, float] = {}
     if cfg.validation.every_steps >= 0:
@@ -734,7 +776,7 @@ def finish(run: Run, reason: str) -> None:
         if cfg.export.comfyui:
             from kontext.comfyui import export_comfyui
 
-            export_comfyui(path)
+            export_comfyui(path, transformer_config=transformer.config)
         (run.output_dir / "training_history.json").write_text(json.dumps(run.history, indent=1), encoding="utf-8")
         from kontext.model_card import write_model_card
 

@@ -95,6 +95,9 @@ class DataConfig:
         "fill",
         "How the insertion region is shown in the context: `none` (already visible), `fill` (flat grey), `outline`.",
     )
+    outline_width: Optional[int] = _f(
+        None, "Width in pixels of the `outline` hint (null: max(8, short side // 64)).", min=1
+    )
     resolution: int = _f(1024, "Training resolution (side of the square bucket, or area of the aspect buckets).", min=16)
     aspect_buckets: bool = _f(False, "Use aspect-ratio buckets derived from the Kontext preferred resolutions.")
     random_crop: bool = _f(False, "Random instead of centre crop after resizing to the bucket.")
@@ -102,7 +105,6 @@ class DataConfig:
     cache_latents: bool = _f(True, "Encode latents and prompts once, store them on disk, free the encoders.")
     cache_dir: Optional[str] = _f(None, "Latent cache folder (default: `$KONTEXT_LORA_CACHE/latents`).")
     max_pixels: int = _f(64_000_000, "Reject images with more pixels than this (decompression-bomb guard).", min=1)
-    num_workers: int = _f(0, "DataLoader worker processes.", min=0)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -143,6 +145,9 @@ class TrainConfig:
     )
     weighting_scheme: Literal["none", "logit_normal", "mode", "sigma_sqrt", "cosmap"] = _f(
         "none", "Timestep density / loss weighting, as diffusers' FLUX training scripts."
+    )
+    resolution_shift: bool = _f(
+        False, "Shift training sigmas by FLUX's resolution-dependent schedule shift (as the pipeline samples)."
     )
     logit_mean: float = _f(0.0, "Mean of the logit-normal timestep density.")
     logit_std: float = _f(1.0, "Std of the logit-normal timestep density.", exclusive_min=0)

@@ -68,7 +68,7 @@ def predict_velocity(
     transformer: torch.nn.Module,
     noisy_latents: torch.Tensor,
     context_latents: torch.Tensor,
-    sigmas: torch.Tensor,
+    timestep: torch.Tensor,
     prompt_embeds: torch.Tensor,
     pooled_prompt_embeds: torch.Tensor,
     guidance_scale: float | None,
@@ -78,8 +78,8 @@ def predict_velocity(
     Args:
         noisy_latents: ``x_t`` ``[B, 16, h, w]``.
         context_latents: ``c`` ``[B, 16, hc, wc]`` (may differ in size from the target).
-        sigmas: ``[B]`` noise levels in [0, 1]; the transformer takes ``timestep = sigma`` (it scales by 1000
-            inside, as the pipeline's ``timestep / 1000`` does).
+        timestep: ``[B]`` in [0, 1]: the scheduler timestep / 1000, as the pipeline passes it (the
+            transformer multiplies by 1000 inside).
         prompt_embeds: ``[B, L, D]``; pooled_prompt_embeds: ``[B, Dp]``.
         guidance_scale: value of the guidance embedding, or None for a model without one.
     """
@@ -98,7 +98,7 @@ def predict_velocity(
         guidance = torch.full((b,), float(guidance_scale), device=device, dtype=torch.float32)
     out = transformer(
         hidden_states=tokens,
-        timestep=sigmas.to(dtype),
+        timestep=timestep.to(dtype),
         guidance=guidance,
         pooled_projections=pooled_prompt_embeds.to(dtype),
         encoder_hidden_states=prompt_embeds.to(dtype),
