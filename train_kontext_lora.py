@@ -153,13 +153,24 @@ class Run:
 
 
 def check_output_dir(cfg: Config, output_dir: Path) -> None:
-    """Refuse to start a fresh run over a finished one (its LoRA would be overwritten)."""
-    if (output_dir / FINISHED_MARKER).exists() and not cfg.checkpoint.resume_from:
-        if not cfg.checkpoint.overwrite_output_dir:
-            raise UserError(
-                f"output_dir {output_dir} already holds a finished run ({FINISHED_MARKER}). Choose a new "
-                "output_dir, resume with checkpoint.resume_from=latest, or set checkpoint.overwrite_output_dir=true."
-            )
+    """Refuse to start a fresh run over a finished one, or over an unfinished run's checkpoints.
+
+    A fresh run would overwrite the finished LoRA; mixed with older checkpoints, rotation would keep
+    the old run's higher steps and ``latest`` would later resume the wrong run.
+    """
+    from kontext.checkpoint import list_checkpoints
+
+    if cfg.checkpoint.resume_from or cfg.checkpoint.overwrite_output_dir:
+        return
+    fix = (
+        "Choose a new output_dir, resume with checkpoint.resume_from=latest, or set "
+        "checkpoint.overwrite_output_dir=true (its checkpoints are then deleted when training starts)."
+    )
+    if (output_dir / FINISHED_MARKER).exists():
+        raise UserError(f"output_dir {output_dir} already holds a finished run ({FINISHED_MARKER}). {fix}")
+    ckpts = list_checkpoints(output_dir)
+    if ckpts:
+        raise UserError(f"output_dir {output_dir} already holds checkpoints of another run ({ckpts[-1].name}). {fix}")
 
 
 def resolve_model(name_or_path: str) -> str:
@@ -209,7 +220,13 @@ def setup(cfg: Config) -> Run:
 
     output_dir = Path(cfg.output_dir).expanduser().resolve()
     check_output_dir(cfg, output_dir)
-    from kontext.checkpoint import CheckpointError, read_trainer_state, remove_incomplete, resolve_resume
+    from kontext.checkpoint import (
+        CheckpointError,
+        read_trainer_state,
+        remove_checkpoints,
+        remove_incomplete,
+        resolve_resume,
+    )
 
     try:
         resume_ckpt = resolve_resume(output_dir, cfg.checkpoint.resume_from)
@@ -221,6 +238,7 @@ def setup(cfg: Config) -> Run:
     _check_optional_features(cfg)
 
     accelerator = Accelerator(
+        cpu=_cpu_only_multiprocess(),
         mixed_precision=cfg.train.mixed_precision,
         log_with=None if cfg.logging.report_to == "none" else cfg.logging.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
@@ -247,6 +265,8 @@ def setup(cfg: Config) -> Run:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         remove_incomplete(output_dir)
+        if cfg.checkpoint.overwrite_output_dir and resume_ckpt is None:
+            remove_checkpoints(output_dir)  # the old run's checkpoints must never be resumed into this one
         dump_config(cfg, output_dir / "config.yaml")
 
     weight_dtype = DTYPES[cfg.model.dtype]
@@ -340,6 +360,18 @@ def setup(cfg: Config) -> Run:
     if accelerator.is_main_process and cfg.logging.report_to != "none":
         accelerator.init_trackers(cfg.logging.project_name, config=_flat_config(cfg))
     return run
+
+
+def _cpu_only_multiprocess() -> bool:
+    """True when launched as several processes (``WORLD_SIZE`` > 1) on a machine without any accelerator.
+
+    accelerate then only forms a gloo group (``DistributedType.MULTI_CPU``) if asked for the CPU;
+    otherwise every process silently trains alone and all of them write the same output folder.
+    """
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return world > 1 and not torch.accelerator.is_available()
 
 
 def _check_optional_features(cfg: Config) -> None:
@@ -496,7 +528,7 @@ def _make_optimizer(cfg: Config, params: list[torch.nn.Parameter]):
 
 def _register_lora_hooks(accelerator: Any, transformer: torch.nn.Module) -> None:
     """Checkpoints hold only the LoRA (plus what accelerate adds), never the frozen 12B base."""
-    from kontext.lora import load_lora_state_dict, save_lora
+    from kontext.lora import load_lora_state_dict
     from safetensors.torch import load_file
 
     base = accelerator.unwrap_model(transformer)
@@ -504,8 +536,8 @@ def _register_lora_hooks(accelerator: Any, transformer: torch.nn.Module) -> None
     def save_hook(models: list, weights: list, out_dir: str) -> None:
         for i in reversed(range(len(models))):
             if accelerator.unwrap_model(models[i]) is base:
-                if accelerator.is_main_process:
-                    save_lora(base, out_dir)
+                # Every process takes part in the gather (FSDP shards); the main process writes.
+                export_lora(accelerator, base, out_dir)
                 if weights:
                     weights.pop(i)
 
@@ -519,6 +551,77 @@ def _register_lora_hooks(accelerator: Any, transformer: torch.nn.Module) -> None
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+def full_lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The complete LoRA ``{peft_name: float32 CPU tensor}``, sorted by name; call it on every process.
+
+    Under FSDP2 each LoRA matrix is a ``DTensor`` sharded across processes, and ``full_tensor()`` is a
+    collective all-gather, so all processes must reach this call in the same order. Under DDP and
+    DeepSpeed ZeRO-2 the parameters are whole replicas and this is a plain copy.
+    """
+    from peft.utils import get_peft_model_state_dict
+
+    sd = get_peft_model_state_dict(transformer, adapter_name="default")
+    out: dict[str, torch.Tensor] = {}
+    for k in sorted(sd):
+        v = sd[k].detach()
+        if hasattr(v, "full_tensor"):
+            v = v.full_tensor()
+        out[k] = v.to("cpu", torch.float32).contiguous()
+    return out
+
+
+def lora_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the names and float32 bytes of a LoRA state dict (order-independent)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        h.update(k.encode())
+        h.update(state_dict[k].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def export_lora(
+    accelerator: Any, transformer: torch.nn.Module, out_dir: str | Path, dtype: torch.dtype = torch.float32
+) -> Path:
+    """Gather the full LoRA on every process and write ``pytorch_lora_weights.safetensors`` from the main one."""
+    from diffusers import FluxKontextPipeline
+
+    from kontext.lora import LORA_WEIGHTS_NAME, adapter_metadata
+
+    sd = full_lora_state_dict(transformer)
+    path = Path(out_dir) / LORA_WEIGHTS_NAME
+    if accelerator.is_main_process:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        FluxKontextPipeline.save_lora_weights(
+            save_directory=str(out_dir),
+            transformer_lora_layers={k: v.to(dtype) for k, v in sd.items()},
+            transformer_lora_adapter_metadata=adapter_metadata(transformer),
+            weight_name=LORA_WEIGHTS_NAME,
+            safe_serialization=True,
+        )
+    return path
+
+
+def check_replicas_agree(accelerator: Any, transformer: torch.nn.Module) -> list[str]:
+    """Each process's LoRA digest (:func:`lora_digest`), gathered in rank order; raises if replicas diverged.
+
+    Call on every process. With several processes the main one prints the list, so the log of a
+    multi-process run shows that every replica ended with the same weights. One process: ``[]``.
+    """
+    if accelerator.num_processes == 1:
+        return []
+    from accelerate.utils import gather_object
+
+    digests = gather_object([lora_digest(full_lora_state_dict(transformer))])
+    accelerator.print(f"LoRA digest per process: {json.dumps(digests)}")
+    if len(set(digests)) != 1:
+        raise RuntimeError(
+            f"LoRA replicas diverged across processes (digests {digests}); their gradients were not synchronised."
+        )
+    return digests
 
 
 def _flat_config(cfg: Config) -> dict[str, Any]:
@@ -643,7 +746,9 @@ def train(run: Run, pause_at: int | None = None) -> str:
                 gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) if grads else torch.zeros(())
                 if not torch.isfinite(gnorm):
                     finite = False
-                    logger.warning("step %d: non-finite gradient norm; skipping this update", step + 1)
+                    logger.warning(
+                        "step %d: non-finite gradient in %s; skipping this update", step + 1, _nonfinite_grad_names(run)
+                    )
                 else:
                     grad_norm = float(gnorm)
                     if cfg.train.max_grad_norm > 0:
@@ -672,9 +777,11 @@ def train(run: Run, pause_at: int | None = None) -> str:
                 **({"geo": f"{totals['loss/geometry']:.4f}"} if "loss/geometry" in totals else {}),
             )
 
-            if stop.requested or step == pause_at:
+            # Collective: a signal may reach only some processes, and all must save (and stop) together.
+            signalled = _any_process(acc, stop.requested is not None)
+            if signalled or step == pause_at:
                 save_checkpoint(run, step)
-                reason = "signal" if stop.requested else "paused"
+                reason = "signal" if signalled else "paused"
                 break
             if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < cfg.train.max_steps:
                 save_checkpoint(run, step)
@@ -684,6 +791,16 @@ def train(run: Run, pause_at: int | None = None) -> str:
     progress.close()
     run.start_step = step
     return reason
+
+
+def _nonfinite_grad_names(run: Run, limit: int = 3) -> str:
+    """Names of the first LoRA parameters whose gradient holds a NaN/inf (for the warning)."""
+    names = [
+        n for n, p in run.accelerator.unwrap_model(run.transformer).named_parameters()
+        if p.grad is not None and not torch.isfinite(p.grad).all()
+    ]
+    shown = ", ".join(names[:limit]) + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+    return shown or "the gradient on another process"
 
 
 def _any_process(acc: Any, flag: bool) -> bool:
@@ -768,11 +885,10 @@ def finish(run: Run, reason: str) -> None:
     metrics: dict[str, float] = {}
     if cfg.validation.every_steps >= 0:
         metrics = validate(run, run.start_step)
+    transformer = acc.unwrap_model(run.transformer)
+    check_replicas_agree(acc, transformer)
+    path = export_lora(acc, transformer, run.output_dir, DTYPES[cfg.export.save_dtype])
     if acc.is_main_process:
-        from kontext.lora import save_lora
-
-        transformer = acc.unwrap_model(run.transformer)
-        path = save_lora(transformer, run.output_dir, DTYPES[cfg.export.save_dtype])
         if cfg.export.comfyui:
             from kontext.comfyui import export_comfyui
 

@@ -98,9 +98,17 @@ def finalize(output_dir: str | Path, step: int, state: dict[str, Any], total_lim
     tmp = temp_path(output_dir, step)
     (tmp / TRAINER_STATE_NAME).write_text(json.dumps(state, indent=2), encoding="utf-8")
     final = output_dir / f"checkpoint-{step}"
-    if final.exists():  # re-saving the same step (e.g. a signal right after a scheduled save)
-        shutil.rmtree(final)
-    tmp.rename(final)
+    if final.exists():
+        # Re-saving a step: move the old folder aside first, so a crash between the two renames
+        # leaves it restorable (``remove_incomplete`` puts it back) instead of deleted.
+        replaced = _replaced_path(output_dir, step)
+        if replaced.exists():
+            shutil.rmtree(replaced)
+        final.rename(replaced)
+        tmp.rename(final)
+        shutil.rmtree(replaced, ignore_errors=True)
+    else:
+        tmp.rename(final)
     if total_limit is not None:
         ckpts = list_checkpoints(output_dir)
         for old in ckpts[: max(0, len(ckpts) - total_limit)]:
@@ -109,12 +117,41 @@ def finalize(output_dir: str | Path, step: int, state: dict[str, Any], total_lim
     return final
 
 
+def _replaced_path(output_dir: Path, step: int) -> Path:
+    return output_dir / f"checkpoint-{step}.old"
+
+
 def remove_incomplete(output_dir: str | Path) -> list[Path]:
-    """Delete leftovers of interrupted saves (``checkpoint-*.tmp``); returns what was removed."""
+    """Delete leftovers of interrupted saves (``checkpoint-*.tmp``); returns what was removed.
+
+    A ``checkpoint-<step>.old`` (a complete checkpoint moved aside while being replaced) is put back
+    when the save that replaced it never completed, and deleted otherwise. Main process only.
+    """
     output_dir = Path(output_dir)
     removed = []
-    if output_dir.is_dir():
-        for p in output_dir.glob("checkpoint-*.tmp"):
+    if not output_dir.is_dir():
+        return removed
+    for p in sorted(output_dir.glob("checkpoint-*.old")):
+        final = output_dir / p.name.removesuffix(".old")
+        if not final.exists() and (p / TRAINER_STATE_NAME).is_file():
+            p.rename(final)
+        else:
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
+    for p in output_dir.glob("checkpoint-*.tmp"):
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+def remove_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Delete every ``checkpoint-*`` folder (complete or not) of ``output_dir``; returns what was removed.
+
+    Used when a fresh run deliberately overwrites an output folder, so the old run's checkpoints can
+    never be picked by ``latest`` for the new one. Main process only.
+    """
+    output_dir = Path(output_dir)
+    removed = sorted(p for p in output_dir.glob("checkpoint-*") if p.is_dir()) if output_dir.is_dir() else []
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
     return removed

@@ -1,0 +1,466 @@
+"""Synthetic insertion triplets: one fixed product painted into procedurally drawn scenes.
+
+Each sample is a (context, target, mask, prompt) quadruple in the project's folder format:
+
+* ``context/NAME.png`` - a procedural scene (gradient, texture, clutter shapes), RGB;
+* ``target/NAME.png``  - the same scene with the product composited so that it fills the insertion region;
+* ``mask/NAME.png``    - ``L`` mode, 255 exactly where the product's silhouette is, 0 elsewhere;
+* ``prompts/NAME.txt`` - the instruction.
+
+The target equals the context bit for bit wherever the mask is 0, so the region where the two images
+differ is exactly the mask - the property the change-mask losses assume. Mask areas span
+``area_range`` (2% to 50% of the image by default), with many aspect ratios and positions, so scale
+errors are visible. Contexts are the raw scenes; the trainer draws its mask hint into them itself.
+
+Generate a set (a second run with the same arguments is a no-op)::
+
+    python -m data.synthetic --root data/synthetic_product --num-samples 64 --size 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+from tqdm.auto import tqdm
+
+# Bump when drawing changes, so manifests written by an older generator are regenerated.
+GENERATOR_VERSION = 1
+
+PRODUCT_NAME = "Kolo orange soda can"
+PRODUCT_PROMPT = (
+    "Insert the Kolo orange soda can (orange body, white label band, blue star logo) into the marked region"
+)
+
+# Product palette (RGB). Distinct from anything the scene generator draws with high probability:
+# the scene palette is sampled, the product is fixed.
+_BODY = (242, 107, 29)
+_BODY_SHADE = (196, 74, 12)
+_LID = (70, 74, 84)
+_LID_HIGHLIGHT = (170, 176, 186)
+_BAND = (250, 250, 245)
+_LOGO_DISC = (24, 56, 160)
+_LOGO_STAR = (255, 214, 0)
+_STRIPE = (24, 56, 160)
+
+# Products are rendered at this multiple of the output size and box-filtered down, so the colours of
+# edge pixels are anti-aliased; the silhouette is then thresholded at half coverage (see render_product).
+_SUPERSAMPLE = 4
+
+# Width/height ratios of the insertion box (log-uniform in this range, clipped to what fits).
+ASPECT_RANGE = (0.35, 2.8)
+
+
+# --------------------------------------------------------------------------------------------- scene
+
+
+def _random_colour(rng: np.random.Generator, lo: int = 0, hi: int = 256) -> tuple[int, int, int]:
+    return tuple(int(v) for v in rng.integers(lo, hi, size=3))
+
+
+def _gradient(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """Linear gradient between two random colours at a random angle, float ``[H, W, 3]`` in 0..255."""
+    c0 = np.array(_random_colour(rng, 20, 236), dtype=np.float32)
+    c1 = np.array(_random_colour(rng, 20, 236), dtype=np.float32)
+    angle = rng.uniform(0, 2 * math.pi)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    proj = (xx / max(width - 1, 1) - 0.5) * math.cos(angle) + (yy / max(height - 1, 1) - 0.5) * math.sin(angle)
+    t = (proj - proj.min()) / max(float(proj.max() - proj.min()), 1e-6)
+    return c0 * (1 - t[..., None]) + c1 * t[..., None]
+
+
+def _texture(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """A low-amplitude texture (stripes, checks, blobs or grain), float ``[H, W, 1]`` centred on 0."""
+    kind = int(rng.integers(0, 4))
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    amp = rng.uniform(6, 22)
+    if kind == 0:  # stripes
+        period = rng.uniform(6, 24)
+        angle = rng.uniform(0, math.pi)
+        tex = np.sin(2 * math.pi * (xx * math.cos(angle) + yy * math.sin(angle)) / period)
+    elif kind == 1:  # checks
+        cell = int(rng.integers(6, 20))
+        tex = (((xx // cell) + (yy // cell)) % 2) * 2.0 - 1.0
+    elif kind == 2:  # smooth blobs: upsampled coarse noise
+        coarse = rng.standard_normal((max(height // 16, 2), max(width // 16, 2))).astype(np.float32)
+        img = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
+        tex = np.asarray(img, dtype=np.float32)
+        tex = tex / max(float(np.abs(tex).max()), 1e-6)
+    else:  # fine grain
+        tex = rng.standard_normal((height, width)).astype(np.float32) * 0.5
+    return (amp * tex)[..., None]
+
+
+def _draw_clutter(rng: np.random.Generator, image: Image.Image) -> None:
+    """Draw random rectangles, ellipses, polygons and lines onto ``image`` in place."""
+    width, height = image.size
+    draw = ImageDraw.Draw(image)
+    scale = min(width, height)
+    for _ in range(int(rng.integers(3, 10))):
+        kind = int(rng.integers(0, 4))
+        colour = _random_colour(rng)
+        cx, cy = rng.uniform(0, width), rng.uniform(0, height)
+        rx, ry = rng.uniform(0.03, 0.25) * scale, rng.uniform(0.03, 0.25) * scale
+        box = [cx - rx, cy - ry, cx + rx, cy + ry]
+        if kind == 0:
+            draw.rectangle(box, fill=colour)
+        elif kind == 1:
+            draw.ellipse(box, fill=colour)
+        elif kind == 2:
+            n = int(rng.integers(3, 7))
+            angles = np.sort(rng.uniform(0, 2 * math.pi, size=n))
+            radii = rng.uniform(0.4, 1.0, size=n)
+            pts = [(cx + rx * r * math.cos(a), cy + ry * r * math.sin(a)) for a, r in zip(angles, radii)]
+            draw.polygon(pts, fill=colour)
+        else:
+            x1, y1 = rng.uniform(0, width), rng.uniform(0, height)
+            draw.line([(cx, cy), (x1, y1)], fill=colour, width=int(rng.integers(1, max(2, scale // 24))))
+
+
+def draw_scene(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """Draw one procedural scene: gradient background, texture, clutter shapes, a light blur.
+
+    Args:
+        rng: the random generator; the scene is a deterministic function of its state.
+        width, height: image size in pixels.
+
+    Returns:
+        An RGB ``PIL.Image`` of size ``(width, height)``.
+    """
+    base = _gradient(rng, width, height) + _texture(rng, width, height)
+    image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
+    _draw_clutter(rng, image)
+    if rng.uniform() < 0.5:
+        image = image.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 1.2))))
+    return image
+
+
+# ------------------------------------------------------------------------------------------- product
+
+
+def _star(cx: float, cy: float, r_out: float, r_in: float) -> list[tuple[float, float]]:
+    pts = []
+    for k in range(10):
+        r = r_out if k % 2 == 0 else r_in
+        a = -math.pi / 2 + k * math.pi / 5
+        pts.append((cx + r * math.cos(a), cy + r * math.sin(a)))
+    return pts
+
+
+def _silhouette_corner_radius(width: float, height: float) -> float:
+    return 0.14 * min(width, height)
+
+
+def render_product(width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """Render the product so that it fills a ``width x height`` box.
+
+    The product is a soda can: orange rounded body with a darker side shade, grey lid and rim, a white
+    label band with a blue disc and yellow star logo, and a blue stripe under the band. The design is
+    stretched to the box, so any aspect ratio keeps the same identity.
+
+    Args:
+        width, height: box size in pixels (>= 1 each).
+
+    Returns:
+        ``(rgb, mask)``: ``rgb`` uint8 ``[height, width, 3]`` (colours inside the silhouette, anti-aliased
+        at its edge) and ``mask`` bool ``[height, width]``, True where at least half of the pixel is covered
+        by the product's silhouette.
+    """
+    if width < 1 or height < 1:
+        raise ValueError(f"product box must be at least 1x1 pixel; got {width}x{height}")
+    s = _SUPERSAMPLE
+    W, H = width * s, height * s
+    rgb = Image.new("RGB", (W, H), (0, 0, 0))
+    alpha = Image.new("L", (W, H), 0)
+    radius = _silhouette_corner_radius(W, H)
+    ImageDraw.Draw(alpha).rounded_rectangle([0, 0, W - 1, H - 1], radius=radius, fill=255)
+
+    d = ImageDraw.Draw(rgb)
+    d.rectangle([0, 0, W, H], fill=_BODY)
+    d.rectangle([int(W * 0.78), 0, W, H], fill=_BODY_SHADE)  # side shade reads as a cylinder
+    lid_h = max(1, int(H * 0.09))
+    d.rectangle([0, 0, W, lid_h], fill=_LID)
+    d.rectangle([int(W * 0.15), int(lid_h * 0.3), int(W * 0.55), int(lid_h * 0.7)], fill=_LID_HIGHLIGHT)
+    d.rectangle([0, H - max(1, int(H * 0.06)), W, H], fill=_LID)
+    band_top, band_bot = int(H * 0.34), int(H * 0.70)
+    d.rectangle([0, band_top, W, band_bot], fill=_BAND)
+    stripe_h = max(1, int(H * 0.05))
+    d.rectangle([0, band_bot + stripe_h, W, band_bot + 2 * stripe_h], fill=_STRIPE)
+    # Logo: a disc with a star, centred in the band, kept round regardless of the box's aspect.
+    r = 0.42 * min(band_bot - band_top, W)
+    cx, cy = W * 0.45, (band_top + band_bot) / 2
+    d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=_LOGO_DISC)
+    d.polygon(_star(cx, cy, 0.8 * r, 0.35 * r), fill=_LOGO_STAR)
+
+    # Box-filter down with premultiplied alpha so edge colours are not darkened by the black outside.
+    a = np.asarray(alpha, dtype=np.float32) / 255.0
+    premul = np.asarray(rgb, dtype=np.float32) * a[..., None]
+    premul = premul.reshape(height, s, width, s, 3).mean(axis=(1, 3))
+    cover = a.reshape(height, s, width, s).mean(axis=(1, 3))
+    colour = premul / np.maximum(cover, 1e-6)[..., None]
+    mask = cover >= 0.5
+    return np.clip(np.round(colour), 0, 255).astype(np.uint8), mask
+
+
+def _fill_fraction(width: float, height: float) -> float:
+    """Silhouette area / box area of the rounded rectangle (used to hit a requested mask area)."""
+    r = _silhouette_corner_radius(width, height)
+    return 1.0 - (4.0 - math.pi) * r * r / (width * height)
+
+
+# ------------------------------------------------------------------------------------------- triplet
+
+
+@dataclass(frozen=True)
+class Triplet:
+    """One synthetic sample: ``context``/``target`` RGB images, ``mask`` ``L`` image (0 or 255), box ``(x, y, w, h)``."""
+
+    context: Image.Image
+    target: Image.Image
+    mask: Image.Image
+    box: tuple[int, int, int, int]
+
+    @property
+    def mask_area(self) -> float:
+        """Fraction of the image covered by the mask."""
+        return float((np.asarray(self.mask) >= 128).mean())
+
+
+def sample_box(
+    rng: np.random.Generator, width: int, height: int, area: float, aspect_range: tuple[float, float] = ASPECT_RANGE
+) -> tuple[int, int, int, int]:
+    """Choose an insertion box ``(x, y, w, h)`` whose product silhouette covers about ``area`` of the image.
+
+    The aspect ratio (box width / height) is log-uniform in ``aspect_range``, clipped to what fits in the
+    image at this area; the position is uniform over the places where the box fits entirely.
+    """
+    if not 0 < area < 1:
+        raise ValueError(f"area must be a fraction of the image in (0, 1); got {area}")
+    box_area = area * width * height / 0.96  # first guess of the fill fraction, refined below
+    lo = max(aspect_range[0], box_area / (height * height))
+    hi = min(aspect_range[1], (width * width) / box_area)
+    if lo > hi:
+        raise ValueError(f"a box of area {area:.3f} does not fit a {width}x{height} image")
+    aspect = math.exp(rng.uniform(math.log(lo), math.log(hi)))
+    for _ in range(3):
+        bw, bh = math.sqrt(box_area * aspect), math.sqrt(box_area / aspect)
+        box_area = area * width * height / _fill_fraction(bw, bh)
+    bw = int(min(width, max(2, round(math.sqrt(box_area * aspect)))))
+    bh = int(min(height, max(2, round(math.sqrt(box_area / aspect)))))
+    x = int(rng.integers(0, width - bw + 1))
+    y = int(rng.integers(0, height - bh + 1))
+    return x, y, bw, bh
+
+
+def make_triplet(
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    area: float | None = None,
+    area_range: tuple[float, float] = (0.02, 0.5),
+) -> Triplet:
+    """Draw a scene and composite the product into a random insertion box.
+
+    Args:
+        rng: random generator; the triplet is a deterministic function of its state.
+        width, height: image size in pixels.
+        area: target mask area as a fraction of the image; log-uniform in ``area_range`` when None.
+        area_range: range used when ``area`` is None.
+
+    Returns:
+        A :class:`Triplet`; ``target`` equals ``context`` exactly wherever ``mask`` is 0.
+    """
+    if area is None:
+        area = math.exp(rng.uniform(math.log(area_range[0]), math.log(area_range[1])))
+    context = draw_scene(rng, width, height)
+    x, y, bw, bh = sample_box(rng, width, height, area)
+    product, silhouette = render_product(bw, bh)
+    ctx = np.asarray(context)
+    tgt = ctx.copy()
+    mask = np.zeros((height, width), dtype=bool)
+    mask[y : y + bh, x : x + bw] = silhouette
+    region = tgt[y : y + bh, x : x + bw]
+    region[silhouette] = product[silhouette]
+    return Triplet(
+        context=context,
+        target=Image.fromarray(tgt, "RGB"),
+        mask=Image.fromarray(mask.astype(np.uint8) * 255, "L"),
+        box=(x, y, bw, bh),
+    )
+
+
+# ------------------------------------------------------------------------------------------- dataset
+
+MANIFEST_NAME = "synthetic_manifest.json"
+_SUBDIRS = ("context", "target", "mask", "prompts")
+
+
+def _normalise_sizes(size: tuple[int, int] | Sequence[tuple[int, int]] | int) -> list[tuple[int, int]]:
+    if isinstance(size, int):
+        return [(size, size)]
+    if len(size) == 2 and all(isinstance(v, (int, np.integer)) for v in size):
+        sizes = [(int(size[0]), int(size[1]))]
+    else:
+        sizes = [(int(w), int(h)) for w, h in size]  # type: ignore[misc]
+    for w, h in sizes:
+        if w < 16 or h < 16:
+            raise ValueError(f"synthetic image size must be at least 16x16 pixels; got {w}x{h}")
+    return sizes
+
+
+def _stratified_areas(rng: np.random.Generator, n: int, area_range: tuple[float, float]) -> np.ndarray:
+    """Log-stratified areas in random order: every decade of ``area_range`` is covered even for small ``n``."""
+    lo, hi = math.log(area_range[0]), math.log(area_range[1])
+    u = (np.arange(n) + rng.uniform(size=n)) / n
+    return np.exp(lo + (hi - lo) * u)[rng.permutation(n)]
+
+
+@contextlib.contextmanager
+def _exclusive_lock(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_path`` (blocking), so concurrent writers do the work once."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as handle:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks; single-process use is still correct.
+            yield
+            return
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _manifest_ok(root: Path, manifest: dict) -> bool:
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        return False
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if stored.get("arguments") != manifest["arguments"]:
+        return False
+    return all((root / rel).is_file() for rel in stored.get("files", []))
+
+
+def generate_dataset(
+    root: str | Path,
+    num_samples: int = 64,
+    size: tuple[int, int] | Sequence[tuple[int, int]] | int = (128, 128),
+    seed: int = 0,
+    area_range: tuple[float, float] = (0.02, 0.5),
+    prompt: str = PRODUCT_PROMPT,
+    progress: bool = True,
+) -> Path:
+    """Write a synthetic triplet set in the folder format, or reuse an identical existing one.
+
+    Args:
+        root: dataset folder. It must be empty, absent, or a set this function wrote earlier.
+        num_samples: number of samples.
+        size: ``(width, height)``, a list of them (sample ``i`` uses ``size[i % len(size)]``), or an int.
+        seed: random seed; the files are a deterministic function of all arguments.
+        area_range: ``(min, max)`` mask area as a fraction of the image; areas are log-stratified over it.
+        prompt: instruction written to every ``prompts/NAME.txt``.
+        progress: show a progress bar.
+
+    Returns:
+        ``root`` as an absolute ``Path``. A second call with the same arguments does nothing; different
+        arguments regenerate the set (replacing it atomically).
+    """
+    root = Path(root).expanduser().resolve()
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1; got {num_samples}")
+    lo, hi = float(area_range[0]), float(area_range[1])
+    if not 0 < lo <= hi < 1:
+        raise ValueError(f"area_range must satisfy 0 < min <= max < 1; got {area_range}")
+    sizes = _normalise_sizes(size)
+    manifest = {
+        "generator_version": GENERATOR_VERSION,
+        "arguments": {
+            "num_samples": int(num_samples),
+            "sizes": [list(s) for s in sizes],
+            "seed": int(seed),
+            "area_range": [lo, hi],
+            "prompt": prompt,
+            "generator_version": GENERATOR_VERSION,
+        },
+    }
+
+    with _exclusive_lock(root.parent / f".{root.name}.lock"):
+        if _manifest_ok(root, manifest):
+            return root
+        if root.exists() and any(root.iterdir()) and not (root / MANIFEST_NAME).is_file():
+            raise FileExistsError(
+                f"{root} exists and is not a synthetic set written by data.synthetic (no {MANIFEST_NAME}); "
+                "pass an empty or new folder as the synthetic data root so real data is never overwritten"
+            )
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+        try:
+            for sub in _SUBDIRS:
+                (tmp / sub).mkdir()
+            rng = np.random.default_rng(seed)
+            areas = _stratified_areas(rng, num_samples, (lo, hi))
+            # One child generator per sample: sample i does not depend on how many samples precede it.
+            children = rng.spawn(num_samples)
+            files = []
+            digits = max(5, len(str(num_samples - 1)))
+            for i in tqdm(range(num_samples), desc="synthetic triplets", disable=not progress or num_samples < 32):
+                w, h = sizes[i % len(sizes)]
+                t = make_triplet(children[i], w, h, area=float(areas[i]))
+                name = f"{i:0{digits}d}"
+                t.context.save(tmp / "context" / f"{name}.png")
+                t.target.save(tmp / "target" / f"{name}.png")
+                t.mask.save(tmp / "mask" / f"{name}.png")
+                (tmp / "prompts" / f"{name}.txt").write_text(prompt + "\n")
+                files += [f"context/{name}.png", f"target/{name}.png", f"mask/{name}.png", f"prompts/{name}.txt"]
+            manifest["files"] = files
+            (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+            if root.exists():
+                shutil.rmtree(root)
+            os.replace(tmp, root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return root
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: ``python -m data.synthetic --root DIR --num-samples N [--size 128 | --size 128x96 ...]``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", required=True, help="output dataset folder")
+    parser.add_argument("--num-samples", type=int, default=64)
+    parser.add_argument(
+        "--size", action="append", default=None, help="WIDTHxHEIGHT or N (square); repeat for several sizes"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--min-area", type=float, default=0.02)
+    parser.add_argument("--max-area", type=float, default=0.5)
+    parser.add_argument("--prompt", default=PRODUCT_PROMPT)
+    args = parser.parse_args(argv)
+    sizes: list[tuple[int, int]] = []
+    for text in args.size or ["128"]:
+        try:
+            w, _, h = text.lower().partition("x")
+            sizes.append((int(w), int(h or w)))
+        except ValueError:
+            parser.error(f"--size {text!r}: expected WIDTHxHEIGHT or a single number, e.g. 128x96 or 128")
+    out = generate_dataset(
+        args.root, args.num_samples, sizes, args.seed, (args.min_area, args.max_area), args.prompt
+    )
+    print(out)
+
+
+if __name__ == "__main__":
+    main()

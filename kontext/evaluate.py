@@ -1,0 +1,401 @@
+"""Does the object land in the mask at the right size? ``python -m kontext.evaluate`` on a held-out folder.
+
+    python -m kontext.evaluate --model black-forest-labs/FLUX.1-Kontext-dev --lora outputs/bottle \\
+        --data datasets/bottle_heldout --out reports/bottle
+
+    # two LoRAs side by side (say, trained with and without the geometry losses), plus the base model
+    python -m kontext.evaluate --model tiny --lora outputs/geo --label-a geometry \\
+        --lora-b outputs/plain --label-b plain --base --data heldout/ --steps 8 --out reports/geo-vs-plain
+
+For every sample of the folder (same layout as training: ``context/``, ``target/``, ``mask/``, prompts) and every
+model variant, it generates with the training mask hint and fixed seeds, computes the metrics of
+``kontext.metrics`` against the un-hinted context, and writes into ``--out``: ``metrics.csv`` (one row per sample,
+one set of columns per variant), ``metrics.json`` (per sample and means), ``grid.png``, ``area_ratio.png`` and
+``report.md`` (settings and the table of means). See ``docs/evaluation.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from data.hint import MASK_HINT_MODES
+from kontext.generation import generate, image_latents, mask_array, mask_to_pil, quiet_progress, to_pil
+from kontext.grid import change_mask_image, draw_mask_outline, make_grid
+from kontext.infer import (
+    DTYPES,
+    InferenceError,
+    LoraSpec,
+    load_loras,
+    load_pipeline,
+    parse_lora_spec,
+    resolve_model,
+    trained_settings,
+)
+from kontext.metrics import (
+    METRIC_FIELDS,
+    LatentMetrics,
+    aggregate,
+    latent_sample_metrics,
+    pixel_change_mask,
+    sample_metrics,
+)
+
+logger = logging.getLogger(__name__)
+
+LATENT_FIELDS = tuple("latent_" + f.name for f in dataclasses.fields(LatentMetrics))
+ALL_FIELDS = METRIC_FIELDS + LATENT_FIELDS
+# The columns of the comparison table in report.md, with the direction that is better.
+HEADLINE = (
+    ("iou", "higher"),
+    ("area_ratio", "closer to 1"),
+    ("area_log_error", "lower"),
+    ("boundary_f", "higher"),
+    ("psnr_outside", "higher"),
+    ("ssim_outside", "higher"),
+    ("psnr_inside", "higher"),
+    ("latent_iou", "higher"),
+    ("latent_area_ratio", "closer to 1"),
+    ("latent_area_log_error", "lower"),
+    ("latent_boundary_f", "higher"),
+)
+SAMPLE_COLUMNS = ("context", "target")
+VARIANT_COLUMNS = ("result", "outline", "change")
+
+
+@dataclass
+class Variant:
+    """One column set of the report: a LoRA (or none, for the base model) under a label."""
+
+    label: str
+    lora: LoraSpec | None
+    adapter: str | None = None
+    rows: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class EvalSample:
+    """A held-out sample at evaluation size: un-hinted ``context`` and ``target`` (RGB) and ``mask`` (``L``)."""
+
+    name: str
+    prompt: str
+    context: Image.Image
+    target: Image.Image
+    mask: Image.Image
+
+
+def load_samples(
+    data: str, resolution: int | None, aspect_buckets: bool, default_prompt: str | None, limit: int | None
+) -> list[EvalSample]:
+    """Open and validate a dataset folder and bring its samples to evaluation size.
+
+    With ``resolution`` each sample goes to its training bucket (``data.make_buckets``), centre-cropped as
+    training does; without, it keeps its own size floored to a multiple of 16.
+    """
+    from data import DatasetError, make_buckets, nearest_bucket, open_source, validate_source
+    from data.transforms import prepare_sample
+
+    if not Path(data).expanduser().is_dir():
+        raise InferenceError(f"--data {data!r} is not a folder; give a dataset folder with context/, target/ and mask/")
+    try:
+        source = open_source("folder", Path(data).expanduser(), default_prompt=default_prompt)
+        validate_source(source, progress=False)
+    except DatasetError as e:
+        raise InferenceError(f"--data {data!r}: {e}") from None
+    try:
+        buckets = make_buckets(resolution, aspect_buckets) if resolution is not None else None
+    except ValueError as e:
+        raise InferenceError(f"--resolution: {e}") from None
+    n = len(source) if limit is None else min(limit, len(source))
+    out = []
+    for i in range(n):
+        raw = source.load(i)
+        if buckets is not None:
+            bucket = buckets[nearest_bucket(*source.size(i), buckets)]
+        else:
+            w, h = raw.context.size
+            bucket = (max(16, w // 16 * 16), max(16, h // 16 * 16))
+        p = prepare_sample(raw, bucket, flip=False, crop="center")
+        out.append(
+            EvalSample(raw.name, raw.prompt, to_pil(p["context"])[0], to_pil(p["target"])[0], mask_to_pil(p["mask"]))
+        )
+    return out
+
+
+def _clean(x: float) -> float | None:
+    return float(x) if math.isfinite(float(x)) else None
+
+
+def evaluate_variant(
+    pipe: Any,
+    variant: Variant,
+    samples: Sequence[EvalSample],
+    *,
+    mask_hint: str,
+    outline_width: int | None,
+    composite: bool,
+    seed: int,
+    steps: int,
+    guidance: float,
+    max_sequence_length: int,
+) -> list[list[Image.Image]]:
+    """Generate and measure every sample with one variant active; fills ``variant.rows``.
+
+    Sample ``i`` uses seed ``seed + i`` in every variant, so variants differ only by their LoRA.
+
+    Returns:
+        Per sample, the pictures of :data:`VARIANT_COLUMNS` (result, result with mask outline, change mask).
+    """
+    if variant.adapter is None:
+        if getattr(pipe.transformer, "peft_config", None):
+            pipe.disable_lora()
+    else:
+        pipe.enable_lora()
+        pipe.set_adapters([variant.adapter], adapter_weights=[variant.lora.strength if variant.lora else 1.0])
+    pictures = []
+    variant.rows = []
+    for i, s in enumerate(samples):
+        gen = generate(
+            pipe,
+            s.context,
+            s.prompt,
+            s.mask,
+            mask_hint=mask_hint,
+            outline_width=outline_width,
+            composite=composite,
+            seed=seed + i,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            max_sequence_length=max_sequence_length,
+        )
+        result = gen.images[0]
+        m = mask_array(s.mask)
+        cm = pixel_change_mask(result, s.context, m)
+        # the change mask is computed here to draw it; its threshold goes back into the metrics
+        pm = sample_metrics(result, s.context, m, s.target, changed=cm.mask)
+        pm = dataclasses.replace(pm, threshold=cm.threshold)
+        lm = latent_sample_metrics(gen.latents[0], image_latents(pipe, s.context), m)
+        variant.rows.append(pm.as_dict() | {f"latent_{k}": v for k, v in lm.as_dict().items()})
+        pictures.append([result, draw_mask_outline(result, m), change_mask_image(cm.mask, m)])
+        logger.info("%s | %s: IoU %.3f, area ratio %.3f", variant.label, s.name, pm.iou, pm.area_ratio)
+    return pictures
+
+
+def write_report(
+    out: Path,
+    samples: Sequence[EvalSample],
+    variants: Sequence[Variant],
+    hinted: Sequence[Image.Image],
+    pictures: dict[str, list[list[Image.Image]]],
+    settings: dict[str, Any],
+    grid_limit: int,
+) -> dict[str, Path]:
+    """Write metrics.csv, metrics.json, grid.png, area_ratio.png and report.md into ``out``; returns their paths."""
+    from kontext.plot import bar_chart
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {k: out / f for k, f in (("csv", "metrics.csv"), ("json", "metrics.json"), ("grid", "grid.png"),
+                                      ("plot", "area_ratio.png"), ("report", "report.md"))}
+    means = {v.label: aggregate(v.rows) for v in variants}
+
+    # metrics.csv: one row per sample, "<label>/<metric>" columns per variant
+    with open(paths["csv"], "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["sample", "prompt"] + [f"{v.label}/{k}" for v in variants for k in ALL_FIELDS])
+        for i, s in enumerate(samples):
+            w.writerow([s.name, s.prompt] + [f"{v.rows[i][k]:.6g}" for v in variants for k in ALL_FIELDS])
+
+    doc = {
+        "settings": settings,
+        "variants": [
+            {
+                "label": v.label,
+                "lora": str(v.lora.path) if v.lora else None,
+                "strength": v.lora.strength if v.lora else None,
+            }
+            for v in variants
+        ],
+        "samples": [
+            {
+                "name": s.name,
+                "prompt": s.prompt,
+                "metrics": {v.label: {k: _clean(v.rows[i][k]) for k in ALL_FIELDS} for v in variants},
+            }
+            for i, s in enumerate(samples)
+        ],
+        "mean": {label: {k: _clean(x) for k, x in m.items()} for label, m in means.items()},
+    }
+    paths["json"].write_text(json.dumps(doc, indent=1), encoding="utf-8")
+
+    rows = []
+    for i in range(min(len(samples), grid_limit)):
+        row = [hinted[i], samples[i].target]
+        for v in variants:
+            row += pictures[v.label][i]
+        rows.append(row)
+    labels = list(SAMPLE_COLUMNS) + [f"{v.label}: {c}" for v in variants for c in VARIANT_COLUMNS]
+    make_grid(rows, labels).save(paths["grid"])
+
+    chart, _ = bar_chart(
+        [s.name for s in samples],
+        {v.label: [r["area_ratio"] for r in v.rows] for v in variants},
+        title="Area ratio per sample (changed area / mask area)",
+        y_label="area ratio",
+        reference=1.0,
+        reference_label="ratio 1: right size",
+    )
+    chart.save(paths["plot"])
+
+    lines = ["# Evaluation report", ""]
+    lines += [f"- {k}: `{v}`" for k, v in settings.items()]
+    for v in variants:
+        what = f"`{v.lora.path}` at strength {v.lora.strength:g}" if v.lora else "base model, no LoRA"
+        lines.append(f"- variant `{v.label}`: {what}")
+    lines += ["", "## Means over samples", "", "| metric | better | " + " | ".join(v.label for v in variants) + " |"]
+    lines.append("|---|---|" + "---|" * len(variants))
+    for k, better in HEADLINE:
+        vals = " | ".join(f"{means[v.label][k]:.4f}" for v in variants)
+        lines.append(f"| {k} | {better} | {vals} |")
+    lines += ["", f"Per-sample numbers: `metrics.csv`, `metrics.json`. Grid (first {len(rows)} samples):", "",
+              "![grid](grid.png)", "", "![area ratio](area_ratio.png)", ""]
+    paths["report"].write_text("\n".join(lines), encoding="utf-8")
+    return paths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m kontext.evaluate`` argument parser."""
+    ap = argparse.ArgumentParser(
+        prog="python -m kontext.evaluate",
+        description="Measure whether generated objects land in the insertion mask at the right size "
+        "(docs/evaluation.md).",
+    )
+    ap.add_argument(
+        "--model", default="black-forest-labs/FLUX.1-Kontext-dev", help="hub id, local diffusers folder, or `tiny`"
+    )
+    ap.add_argument(
+        "--lora", metavar="PATH[:STRENGTH]", help="the LoRA to evaluate (training output folder or .safetensors)"
+    )
+    ap.add_argument("--lora-b", metavar="PATH[:STRENGTH]", help="a second LoRA, reported side by side")
+    ap.add_argument("--label-a", default="A", help="name of --lora in the report")
+    ap.add_argument("--label-b", default="B", help="name of --lora-b in the report")
+    ap.add_argument("--base", action="store_true", help="also evaluate the base model without any LoRA (label `base`)")
+    ap.add_argument("--data", required=True, help="held-out dataset folder (training layout)")
+    ap.add_argument(
+        "--prompt", help="prompt for samples without their own (default: the LoRA run's data.default_prompt)"
+    )
+    ap.add_argument(
+        "--mask-hint", choices=MASK_HINT_MODES, help="default: as the first LoRA was trained (`fill` otherwise)"
+    )
+    ap.add_argument("--outline-width", type=int, help="band width in pixels of the `outline` hint")
+    ap.add_argument("--resolution", type=int, help="evaluation bucket size (default: the LoRA run's data.resolution; "
+                    "without one, each sample's own size floored to 16)")
+    ap.add_argument("--composite", action="store_true", help="composite results inside the mask before measuring")
+    ap.add_argument("--steps", type=int, default=28, help="sampler steps")
+    ap.add_argument("--guidance", type=float, default=2.5, help="guidance embedding value")
+    ap.add_argument("--seed", type=int, default=0, help="sample i uses seed + i (the same for every variant)")
+    ap.add_argument("--limit", type=int, help="evaluate only the first N samples")
+    ap.add_argument("--grid-limit", type=int, default=32, help="rows of grid.png at most")
+    ap.add_argument("--max-sequence-length", type=int, default=512, help="T5 prompt length")
+    ap.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: bfloat16 on cuda, float32 on cpu)")
+    ap.add_argument("--out", required=True, help="report folder")
+    return ap
+
+
+def run(args: argparse.Namespace) -> dict[str, Path]:
+    """Run an evaluation from parsed arguments; returns the written files."""
+    if args.lora is None and args.lora_b is None and not args.base:
+        raise InferenceError("nothing to evaluate: give --lora PATH (and optionally --lora-b PATH), or --base")
+    if args.lora_b is not None and args.lora is None:
+        raise InferenceError("--lora-b is the second of two LoRAs; give --lora PATH as well")
+    if args.lora_b is not None and args.label_a == args.label_b:
+        raise InferenceError(f"--label-a and --label-b are both {args.label_a!r}; give the two LoRAs different labels")
+    if "base" in (args.label_a, args.label_b) and args.base:
+        raise InferenceError("the label `base` is taken by --base; choose another --label-a/--label-b")
+    for opt in ("steps", "limit", "grid_limit"):
+        v = getattr(args, opt)
+        if v is not None and v < 1:
+            raise InferenceError(f"--{opt.replace('_', '-')} must be >= 1; got {v}")
+    variants: list[Variant] = []
+    if args.lora is not None:
+        variants.append(Variant(args.label_a, parse_lora_spec(args.lora, "--lora")))
+    if args.lora_b is not None:
+        variants.append(Variant(args.label_b, parse_lora_spec(args.lora_b, "--lora-b")))
+    if args.base:
+        variants.insert(0, Variant("base", None))
+    first = next((v.lora for v in variants if v.lora is not None), None)
+    trained = trained_settings(first) if first is not None else {}
+    mask_hint = args.mask_hint or str(trained.get("mask_hint", "fill"))
+    outline_width = args.outline_width if args.outline_width is not None else trained.get("outline_width")
+    resolution = args.resolution if args.resolution is not None else trained.get("resolution")
+    aspect = bool(trained.get("aspect_buckets", False)) if args.resolution is None else False
+    samples = load_samples(args.data, resolution, aspect, args.prompt or trained.get("default_prompt"), args.limit)
+
+    model = resolve_model(args.model)
+    pipe = load_pipeline(model, args.device, args.dtype)
+    with_lora = [v for v in variants if v.lora is not None]
+    names = load_loras(pipe, [v.lora for v in with_lora], prefix="eval")
+    for v, name in zip(with_lora, names):
+        v.adapter = name
+    pictures: dict[str, list[list[Image.Image]]] = {}
+    with quiet_progress(pipe), torch.no_grad():
+        for v in variants:
+            pictures[v.label] = evaluate_variant(
+                pipe,
+                v,
+                samples,
+                mask_hint=mask_hint,
+                outline_width=outline_width,
+                composite=args.composite,
+                seed=args.seed,
+                steps=args.steps,
+                guidance=args.guidance,
+                max_sequence_length=args.max_sequence_length,
+            )
+    from data.hint import apply_mask_hint_pil
+
+    hinted = [apply_mask_hint_pil(s.context, s.mask, mask_hint, outline_width) for s in samples]
+    settings = {
+        "model": model,
+        "data": str(Path(args.data).expanduser().resolve()),
+        "samples": len(samples),
+        "mask_hint": mask_hint,
+        "resolution": resolution if resolution is not None else "own size",
+        "composite": bool(args.composite),
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "seed": args.seed,
+    }
+    return write_report(Path(args.out).expanduser(), samples, variants, hinted, pictures, settings, args.grid_limit)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry; returns the exit status (2 for a usage error, with the message on stderr)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        paths = run(args)
+    except InferenceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report = json.loads(paths["json"].read_text(encoding="utf-8"))
+    for label, m in report["mean"].items():
+        print(f"{label}: IoU {m['iou']}, area ratio {m['area_ratio']}, latent IoU {m['latent_iou']}")
+    print(f"report: {paths['report']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

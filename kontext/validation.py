@@ -1,0 +1,175 @@
+"""Validation during training: generate for fixed samples with the current LoRA, save a grid, log mask metrics.
+
+The trainer calls :func:`run_validation` on the main process every ``validation.every_steps`` updates and at the
+end. The first ``validation.num_samples`` samples of the training set are used un-flipped and centre-cropped at
+their bucket size, each with its own fixed seed (``validation.seed + index``), so the grids of successive steps
+differ only by the LoRA. The metrics (``kontext.metrics``) compare the result with the ORIGINAL context (the
+hint is not part of the scene), in pixel space and in latent space (``val/latent_*``; meaningful even when the
+base model's VAE reconstructs poorly, as the tiny model's does).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data.transforms import prepare_sample
+from kontext.generation import components_on, generate, image_latents, mask_array, mask_to_pil, quiet_progress, to_pil
+from kontext.grid import draw_mask_outline, make_grid
+from kontext.metrics import aggregate, latent_sample_metrics, sample_metrics
+
+logger = logging.getLogger(__name__)
+
+GRID_COLUMNS = ("context (with hint)", "generated", "target", "mask outline")
+# Diagnostics that do not belong on a metric curve.
+_NOT_LOGGED = ("boundary_tol_px", "count")
+
+
+def validation_samples(dataset: Any, num_samples: int) -> list[dict[str, Any]]:
+    """The fixed validation samples: the first ``num_samples`` of ``dataset``, un-flipped, centre-cropped.
+
+    Args:
+        dataset: a ``data.TripletDataset`` (``load_raw``, ``buckets``, ``bucket_ids``, ``mask_hint``).
+
+    Returns:
+        A list of dicts with ``name``, ``prompt``, ``context`` and ``target`` (RGB PIL at the bucket size, the
+        context WITHOUT hint) and ``mask`` (``L`` PIL).
+    """
+    out = []
+    for i in range(min(int(num_samples), len(dataset))):
+        raw = dataset.load_raw(i)
+        bucket = dataset.buckets[dataset.bucket_ids[i]]
+        # centre crop even when training crops at random: validation must see the same pixels every time
+        p = prepare_sample(raw, bucket, flip=False, crop="center")
+        out.append(
+            {
+                "name": raw.name,
+                "prompt": raw.prompt,
+                "context": to_pil(p["context"])[0],
+                "target": to_pil(p["target"])[0],
+                "mask": mask_to_pil(p["mask"]),
+            }
+        )
+    return out
+
+
+def _finite_or_nan(x: float) -> float:
+    return float(x) if math.isfinite(float(x)) else float("nan")
+
+
+def log_to_trackers(accelerator: Any, scalars: dict[str, float], images: dict[str, Image.Image], step: int) -> None:
+    """Log scalars through ``accelerator.log`` and images where the tracker supports them.
+
+    TensorBoard gets ``add_image`` (HWC uint8), Weights & Biases a ``wandb.Image``; other trackers with a
+    ``log_images`` method get a one-image batch. Does nothing without trackers.
+    """
+    trackers = list(getattr(accelerator, "trackers", []) or [])
+    if not trackers:
+        return
+    accelerator.log(scalars, step=step)
+    for tracker in trackers:
+        name = getattr(tracker, "name", "")
+        for tag, img in images.items():
+            arr = np.asarray(img.convert("RGB"))
+            if name == "tensorboard":
+                writer = tracker.writer
+                writer.add_image(tag, arr, global_step=step, dataformats="HWC")
+                writer.flush()
+            elif name == "wandb":
+                import wandb
+
+                tracker.log({tag: wandb.Image(arr)}, step=step)
+            elif hasattr(tracker, "log_images"):
+                try:
+                    tracker.log_images({tag: [arr]}, step=step)
+                except Exception as e:  # a third-party tracker that cannot take images must not stop training
+                    logger.warning("tracker %s could not log image %s: %s", name, tag, e)
+
+
+@torch.no_grad()
+def run_validation(
+    pipe: Any,
+    transformer: torch.nn.Module,
+    dataset: Any,
+    cfg: Any,
+    step: int,
+    output_dir: str | Path,
+    accelerator: Any = None,
+) -> dict[str, float]:
+    """Generate for the fixed validation samples, write ``validation/step-<step>.png``, log and return metrics.
+
+    Args:
+        pipe: the ``FluxKontextPipeline`` whose transformer carries the trained LoRA. Its VAE and text encoders may
+            sit on another device than the transformer; they are moved to the transformer's device for the call
+            and back afterwards.
+        transformer: the (unwrapped) transformer being trained; used in place of ``pipe.transformer`` for the call.
+        dataset: the training ``data.TripletDataset``.
+        cfg: the run's ``Config`` (``validation.*``, ``model.max_sequence_length``).
+        step: the optimiser step, used in the file name and as the tracker step.
+        output_dir: the run's output folder.
+        accelerator: the ``accelerate.Accelerator`` whose trackers receive ``val/<metric>`` scalars and the grid
+            (``val/grid``); None to skip logging.
+
+    Returns:
+        Mean metrics over the samples: the pixel metrics of ``kontext.metrics.SampleMetrics`` as ``val/<name>``,
+        the latent ones as ``val/latent_<name>``, and ``val/count``.
+
+    The grid has one row per sample and the columns of :data:`GRID_COLUMNS`; each cell is the sample's size.
+    """
+    v = cfg.validation
+    samples = validation_samples(dataset, v.num_samples)
+    if not samples:
+        logger.warning("validation skipped: the dataset is empty")
+        return {}
+    device = next(transformer.parameters()).device
+    previous_transformer = pipe.transformer
+    pipe.transformer = transformer
+    rows: list[list[Image.Image]] = []
+    pixel, latent = [], []
+    try:
+        with components_on(pipe, device), quiet_progress(pipe):
+            for i, s in enumerate(samples):
+                gen = generate(
+                    pipe,
+                    s["context"],
+                    s["prompt"],
+                    s["mask"],
+                    mask_hint=dataset.mask_hint,
+                    outline_width=getattr(dataset, "outline_width", None),
+                    seed=v.seed + i,
+                    num_inference_steps=v.num_inference_steps,
+                    guidance_scale=v.guidance_scale,
+                    max_sequence_length=cfg.model.max_sequence_length,
+                )
+                result = gen.images[0]
+                m = mask_array(s["mask"])
+                pixel.append(sample_metrics(result, s["context"], m, s["target"]))
+                latent.append(latent_sample_metrics(gen.latents[0], image_latents(pipe, s["context"]), m))
+                rows.append([gen.hinted_context, result, s["target"], draw_mask_outline(result, m)])
+    finally:
+        pipe.transformer = previous_transformer
+    metrics = {f"val/{k}": _finite_or_nan(x) for k, x in aggregate(pixel).items() if k not in _NOT_LOGGED}
+    metrics |= {f"val/latent_{k}": _finite_or_nan(x) for k, x in aggregate(latent).items() if k not in _NOT_LOGGED}
+    metrics["val/count"] = float(len(samples))
+    grid = make_grid(rows)
+    path = Path(output_dir) / "validation" / f"step-{step}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    if accelerator is not None:
+        log_to_trackers(accelerator, metrics, {"val/grid": grid}, step)
+    logger.info(
+        "validation at step %d: IoU %.3f, area ratio %.3f, PSNR outside %.2f dB, latent IoU %.3f -> %s",
+        step,
+        metrics.get("val/iou", float("nan")),
+        metrics.get("val/area_ratio", float("nan")),
+        metrics.get("val/psnr_outside", float("nan")),
+        metrics.get("val/latent_iou", float("nan")),
+        path,
+    )
+    return metrics

@@ -1,0 +1,204 @@
+"""Two training processes on the CPU (gloo): replicas agree, data is sharded, one process writes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tests.test_launch import REPO, accelerate_cmd, subprocess_env, tiny_overrides
+
+STEPS, BATCH, ACCUM, PROCS, SAMPLES = 3, 2, 2, 2, 8
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _sha256(sd: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        h.update(k.encode())
+        h.update(sd[k].float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, tiny_model_dir, tiny_dataset_dir):
+    tmp = tmp_path_factory.mktemp("ddp")
+    cmd = accelerate_cmd() + [
+        "launch",
+        "--config_file",
+        "configs/accelerate/cpu_2proc.yaml",
+        "--main_process_port",
+        str(_free_port()),
+        "train_kontext_lora.py",
+        "--config",
+        "configs/example_tiny.yaml",
+        *tiny_overrides(
+            tiny_model_dir,
+            tiny_dataset_dir,
+            tmp,
+            **{
+                "train.max_steps": STEPS,
+                "train.batch_size": BATCH,
+                "train.gradient_accumulation_steps": ACCUM,
+                "logging.report_to": "tensorboard",
+            },
+        ),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return tmp / "out", proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_both_ranks_end_with_the_exported_lora(two_process_run):
+    out, log = two_process_run
+    m = re.findall(r"LoRA digest per process: (\[.*?\])", log)
+    assert len(m) == 1, "the digest line must be printed once, by the main process"
+    digests = json.loads(m[0])
+    assert len(digests) == PROCS and len(set(digests)) == 1
+    exported = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    peft_named = {k.removeprefix("transformer."): v for k, v in exported.items()}
+    assert _sha256(peft_named) == digests[0]
+    # Training moved the LoRA: B starts at zero with the default init.
+    assert any(v.abs().sum() > 0 for k, v in peft_named.items() if "lora_B" in k)
+
+
+@pytest.mark.slow
+def test_step_count_and_effective_batch(two_process_run):
+    out, _ = two_process_run
+    history = json.loads((out / "training_history.json").read_text())
+    assert [h["step"] for h in history] == list(range(1, STEPS + 1))
+    state = json.loads((out / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())
+    assert state["step"] == STEPS and state["num_processes"] == PROCS
+    data = state["data"]
+    # Each rank sees SAMPLES / (BATCH * PROCS) batches per epoch: the sampler shards the data.
+    assert data["num_replicas"] == PROCS and data["num_batches"] == SAMPLES // (BATCH * PROCS)
+    micro_batches_per_rank = data["epoch"] * data["num_batches"] + data["position"]
+    assert micro_batches_per_rank == STEPS * ACCUM
+    samples_seen = micro_batches_per_rank * BATCH * PROCS
+    assert samples_seen == STEPS * BATCH * PROCS * ACCUM
+
+
+def test_ranks_draw_disjoint_batches():
+    """What each rank of the run above trains on: the trainer's sampler with rank = process index."""
+    from data import BucketBatchSampler
+
+    per_rank = []
+    for rank in range(PROCS):
+        s = BucketBatchSampler(
+            [0] * SAMPLES, batch_size=BATCH, seed=0, shuffle=True, drop_last=True, num_replicas=PROCS, rank=rank
+        )
+        s.set_epoch(0)
+        per_rank.append([i for b in s for i in b])
+    assert set(per_rank[0]).isdisjoint(per_rank[1])
+    assert sorted(per_rank[0] + per_rank[1]) == list(range(SAMPLES))
+
+
+@pytest.mark.slow
+def test_only_the_main_process_wrote(two_process_run):
+    out, log = two_process_run
+    assert len(list(out.rglob("config.yaml"))) == 1
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["gradient_accumulation_steps"] == ACCUM
+    assert len(list(out.rglob("pytorch_lora_weights.safetensors"))) == 1 + len(list(out.glob("checkpoint-*")))
+    assert len(list(out.rglob("README.md"))) == 1
+    events = list((out / "logs").rglob("events.out.tfevents.*"))
+    # TensorBoard names event files events.out.tfevents.<time>.<host>.<pid>.<n>; the hparams record
+    # adds a second file from the same writer, so count writing processes, not files.
+    writers = {e.name.split(".")[-2] for e in events}
+    assert events and len(writers) == 1, events
+    assert log.count("Done: ") == 1
+    ckpts = sorted(out.glob("checkpoint-*"))
+    assert [p.name for p in ckpts] == ["checkpoint-2", f"checkpoint-{STEPS}"]
+    for ck in ckpts:
+        names = {p.name for p in ck.iterdir()}
+        assert {"trainer_state.json", "pytorch_lora_weights.safetensors", "optimizer.bin"} <= names
+        # accelerate saves one RNG state per process.
+        assert {f"random_states_{r}.pkl" for r in range(PROCS)} <= names
+    assert not list(out.glob("*.tmp*")) and not list(out.glob(".checkpoint-*"))
+
+
+FSDP2_WORKER = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+
+    import torch
+    from accelerate import Accelerator
+    from diffusers import FluxTransformer2DModel
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from kontext.lora import attach_lora, lora_state_dict, make_lora_config
+    from train_kontext_lora import export_lora, full_lora_state_dict
+
+    model_dir, out = sys.argv[1], Path(sys.argv[2])
+    acc = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    tr = FluxTransformer2DModel.from_pretrained(model_dir, subfolder="transformer")
+    attach_lora(tr, make_lora_config(4, 4, 0.0, "gaussian", ["attn.to_q", "attn.to_v", "proj_mlp", "ff.net.2"]))
+    with torch.no_grad():
+        for name, p in tr.named_parameters():
+            if "lora_B" in name:
+                p.normal_()  # B starts at zero; give it values so a wrong gather shows
+    whole = full_lora_state_dict(tr)
+    mesh = init_device_mesh("cpu", (acc.num_processes,))
+    for block in list(tr.transformer_blocks) + list(tr.single_transformer_blocks):
+        fully_shard(block, mesh=mesh)
+    fully_shard(tr, mesh=mesh)
+    sharded = sum(type(p).__name__ == "DTensor" for p in tr.parameters())
+    local = lora_state_dict(tr)  # what reading the PEFT state dict without gathering gives
+    gathered = full_lora_state_dict(tr)
+    export_lora(acc, tr, out)
+    report = {
+        "world": acc.num_processes,
+        "sharded_params": sharded,
+        "keys_equal": sorted(gathered) == sorted(whole),
+        "values_equal": all(torch.equal(gathered[k], whole[k]) for k in whole),
+        "local_shapes_differ": any(
+            tuple(getattr(local[k], "to_local", lambda: local[k])().shape) != tuple(whole[k].shape) for k in whole
+        ),
+    }
+    (out / f"rank{acc.process_index}.json").write_text(json.dumps(report))
+    torch.save(whole, out / f"whole{acc.process_index}.pt")
+    acc.wait_for_everyone()
+    acc.end_training()
+    """
+)
+
+
+@pytest.mark.slow
+def test_fsdp2_export_gathers_the_sharded_lora(tmp_path, tiny_model_dir):
+    """Under FSDP2 the LoRA matrices are DTensor shards; the export must write the whole LoRA."""
+    worker = tmp_path / "fsdp2_worker.py"
+    worker.write_text(FSDP2_WORKER)
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(PROCS), "--master_port", str(_free_port())]
+    cmd += [str(worker), str(tiny_model_dir), str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    for rank in range(PROCS):
+        report = json.loads((out / f"rank{rank}.json").read_text())
+        assert report["world"] == PROCS and report["sharded_params"] > 0
+        assert report["local_shapes_differ"], "the parameters were not sharded; the test would prove nothing"
+        assert report["keys_equal"] and report["values_equal"]
+    whole = torch.load(out / "whole0.pt", weights_only=True)
+    exported = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert sorted(k.removeprefix("transformer.") for k in exported) == sorted(whole)
+    for k, v in exported.items():
+        torch.testing.assert_close(v, whole[k.removeprefix("transformer.")], rtol=0, atol=0)

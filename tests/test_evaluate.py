@@ -1,0 +1,176 @@
+"""The evaluation command on the real tiny pipeline and a synthetic held-out folder, and its Pillow chart."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kontext.evaluate import ALL_FIELDS, SAMPLE_COLUMNS, VARIANT_COLUMNS, load_samples, main
+from kontext.grid import HEADER_HEIGHT, mask_outline
+from kontext.metrics import pixel_change_mask, sample_metrics
+from kontext.plot import REFERENCE_COLOR, SERIES_COLORS, bar_chart
+
+SIZE = 64
+LIMIT = 3
+
+
+def make_lora(tiny_model_dir: Path, out: Path, seed: int) -> Path:
+    """A real PEFT LoRA on the tiny transformer with random (non-zero) lora_B, saved in the diffusers format."""
+    from diffusers import FluxTransformer2DModel
+
+    from kontext.lora import attach_lora, make_lora_config, save_lora
+
+    t = FluxTransformer2DModel.from_pretrained(str(tiny_model_dir), subfolder="transformer")
+    torch.manual_seed(seed)
+    params = attach_lora(t, make_lora_config(4, 8.0, 0.0, "gaussian", ["attn.to_q", "attn.to_v", "proj_mlp", "ff.net.2"]))
+    for p in params:
+        p.data.normal_(0.0, 0.2)
+    return save_lora(t, out).parent
+
+
+@pytest.fixture(scope="module")
+def loras(tiny_model_dir: Path, tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("eval-loras")
+    return make_lora(tiny_model_dir, d / "geo", 1), make_lora(tiny_model_dir, d / "plain", 2)
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        r = csv.DictReader(fh)
+        return list(r.fieldnames or []), list(r)
+
+
+def _common(data: Path, out: Path) -> list[str]:
+    return ["--model", "tiny", "--data", str(data), "--steps", "2", "--max-sequence-length", "64", "--limit", str(LIMIT), "--out", str(out)]
+
+
+@pytest.mark.slow
+def test_evaluate_two_loras_side_by_side(tiny_model_dir, tiny_dataset_dir, loras, tmp_path, capsys):
+    geo, plain = loras
+    out = tmp_path / "report"
+    args = _common(tiny_dataset_dir, out) + ["--lora", str(geo), "--label-a", "geometry", "--lora-b", str(plain), "--label-b", "plain"]
+    assert main(args) == 0
+    assert "report:" in capsys.readouterr().out
+
+    # CSV: one row per sample, one set of metric columns per LoRA
+    header, rows = _read_csv(out / "metrics.csv")
+    assert header == ["sample", "prompt"] + [f"{lab}/{k}" for lab in ("geometry", "plain") for k in ALL_FIELDS]
+    samples = load_samples(str(tiny_dataset_dir), None, False, None, LIMIT)
+    assert [r["sample"] for r in rows] == [s.name for s in samples]
+
+    # JSON: the same numbers, and means that are the means of the CSV columns
+    doc = json.loads((out / "metrics.json").read_text())
+    assert [v["label"] for v in doc["variants"]] == ["geometry", "plain"]
+    assert len(doc["samples"]) == LIMIT
+    for lab in ("geometry", "plain"):
+        for k in ("iou", "area_ratio", "psnr_outside", "latent_iou"):
+            col = [float(r[f"{lab}/{k}"]) for r in rows]
+            assert doc["mean"][lab][k] == pytest.approx(float(np.nanmean(col)), rel=1e-5)
+            assert [s["metrics"][lab][k] for s in doc["samples"]] == pytest.approx(col, rel=1e-5)
+    assert doc["mean"]["geometry"]["count"] == LIMIT
+
+    # grid: header + one row per sample; context, target, then (result, outline, change) per LoRA
+    grid = Image.open(out / "grid.png").convert("RGB")
+    ncols = len(SAMPLE_COLUMNS) + 2 * len(VARIANT_COLUMNS)
+    assert grid.size == (ncols * SIZE, HEADER_HEIGHT + LIMIT * SIZE)
+    a = np.asarray(grid)
+
+    def cell(r, c):
+        return a[HEADER_HEIGHT + r * SIZE : HEADER_HEIGHT + (r + 1) * SIZE, c * SIZE : (c + 1) * SIZE]
+
+    # the per-sample metrics are those of the result shown in the grid, against the un-hinted context
+    for i, s in enumerate(samples):
+        assert np.array_equal(cell(i, 1), np.asarray(s.target))
+        m = np.asarray(s.mask) >= 128
+        for lab, c in (("geometry", 2), ("plain", 5)):
+            ref = sample_metrics(cell(i, c), np.asarray(s.context), m, np.asarray(s.target))
+            for k in ("iou", "area_ratio", "psnr_outside", "ssim_outside", "psnr_inside"):
+                assert float(rows[i][f"{lab}/{k}"]) == pytest.approx(getattr(ref, k), rel=1e-5, abs=1e-6), (lab, k)
+            # the change-mask picture is white exactly where the change mask is (the red mask contour aside)
+            changed = pixel_change_mask(cell(i, c), np.asarray(s.context), m).mask
+            assert changed.sum() == float(rows[i][f"{lab}/changed_area"])
+            ring = mask_outline(m, 1)
+            assert np.array_equal((cell(i, c + 2) == 255).all(axis=-1)[~ring], changed[~ring])
+    # two different LoRAs give different results
+    assert not np.array_equal(cell(0, 2), cell(0, 5))
+
+    plot = Image.open(out / "area_ratio.png")
+    assert plot.mode == "RGB" and plot.size[0] >= 320
+    report = (out / "report.md").read_text()
+    assert "| iou | higher |" in report and "geometry" in report and "plain" in report
+
+
+@pytest.mark.slow
+def test_evaluate_base_equals_zero_strength_lora(tiny_model_dir, tiny_dataset_dir, loras, tmp_path):
+    geo, _ = loras
+    out = tmp_path / "base"
+    assert main(_common(tiny_dataset_dir, out) + ["--base", "--lora", f"{geo}:0", "--label-a", "zero", "--limit", "2"]) == 0
+    header, rows = _read_csv(out / "metrics.csv")
+    assert len(rows) == 2 and header[2].startswith("base/")
+    for r in rows:
+        for k in ALL_FIELDS:
+            assert r[f"base/{k}"] == r[f"zero/{k}"], k
+    # only --base: the base model alone
+    out2 = tmp_path / "base-only"
+    assert main(_common(tiny_dataset_dir, out2) + ["--base", "--limit", "1"]) == 0
+    header2, rows2 = _read_csv(out2 / "metrics.csv")
+    assert header2 == ["sample", "prompt"] + [f"base/{k}" for k in ALL_FIELDS] and len(rows2) == 1
+    assert rows2[0]["base/iou"] == rows[0]["base/iou"]
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        ([], "nothing to evaluate: give --lora PATH"),
+        (["--lora-b", "{geo}"], "--lora-b is the second of two LoRAs; give --lora PATH as well"),
+        (["--lora", "{geo}", "--lora-b", "{geo}", "--label-b", "A"], "--label-a and --label-b are both 'A'"),
+        (["--lora", "{geo}:big"], "the strength 'big' after ':' is not a number"),
+    ],
+)
+def test_evaluate_usage_errors(tiny_dataset_dir, loras, tmp_path, capsys, extra, needle):
+    geo, _ = loras
+    args = _common(tiny_dataset_dir, tmp_path / "r") + [e.format(geo=geo) for e in extra]
+    assert main(args) == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_evaluate_bad_data_folder(tmp_path, loras, capsys):
+    geo, _ = loras
+    assert main(_common(tmp_path / "missing", tmp_path / "r") + ["--lora", str(geo)]) == 2
+    assert "--data" in capsys.readouterr().err
+    (tmp_path / "broken" / "context").mkdir(parents=True)
+    Image.new("RGB", (32, 32)).save(tmp_path / "broken" / "context" / "a.png")
+    assert main(_common(tmp_path / "broken", tmp_path / "r") + ["--lora", str(geo)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --data") and "target" in err
+
+
+def test_bar_chart_geometry():
+    values = {"A": [0.5, 1.5, float("nan")], "B": [2.0, 0.25, 1.0]}
+    img, lay = bar_chart(["s0", "s1", "s2"], values, title="t", y_label="y", reference=1.0)
+    a = np.asarray(img)
+    assert lay.y_max >= 2.0 and lay.y_of(0.0) == lay.bottom
+    # the dashed reference line is at y = 1
+    ref_row = a[lay.y_of(1.0)]
+    assert (ref_row == np.array(REFERENCE_COLOR)).all(axis=-1).sum() > 50
+    for s, (name, vals) in enumerate(values.items()):
+        colour = np.array(SERIES_COLORS[s])
+        for i, v in enumerate(vals):
+            x0, x1 = lay.bars[s][i]
+            column = (a[:, (x0 + x1) // 2] == colour).all(axis=-1)
+            if math.isnan(v):
+                assert column[lay.y_of(0.3) : lay.bottom - 14].sum() == 0
+                continue
+            top = int(np.argmax(column))  # first coloured row from the top = the bar's top
+            assert abs(top - lay.y_of(v)) <= 1, (name, i)
+            assert column[top : lay.bottom].all()
+    with pytest.raises(ValueError, match="has 2 values for 3 labels"):
+        bar_chart(["a", "b", "c"], {"A": [1.0, 2.0]}, title="t", y_label="y")

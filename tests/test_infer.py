@@ -1,0 +1,237 @@
+"""Shared generation helper and the inference command, on the real tiny pipeline (CPU, 2 sampler steps)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data.hint import apply_mask_hint
+from kontext.generation import composite_inside_mask, feather_alpha, fit_size, generate, pil_to_tensor, to_pil
+from kontext.infer import InferenceError, main, parse_lora_spec
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 2
+
+
+def make_lora(tiny_model_dir: Path, out: Path, seed: int) -> Path:
+    """A real PEFT LoRA on the tiny transformer with random (non-zero) lora_B, saved in the diffusers format."""
+    from diffusers import FluxTransformer2DModel
+
+    from kontext.lora import attach_lora, make_lora_config, save_lora
+
+    t = FluxTransformer2DModel.from_pretrained(str(tiny_model_dir), subfolder="transformer")
+    torch.manual_seed(seed)
+    params = attach_lora(t, make_lora_config(4, 8.0, 0.0, "gaussian", ["attn.to_q", "attn.to_v", "proj_mlp", "ff.net.2"]))
+    for p in params:
+        p.data.normal_(0.0, 0.2)
+    return save_lora(t, out)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir: Path):
+    from diffusers import FluxKontextPipeline
+
+    p = FluxKontextPipeline.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory) -> dict[str, Path]:
+    """A 64x48 context with texture and a rectangular mask, written as PNGs."""
+    d = tmp_path_factory.mktemp("scene")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:48, 0:64]
+    img = np.stack([xx * 3, yy * 4, 255 - xx * 2], axis=-1) + rng.integers(0, 20, size=(48, 64, 3))
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(d / "ctx.png")
+    m = np.zeros((48, 64), np.uint8)
+    m[12:36, 16:44] = 255
+    Image.fromarray(m).save(d / "mask.png")
+    return {"image": d / "ctx.png", "mask": d / "mask.png", "dir": d}
+
+
+@pytest.fixture(scope="module")
+def loras(tiny_model_dir: Path, tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("loras")
+    return make_lora(tiny_model_dir, d / "a", 1).parent, make_lora(tiny_model_dir, d / "b", 2).parent
+
+
+def _open(scene, key, mode):
+    return Image.open(scene[key]).convert(mode)
+
+
+# --------------------------------------------------------------------------------------- generation
+def test_generation_keeps_the_sample_size(pipe, scene):
+    ctx, mask = _open(scene, "image", "RGB"), _open(scene, "mask", "L")
+    out = generate(pipe, ctx, "a bottle", mask, num_inference_steps=STEPS, num_images=2)
+    # without max_area=W*H and _auto_resize=False the pipeline would generate at ~1024 px
+    assert [im.size for im in out.images] == [(64, 48), (64, 48)]
+    assert tuple(out.latents.shape) == (2, 16, 6, 8)
+    # one side given: the other follows the aspect ratio (64x48 -> 32x24, floored to 32x16)
+    half = generate(pipe, ctx, "a bottle", mask, num_inference_steps=STEPS, width=32)
+    assert half.images[0].size == (32, 16) and half.mask.size == (32, 16)
+    # sizes that are not multiples of 16 are floored for generation
+    assert fit_size(70, 50) == (64, 48)
+    assert fit_size(4000, 3000, 1024 * 1024)[0] * fit_size(4000, 3000, 1024 * 1024)[1] <= 1024 * 1024
+
+
+def test_generation_draws_the_training_hint(pipe, scene):
+    ctx, mask = _open(scene, "image", "RGB"), _open(scene, "mask", "L")
+    out = generate(pipe, ctx, "a bottle", mask, mask_hint="fill", num_inference_steps=STEPS, seed=3)
+    # the hint is the training code's (tensor version), pixel for pixel
+    m = torch.from_numpy(np.asarray(mask, np.float32) / 255.0)[None]
+    expected = to_pil(apply_mask_hint(pil_to_tensor(ctx)[0], m, "fill"))[0]
+    assert np.array_equal(np.asarray(out.hinted_context), np.asarray(expected))
+    assert (np.asarray(out.hinted_context)[np.asarray(mask) >= 128] == 128).all()
+    # and it is what the model saw: the same result as hinting by hand and generating without a hint
+    by_hand = generate(pipe, expected, "a bottle", None, mask_hint="none", num_inference_steps=STEPS, seed=3)
+    assert np.array_equal(np.asarray(out.raw_images[0]), np.asarray(by_hand.raw_images[0]))
+    plain = generate(pipe, ctx, "a bottle", mask, mask_hint="none", num_inference_steps=STEPS, seed=3)
+    assert not np.array_equal(np.asarray(out.raw_images[0]), np.asarray(plain.raw_images[0]))
+
+
+def test_generation_seeds_are_per_image(pipe, scene):
+    ctx, mask = _open(scene, "image", "RGB"), _open(scene, "mask", "L")
+    batch = generate(pipe, ctx, "a bottle", mask, num_inference_steps=STEPS, seed=10, num_images=2)
+    single = generate(pipe, ctx, "a bottle", mask, num_inference_steps=STEPS, seed=11)
+    assert batch.seeds == [10, 11]
+    np.testing.assert_allclose(batch.latents[1], single.latents[0], atol=1e-5)
+    assert not torch.allclose(batch.latents[0], batch.latents[1])
+
+
+def test_composite_leaves_the_outside_untouched(pipe, scene):
+    ctx, mask = _open(scene, "image", "RGB"), _open(scene, "mask", "L")
+    m = np.asarray(mask) >= 128
+    for feather in (0.0, 4.0):
+        out = generate(pipe, ctx, "a bottle", mask, composite=True, feather_px=feather, num_inference_steps=STEPS)
+        res, raw, c = (np.asarray(x) for x in (out.images[0], out.raw_images[0], ctx))
+        assert np.array_equal(res[~m], c[~m])
+        assert not np.array_equal(res[m], c[m])
+        core = feather_alpha(m, feather) == 1.0
+        assert core.any() and np.array_equal(res[core], raw[core])
+    # a context whose size is not a multiple of 16: generated at 64x48, composited back at 70x50
+    big = ctx.resize((70, 50))
+    bigm = mask.resize((70, 50), Image.Resampling.NEAREST)
+    out = generate(pipe, big, "a bottle", bigm, composite=True, num_inference_steps=STEPS)
+    assert out.raw_images[0].size == (64, 48) and out.images[0].size == (70, 50)
+    bm = np.asarray(bigm) >= 128
+    assert np.array_equal(np.asarray(out.images[0])[~bm], np.asarray(big)[~bm])
+
+
+def test_feather_and_composite_by_hand():
+    m = np.zeros((9, 9), bool)
+    m[2:7, 2:7] = True
+    a = feather_alpha(m, 2.0)
+    assert (a[~m] == 0).all() and a[4, 4] == 1.0 and a[2, 4] == pytest.approx(0.5)
+    gen = Image.new("RGB", (9, 9), (200, 0, 0))
+    ctx = Image.new("RGB", (9, 9), (0, 0, 100))
+    out = np.asarray(composite_inside_mask(gen, ctx, Image.fromarray((m * 255).astype(np.uint8)), 2.0))
+    assert tuple(out[0, 0]) == (0, 0, 100) and tuple(out[4, 4]) == (200, 0, 0) and tuple(out[2, 4]) == (100, 0, 50)
+
+
+def test_generation_errors(pipe, scene):
+    ctx = _open(scene, "image", "RGB")
+    with pytest.raises(ValueError, match="give a mask"):
+        generate(pipe, ctx, "x", None, mask_hint="fill")
+    with pytest.raises(ValueError, match="same size"):
+        generate(pipe, ctx, "x", Image.new("L", (10, 10)), mask_hint="fill")
+
+
+# -------------------------------------------------------------------------------------------- CLI
+def _args(scene, out, *extra):
+    return ["--model", "tiny", "--image", str(scene["image"]), "--prompt", "a bottle", "--steps", str(STEPS), "--max-sequence-length", "64", "--out", str(out), *extra]
+
+
+def test_infer_writes_n_images(scene, loras, tmp_path, capsys):
+    a, _ = loras
+    rc = main(_args(scene, tmp_path / "res", "--lora", f"{a}:0.8", "--mask", str(scene["mask"]), "--num-images", "3", "--seed", "5"))
+    assert rc == 0
+    files = sorted((tmp_path / "res").iterdir())
+    assert [f.name for f in files] == ["result-seed5.png", "result-seed6.png", "result-seed7.png"]
+    assert all(Image.open(f).size == (64, 48) for f in files)
+    assert capsys.readouterr().out.split() == [str(f) for f in files]
+    # a file name with two images: numbered beside it
+    assert main(_args(scene, tmp_path / "one.png", "--num-images", "2", "--mask", str(scene["mask"]))) == 0
+    assert (tmp_path / "one-0.png").is_file() and (tmp_path / "one-1.png").is_file()
+
+
+@pytest.mark.slow
+def test_infer_lora_strengths(scene, loras, tmp_path):
+    a, b = loras
+    mask = ["--mask", str(scene["mask"]), "--composite"]
+
+    def run(name, *loras_args):
+        assert main(_args(scene, tmp_path / f"{name}.png", *mask, *loras_args)) == 0
+        return np.asarray(Image.open(tmp_path / f"{name}.png"))
+
+    base = run("base")
+    assert np.array_equal(run("zero", "--lora", f"{a}:0"), base)  # strength 0 is the base model
+    full = run("full", "--lora", str(a))
+    assert not np.array_equal(full, base)
+    # the weights file itself, strength 1 spelled out, and a second LoRA at strength 0 change nothing
+    assert np.array_equal(run("file", "--lora", f"{a / 'pytorch_lora_weights.safetensors'}:1.0"), full)
+    assert np.array_equal(run("pair", "--lora", str(a), "--lora", f"{b}:0"), full)
+    assert not np.array_equal(run("both", "--lora", str(a), "--lora", f"{b}:1"), full)
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--lora", "{a}:strong"], "the strength 'strong' after ':' is not a number; write --lora PATH or --lora PATH:0.8"),
+        (["--lora", "{missing}:0.5"], "does not exist"),
+        (["--composite"], "--composite keeps the scene outside the mask and needs --mask MASK"),
+        (["--mask-hint", "outline"], "--mask-hint outline draws the mask into the image and needs --mask MASK"),
+        (["--num-images", "0"], "--num-images must be >= 1"),
+    ],
+)
+def test_infer_usage_errors(scene, loras, tmp_path, capsys, extra, needle):
+    a, _ = loras
+    extra = [e.format(a=a, missing=tmp_path / "nope") for e in extra]
+    assert main(_args(scene, tmp_path / "x.png", *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and needle in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_infer_missing_image_and_bad_mask(scene, tmp_path, capsys):
+    missing = tmp_path / "nope.png"
+    args = _args(scene, tmp_path / "x.png")
+    args[args.index("--image") + 1] = str(missing)
+    assert main(args) == 2
+    assert f"--image '{missing}': no such file" in capsys.readouterr().err
+    Image.new("L", (10, 10)).save(tmp_path / "small.png")
+    assert main(_args(scene, tmp_path / "x.png", "--mask", str(tmp_path / "small.png"))) == 2
+    assert "is 10x10 but --image is 64x48" in capsys.readouterr().err
+
+
+def test_parse_lora_spec(tmp_path, loras):
+    a, _ = loras
+    s = parse_lora_spec(f"{a}:0.25")
+    assert s.strength == 0.25 and s.path == a / "pytorch_lora_weights.safetensors"
+    weird = tmp_path / "odd:name"
+    weird.mkdir()
+    (weird / "w.safetensors").write_bytes((a / "pytorch_lora_weights.safetensors").read_bytes())
+    s = parse_lora_spec(str(weird))  # an existing path with a colon is a path
+    assert s.strength == 1.0 and s.weight_name == "w.safetensors"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InferenceError, match="holds no pytorch_lora_weights.safetensors"):
+        parse_lora_spec(str(empty))
+
+
+@pytest.mark.slow
+def test_infer_module_command(scene, loras, tmp_path):
+    a, _ = loras
+    out = tmp_path / "cli.png"
+    cmd = [sys.executable, "-m", "kontext.infer", *_args(scene, out, "--lora", f"{a}:0.5", "--mask", str(scene["mask"]))]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert Image.open(out).size == (64, 48)
+    bad = subprocess.run(cmd[:-2] + ["--lora", f"{a}:x", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "is not a number" in bad.stderr

@@ -1,0 +1,132 @@
+"""Memory options: quantized base and 8-bit optimiser (configuration code on the CPU, loading on CUDA only), gradient checkpointing."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+
+import pytest
+import torch
+
+from kontext.quantization import QUANTIZATION_MODES, QuantizationUnavailable, bnb_kwargs, check_available
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
+
+
+def test_nf4_kwargs():
+    kw = bnb_kwargs("nf4", torch.bfloat16)
+    assert kw == {
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_compute_dtype": torch.bfloat16,
+        "bnb_4bit_use_double_quant": True,
+    }
+
+
+def test_int8_kwargs():
+    assert bnb_kwargs("int8", torch.float16) == {"load_in_8bit": True}
+
+
+def test_kwargs_are_bitsandbytes_config_parameters():
+    from diffusers import BitsAndBytesConfig
+
+    accepted = set(inspect.signature(BitsAndBytesConfig.__init__).parameters)
+    for mode in ("nf4", "int8"):
+        assert set(bnb_kwargs(mode, torch.bfloat16)) <= accepted
+
+
+def test_int8_config_builds_without_a_gpu():
+    # diffusers checks the bitsandbytes version only for 4-bit, so the 8-bit config builds anywhere.
+    from diffusers import BitsAndBytesConfig
+
+    cfg = BitsAndBytesConfig(**bnb_kwargs("int8", torch.bfloat16))
+    assert cfg.load_in_8bit and not cfg.load_in_4bit
+    assert cfg.quantization_method() == "llm_int8"
+
+
+def test_unknown_mode_names_the_key():
+    with pytest.raises(ValueError, match=r"model\.quantization.*'fp4'"):
+        bnb_kwargs("fp4", torch.bfloat16)
+    assert QUANTIZATION_MODES == ("none", "nf4", "int8")
+
+
+def test_none_is_always_available():
+    check_available("none")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the error raised on a machine without CUDA")
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_without_cuda_the_error_names_the_fix(mode):
+    with pytest.raises(QuantizationUnavailable, match=r"needs a CUDA GPU.*model\.quantization=none"):
+        check_available(mode)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the errors raised on a machine without CUDA")
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"model": {"quantization": "nf4"}}, r"model\.quantization=none"),
+        ({"train": {"optimizer": "adamw8bit"}}, r"adamw8bit.*CUDA.*adamw"),
+    ],
+)
+def test_trainer_refuses_gpu_only_options_before_loading(tmp_path, override, message):
+    from kontext.config import config_from_dict
+    from train_kontext_lora import UserError, setup
+
+    base = {
+        "output_dir": str(tmp_path / "out"),
+        "model": {"pretrained_model_name_or_path": str(tmp_path / "no_model_here")},
+        "data": {"root": str(tmp_path / "no_data_here")},
+        "logging": {"report_to": "none"},
+    }
+    for section, values in override.items():
+        base.setdefault(section, {}).update(values)
+    with pytest.raises(UserError, match=message):
+        setup(config_from_dict(base))
+    # Nothing was written: the check runs before the output folder is created.
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not HAS_BNB, reason="needs bitsandbytes: pip install -e '.[quantization]'")
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (bitsandbytes kernels); none on this machine")
+def test_nf4_transformer_loads_and_trains_lora_on_cuda(tiny_model_dir):
+    from kontext.lora import attach_lora, make_lora_config
+    from kontext.quantization import quantized_transformer
+
+    tr = quantized_transformer(str(tiny_model_dir), "nf4", torch.bfloat16, {})
+    assert any(type(m).__name__ == "Linear4bit" for m in tr.modules())
+    params = attach_lora(tr, make_lora_config(4, 4, 0.0, "gaussian", ["to_q", "to_k", "to_v"]))
+    assert params and all(p.dtype == torch.float32 for p in params)
+
+
+# ---------------------------------------------------------------- other memory options of the trainer
+
+
+def _loss_and_lora_grads(tmp_path, model_dir, data_dir, checkpointing: bool):
+    from tests.test_train_e2e import tiny_cfg
+    from train_kontext_lora import _batches, _step_generator, _to_device, compute_loss, setup
+
+    cfg = tiny_cfg(tmp_path / f"gc{int(checkpointing)}", model_dir, data_dir, model={"gradient_checkpointing": checkpointing})
+    run = setup(cfg)
+    assert run.transformer.is_gradient_checkpointing == checkpointing
+    batch = _to_device(next(_batches(run)), run)
+    torch.manual_seed(0)
+    loss, _ = compute_loss(run.transformer, batch, cfg, _step_generator(run, 0, 0), run.train_scheduler)
+    loss.backward()
+    names = [n for n, p in run.transformer.named_parameters() if p.requires_grad]
+    grads = {n: p.grad.detach().clone() for n, p in zip(names, run.lora_params)}
+    assert len(names) == len(run.lora_params)
+    return float(loss.detach()), grads
+
+
+def test_gradient_checkpointing_gives_the_same_lora_gradients(tmp_path, tiny_model_dir, tiny_dataset_dir):
+    # Recomputing activations in backward must not change the loss or any LoRA gradient (the frozen
+    # base means block inputs need no grad; a re-entrant checkpoint would silently drop them).
+    loss_a, grads_a = _loss_and_lora_grads(tmp_path, tiny_model_dir, tiny_dataset_dir, checkpointing=False)
+    loss_b, grads_b = _loss_and_lora_grads(tmp_path, tiny_model_dir, tiny_dataset_dir, checkpointing=True)
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    assert grads_a.keys() == grads_b.keys()
+    assert any(g.abs().sum() > 0 for g in grads_b.values())
+    for k in grads_a:
+        torch.testing.assert_close(grads_b[k], grads_a[k], rtol=1e-4, atol=1e-6, msg=k)

@@ -1,0 +1,794 @@
+"""Reliability guarantees of the trainer, each proven by injecting the failure it guards against.
+
+See docs/reliability.md for the list of guarantees and which test proves which.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+import train_kontext_lora as tk
+from kontext.checkpoint import (
+    TRAINER_STATE_NAME,
+    finalize,
+    list_checkpoints,
+    remove_incomplete,
+    resolve_resume,
+    temp_path,
+)
+from kontext.config import config_from_dict
+
+REPO = Path(__file__).resolve().parents[1]
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def cfg_dict(out: Path, model_dir: Path, data_dir: Path, cache: Path, **sections) -> dict:
+    """A tiny, fast run description (64 px, rank 4, checkpoint every 2 steps) with section overrides."""
+    base = {
+        "output_dir": str(out),
+        "model": {"pretrained_model_name_or_path": str(model_dir), "dtype": "float32", "max_sequence_length": 16},
+        "data": {"root": str(data_dir), "resolution": 64, "default_prompt": "insert the can", "cache_dir": str(cache)},
+        "lora": {"rank": 4, "alpha": 8},
+        "train": {"max_steps": 4, "batch_size": 2, "learning_rate": 1e-3, "lr_warmup_steps": 0},
+        "checkpoint": {"every_steps": 2, "total_limit": 3},
+        "validation": {"every_steps": -1},
+        "logging": {"report_to": "none"},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            base.setdefault(section, {}).update(values)
+        else:
+            base[section] = values
+    return base
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """Relative path -> SHA-256 of every file under ``folder`` (folders listed too, so removals show)."""
+    out: dict[str, str] = {}
+    if not folder.exists():
+        return out
+    for p in sorted(folder.rglob("*")):
+        rel = str(p.relative_to(folder))
+        out[rel] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "<dir>"
+    return out
+
+
+def lora_of(run) -> dict[str, torch.Tensor]:
+    """A copy of the run's LoRA (on CPU float32 ``full_lora_state_dict`` shares the live storage)."""
+    return {k: v.clone() for k, v in tk.full_lora_state_dict(run.accelerator.unwrap_model(run.transformer)).items()}
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def saved_lora(folder: Path) -> dict[str, torch.Tensor]:
+    """A saved LoRA file under the PEFT names ``full_lora_state_dict`` uses."""
+    return {k.removeprefix("transformer."): v for k, v in load_file(str(folder / LORA_FILE)).items()}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_model_dir, tiny_dataset_dir):
+    """A finished 4-step run (checkpoints 2 and 4, final LoRA) and the dict that described it."""
+    root = tmp_path_factory.mktemp("finished")
+    d = cfg_dict(root / "out", tiny_model_dir, tiny_dataset_dir, root / "cache")
+    run = tk.run_training(config_from_dict(copy.deepcopy(d)))
+    assert run.stop_reason == "done"
+    return {"dict": d, "out": root / "out", "history": run.history, "lora": lora_of(run), "root": root}
+
+
+@pytest.fixture()
+def no_model_load(monkeypatch):
+    """Loading the base model fails the test: bad input must be refused before any model is loaded."""
+    from diffusers import FluxKontextPipeline
+
+    def refuse(*a, **k):
+        raise AssertionError("the base model was loaded although the input was bad")
+
+    monkeypatch.setattr(FluxKontextPipeline, "from_pretrained", refuse)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Exact resume at an epoch boundary (mid-epoch resume: tests/test_train_e2e.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_resume_at_epoch_boundary_equals_uninterrupted_run(tmp_path, tiny_model_dir, tiny_dataset_dir):
+    """8 samples / batch 2 = 4 updates per epoch: pause exactly at the end of epoch 0, resume into epoch 1."""
+    common = dict(
+        train={"max_steps": 6, "lr_scheduler": "cosine", "lr_warmup_steps": 1},
+        lora={"rank": 4, "alpha": 8, "dropout": 0.1},
+        data={"random_flip": True},
+        checkpoint={"every_steps": 0, "total_limit": 3},
+    )
+    a = tk.run_training(config_from_dict(cfg_dict(tmp_path / "a", tiny_model_dir, tiny_dataset_dir, tmp_path / "c", **common)))
+
+    d = cfg_dict(tmp_path / "b", tiny_model_dir, tiny_dataset_dir, tmp_path / "c", **common)
+    b1 = tk.setup(config_from_dict(copy.deepcopy(d)))
+    assert tk.train(b1, pause_at=4) == "paused"
+    tk.finish(b1, "paused")
+    state = json.loads((tmp_path / "b" / "checkpoint-4" / TRAINER_STATE_NAME).read_text())
+    # The saved position is the start of epoch 1 (or the end of epoch 0): either way nothing is repeated.
+    assert (state["data"]["epoch"], state["data"]["position"]) in ((1, 0), (0, 4))
+    d["checkpoint"]["resume_from"] = "latest"
+    b2 = tk.run_training(config_from_dict(d))
+
+    assert [h["step"] for h in b2.history] == [1, 2, 3, 4, 5, 6]
+    assert [h["loss/total"] for h in a.history] == pytest.approx([h["loss/total"] for h in b2.history], rel=1e-6, abs=1e-7)
+    assert max_diff(lora_of(a), lora_of(b2)) <= 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Atomic checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def test_failure_inside_a_save_keeps_previous_checkpoint_usable(tmp_path, tiny_model_dir, tiny_dataset_dir, finished, monkeypatch):
+    """The save of checkpoint-4 dies half-way (LoRA file half written): checkpoint-2 survives and resumes exactly."""
+    real_export = tk.export_lora
+
+    def export_then_crash(accelerator, transformer, out_dir, dtype=torch.float32):
+        if Path(out_dir).name == "checkpoint-4.tmp":
+            Path(out_dir, LORA_FILE).write_bytes(b"half a file")  # as a full disk would leave it
+            raise OSError(28, "No space left on device")
+        return real_export(accelerator, transformer, out_dir, dtype)
+
+    monkeypatch.setattr(tk, "export_lora", export_then_crash)
+    out = tmp_path / "out"
+    # total_limit 1: rotation must not delete checkpoint-2 for a checkpoint-4 that never completed.
+    d = cfg_dict(out, tiny_model_dir, tiny_dataset_dir, tmp_path / "cache", checkpoint={"every_steps": 2, "total_limit": 1},
+                 train={"max_steps": 6})
+    with pytest.raises(OSError, match="No space"):
+        tk.run_training(config_from_dict(copy.deepcopy(d)))
+
+    assert (out / "checkpoint-4.tmp").is_dir()
+    assert not (out / "checkpoint-4").exists()
+    for p in out.glob("checkpoint-*"):
+        if re.fullmatch(r"checkpoint-\d+", p.name):
+            assert (p / TRAINER_STATE_NAME).is_file(), f"{p} looks like a checkpoint but is incomplete"
+    assert list_checkpoints(out) == [out / "checkpoint-2"]
+    assert resolve_resume(out, "latest") == out / "checkpoint-2"
+
+    # The next start removes the leftover and continues from step 2 as if nothing had happened.
+    monkeypatch.setattr(tk, "export_lora", real_export)
+    d["train"]["max_steps"] = 4
+    d["checkpoint"]["resume_from"] = "latest"
+    run = tk.run_training(config_from_dict(d))
+    assert not list(out.glob("*.tmp"))
+    assert [h["step"] for h in run.history] == [1, 2, 3, 4]
+    assert [h["loss/total"] for h in run.history] == pytest.approx([h["loss/total"] for h in finished["history"]], rel=1e-6)
+    assert max_diff(lora_of(run), finished["lora"]) <= 1e-6
+
+
+def test_failure_writing_trainer_state_leaves_no_checkpoint(tmp_path, tiny_model_dir, tiny_dataset_dir, monkeypatch):
+    """trainer_state.json is the last file written: if that write fails, the folder stays a ``.tmp``."""
+    import kontext.checkpoint as ck
+
+    real_write = Path.write_text
+
+    def failing_write(self, *a, **k):
+        if self.name == TRAINER_STATE_NAME and self.parent.name == "checkpoint-4.tmp":
+            raise OSError(5, "Input/output error")
+        return real_write(self, *a, **k)
+
+    monkeypatch.setattr(ck.Path, "write_text", failing_write)
+    out = tmp_path / "out"
+    d = cfg_dict(out, tiny_model_dir, tiny_dataset_dir, tmp_path / "cache", checkpoint={"every_steps": 2, "total_limit": 1},
+                 train={"max_steps": 6})
+    with pytest.raises(OSError, match="Input/output"):
+        tk.run_training(config_from_dict(d))
+    assert list_checkpoints(out) == [out / "checkpoint-2"]
+    assert not (out / "checkpoint-4").exists() and (out / "checkpoint-4.tmp").is_dir()
+    assert remove_incomplete(out) == [out / "checkpoint-4.tmp"]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
+def _fake_checkpoint(out: Path, step: int, total_limit: int | None) -> Path:
+    tmp = temp_path(out, step)
+    tmp.mkdir(parents=True)
+    (tmp / LORA_FILE).write_bytes(b"x")
+    return finalize(out, step, {"step": step}, total_limit)
+
+
+def test_rotation_keeps_the_newest_complete_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    for step in (2, 4, 6):
+        _fake_checkpoint(out, step, total_limit=2)
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-4", "checkpoint-6"]
+    # An incomplete folder with a higher step is neither counted, nor picked, nor a reason to delete.
+    (out / "checkpoint-9").mkdir()
+    (out / "checkpoint-8.tmp").mkdir()
+    _fake_checkpoint(out, 7, total_limit=1)
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-7"]
+    assert resolve_resume(out, "latest") == out / "checkpoint-7"
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        resolve_resume(out, str(out / "checkpoint-9"))
+    # Re-saving the newest step replaces it and still leaves exactly one complete checkpoint.
+    _fake_checkpoint(out, 7, total_limit=1)
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-7"]
+    assert not list(out.glob("checkpoint-7.*"))
+
+
+def test_crash_while_replacing_a_checkpoint_restores_it(tmp_path, monkeypatch):
+    """Re-saving a step moves the old folder aside first; a crash before the new one is in place loses nothing."""
+    import kontext.checkpoint as ck
+
+    out = tmp_path / "out"
+    _fake_checkpoint(out, 4, total_limit=1)
+    (out / "checkpoint-4" / "marker").write_text("old")
+    tmp = temp_path(out, 4)
+    tmp.mkdir()
+    real_rename = Path.rename
+
+    def crash_on_promote(self, target):
+        if self.name == "checkpoint-4.tmp":
+            raise OSError(5, "Input/output error")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(ck.Path, "rename", crash_on_promote)
+    with pytest.raises(OSError):
+        finalize(out, 4, {"step": 4}, 1)
+    monkeypatch.setattr(ck.Path, "rename", real_rename)
+    assert not (out / "checkpoint-4").exists() and (out / "checkpoint-4.old").is_dir()
+    remove_incomplete(out)  # what the next start does
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-4"]
+    assert (out / "checkpoint-4" / "marker").read_text() == "old"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-4"]
+
+
+def test_overwrite_output_dir_removes_the_old_runs_checkpoints(tmp_path, tiny_model_dir, tiny_dataset_dir, finished):
+    """With checkpoint.overwrite_output_dir the old run's checkpoint-4 can never be resumed into the new run."""
+    out = tmp_path / "out"
+    shutil.copytree(finished["out"], out)
+    d = cfg_dict(out, tiny_model_dir, tiny_dataset_dir, tmp_path / "cache", train={"max_steps": 1},
+                 checkpoint={"every_steps": 0, "overwrite_output_dir": True})
+    run = tk.run_training(config_from_dict(d))
+    assert run.stop_reason == "done"
+    assert not list(out.glob("checkpoint-*"))
+    assert json.loads((out / "training_history.json").read_text())[-1]["step"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Pre-emption (a real process receiving real signals)
+# ---------------------------------------------------------------------------------------------
+
+
+class Proc:
+    """The trainer as a subprocess, its merged stdout/stderr collected by a thread."""
+
+    def __init__(self, config: Path, cwd: Path) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", TQDM_MININTERVAL="0")
+        self.p = subprocess.Popen(
+            [sys.executable, str(REPO / "train_kontext_lora.py"), "--config", str(config)],
+            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        self.chunks: list[bytes] = []
+        self.t = threading.Thread(target=self._read, daemon=True)
+        self.t.start()
+
+    def _read(self) -> None:
+        assert self.p.stdout is not None
+        while chunk := self.p.stdout.read1(4096):
+            self.chunks.append(chunk)
+
+    @property
+    def text(self) -> str:
+        return b"".join(self.chunks).decode("utf-8", "replace")
+
+    def wait_for(self, pattern: str, timeout: float = 90.0) -> re.Match:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            m = re.search(pattern, self.text)
+            if m:
+                return m
+            if self.p.poll() is not None:
+                break
+            time.sleep(0.005)
+        self.p.kill()
+        raise AssertionError(f"never saw {pattern!r}; output:\n{self.text[-3000:]}")
+
+    def finish(self, timeout: float) -> tuple[int, float]:
+        t0 = time.monotonic()
+        try:
+            rc = self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            raise AssertionError(f"did not exit within {timeout}s; output:\n{self.text[-3000:]}") from None
+        self.t.join(5)
+        return rc, time.monotonic() - t0
+
+
+def _long_run_config(tmp_path: Path, model_dir: Path, data_dir: Path, accum: int = 1) -> tuple[Path, dict]:
+    d = cfg_dict(tmp_path / "out", model_dir, data_dir, tmp_path / "cache",
+                 train={"max_steps": 100_000, "gradient_accumulation_steps": accum},
+                 checkpoint={"every_steps": 0, "total_limit": 2})
+    return write_yaml(tmp_path / "config.yaml", d), d
+
+
+def _steps_done(text: str) -> int:
+    found = re.findall(r"train:[^\r\n]*?\b(\d+)/100000", text)
+    return int(found[-1]) if found else 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_checkpoints_and_exits_with_resume_hint(sig, tmp_path, tiny_model_dir, tiny_dataset_dir):
+    config, d = _long_run_config(tmp_path, tiny_model_dir, tiny_dataset_dir)
+    proc = Proc(config, tmp_path)
+    # Training has started once the progress bar shows a finished update.
+    proc.wait_for(r"train:[^\r\n]*?\b[1-9]\d*/100000")
+    proc.p.send_signal(sig)
+    rc, took = proc.finish(timeout=30)
+    text = proc.text
+    assert rc == 0, text[-3000:]
+    assert took < 20
+    assert f"{sig.name} received" in text
+    assert "checkpoint.resume_from=latest" in text
+    assert "Traceback" not in text
+
+    out = tmp_path / "out"
+    ckpts = list_checkpoints(out)
+    assert len(ckpts) == 1 and not list(out.glob("*.tmp"))
+    step = json.loads((ckpts[0] / TRAINER_STATE_NAME).read_text())["step"]
+    assert ckpts[0].name == f"checkpoint-{step}" and step >= 1
+    m = re.search(r"Stopped by signal at step (\d+)", text)
+    assert m and int(m.group(1)) == step
+    assert not (out / LORA_FILE).exists(), "a pre-empted run must not look finished"
+
+    # Resuming continues from that step with the saved LoRA.
+    d["train"]["max_steps"] = step + 1
+    d["checkpoint"]["resume_from"] = "latest"
+    cfg = config_from_dict(d)
+    run = tk.setup(cfg)
+    assert run.start_step == step
+    assert max_diff(lora_of(run), saved_lora(ckpts[0])) == 0.0
+    assert tk.train(run) == "done"
+    assert [h["step"] for h in run.history][-2:] == [step, step + 1]
+
+
+@pytest.mark.slow
+def test_second_signal_exits_at_once(tmp_path, tiny_model_dir, tiny_dataset_dir):
+    """Long updates (32 accumulated micro-batches) so the second SIGTERM lands while the first is honoured."""
+    config, _ = _long_run_config(tmp_path, tiny_model_dir, tiny_dataset_dir, accum=32)
+    proc = Proc(config, tmp_path)
+    proc.wait_for(r"train:[^\r\n]*?\b[1-9]\d*/100000")
+    proc.p.send_signal(signal.SIGTERM)
+    proc.wait_for("SIGTERM received: finishing", timeout=30)
+    proc.p.send_signal(signal.SIGTERM)
+    rc, took = proc.finish(timeout=10)
+    assert rc == 128 + signal.SIGTERM, proc.text[-3000:]
+    assert took < 5
+    assert "received again: exiting now" in proc.text
+    assert "Stopped by signal" not in proc.text
+    out = tmp_path / "out"
+    for p in out.glob("checkpoint-*"):
+        if re.fullmatch(r"checkpoint-\d+", p.name):
+            assert (p / TRAINER_STATE_NAME).is_file()
+
+
+def test_stop_request_restores_previous_handlers():
+    from kontext.signals import StopRequest
+
+    before = signal.getsignal(signal.SIGTERM)
+    with StopRequest() as stop:
+        assert stop.requested is None
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert stop.requested == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Non-finite losses and gradients
+# ---------------------------------------------------------------------------------------------
+
+
+def _nan_on_calls(monkeypatch, bad_calls: set[int], run_box: dict, snapshots: list):
+    """Wrap compute_loss: on the listed calls (1-based) the dice term is NaN; record the LoRA at every call."""
+    real = tk.compute_loss
+    calls = {"n": 0}
+
+    def wrapped(transformer, batch, cfg, generator, sched):
+        calls["n"] += 1
+        snapshots.append(lora_of(run_box["run"]))
+        total, logs = real(transformer, batch, cfg, generator, sched)
+        if calls["n"] in bad_calls:
+            nan = torch.tensor(float("nan"))
+            logs = dict(logs, **{"loss/dice": nan, "loss/total": total.detach() + nan})
+            total = total + nan
+        return total, logs
+
+    monkeypatch.setattr(tk, "compute_loss", wrapped)
+    return calls
+
+
+def test_isolated_nan_skips_update_and_run_continues(tmp_path, tiny_model_dir, tiny_dataset_dir, monkeypatch, caplog):
+    box: dict = {}
+    snaps: list = []
+    calls = _nan_on_calls(monkeypatch, {2, 4}, box, snaps)
+    cfg = config_from_dict(cfg_dict(tmp_path / "out", tiny_model_dir, tiny_dataset_dir, tmp_path / "cache",
+                                    train={"max_steps": 4, "max_nonfinite_steps": 2}))
+    run = tk.setup(cfg)
+    box["run"] = run
+    with caplog.at_level(logging.WARNING, logger="kontext_lora"):
+        reason = tk.train(run)
+    assert reason == "done" and calls["n"] == 6  # 4 updates + 2 skipped
+    # A skipped update leaves the LoRA exactly as it was; a good one changes it.
+    assert max_diff(snaps[1], snaps[2]) == 0.0
+    assert max_diff(snaps[3], snaps[4]) == 0.0
+    assert max_diff(snaps[0], snaps[1]) > 0
+    assert [h["step"] for h in run.history] == [1, 2, 3, 4]
+    assert all(np.isfinite(h["loss/total"]) for h in run.history)
+    warnings = [r.getMessage() for r in caplog.records if "non-finite" in r.getMessage()]
+    assert len(warnings) == 2 and all("loss/dice" in w for w in warnings)
+
+
+def test_consecutive_nans_stop_with_last_good_checkpoint(tmp_path, tiny_model_dir, tiny_dataset_dir, monkeypatch, capsys):
+    box: dict = {}
+    snaps: list = []
+    _nan_on_calls(monkeypatch, set(range(3, 100)), box, snaps)
+    out = tmp_path / "out"
+    d = cfg_dict(out, tiny_model_dir, tiny_dataset_dir, tmp_path / "cache",
+                 train={"max_steps": 8, "max_nonfinite_steps": 3}, checkpoint={"every_steps": 2, "total_limit": 1})
+    run = tk.setup(config_from_dict(d))
+    box["run"] = run
+    assert tk.train(run) == "nonfinite"
+    assert run.start_step == 2 and len(snaps) == 5
+    assert all(max_diff(snaps[2], s) == 0.0 for s in snaps[3:])
+    with pytest.raises(tk.UserError, match=r"3 consecutive updates .* Last good checkpoint: .*checkpoint-2"):
+        tk.finish(run, "nonfinite")
+    # The checkpoint holds the weights of the last good update and nothing was exported.
+    assert list_checkpoints(out) == [out / "checkpoint-2"]
+    assert max_diff(saved_lora(out / "checkpoint-2"), lora_of(run)) == 0.0
+    assert not (out / LORA_FILE).exists()
+
+    # Through the command line the same stop is exit code 2 with one message and no traceback.
+    snaps.clear()
+    _nan_on_calls(monkeypatch, set(range(1, 100)), box, snaps)
+    real_setup = tk.setup
+
+    def setup_and_box(cfg):
+        box["run"] = real_setup(cfg)
+        return box["run"]
+
+    monkeypatch.setattr(tk, "setup", setup_and_box)
+    d["checkpoint"]["resume_from"] = "latest"
+    capsys.readouterr()
+    rc = tk.main(["--config", str(write_yaml(tmp_path / "c.yaml", d))])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and err.count("error:") == 1
+    assert "max_nonfinite_steps" in err or "consecutive" in err
+    assert list_checkpoints(out) == [out / "checkpoint-2"]
+
+
+def test_nan_gradient_skips_update(tmp_path, tiny_model_dir, tiny_dataset_dir, caplog):
+    cfg = config_from_dict(cfg_dict(tmp_path / "out", tiny_model_dir, tiny_dataset_dir, tmp_path / "cache",
+                                    train={"max_steps": 3}))
+    run = tk.setup(cfg)
+    fired = {"n": 0}
+
+    def poison(grad):
+        fired["n"] += 1
+        return torch.full_like(grad, float("inf")) if fired["n"] == 2 else grad
+
+    run.lora_params[0].register_hook(poison)
+    with caplog.at_level(logging.WARNING, logger="kontext_lora"):
+        assert tk.train(run) == "done"
+    assert fired["n"] == 4 and [h["step"] for h in run.history] == [1, 2, 3]
+    msgs = [r.getMessage() for r in caplog.records if "non-finite" in r.getMessage()]
+    poisoned = next(n for n, p in run.accelerator.unwrap_model(run.transformer).named_parameters() if p is run.lora_params[0])
+    assert len(msgs) == 1 and f"non-finite gradient in {poisoned}" in msgs[0], msgs
+    assert all(torch.isfinite(v).all() for v in lora_of(run).values())
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Bad input: one clear message, exit code 2, before any model, earlier outputs untouched
+# ---------------------------------------------------------------------------------------------
+
+
+def _png(path: Path, arr: np.ndarray) -> None:
+    Image.fromarray(arr).save(path)
+
+
+def _bad_datasets(root: Path, good: Path) -> dict[str, tuple[Path, dict, list[str]]]:
+    """case -> (dataset folder, extra data.* settings, strings the message must contain)."""
+    cases: dict[str, tuple[Path, dict, list[str]]] = {}
+
+    def copy_of(name: str) -> Path:
+        dst = root / name
+        shutil.copytree(good, dst)
+        return dst
+
+    cases["missing_folder"] = (root / "nope", {}, ["nope"])
+    empty = root / "empty"
+    for role in ("context", "target", "mask"):
+        (empty / role).mkdir(parents=True)
+    cases["empty"] = (empty, {}, ["is empty", "add samples"])
+    d = copy_of("no_mask")
+    (d / "mask" / "00001.png").unlink()
+    cases["missing_mask"] = (d, {}, ["00001", "mask"])
+    d = copy_of("no_target")
+    (d / "target" / "00002.png").unlink()
+    cases["missing_target"] = (d, {}, ["00002", "target"])
+    d = copy_of("corrupt")
+    (d / "context" / "00003.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    cases["corrupt_image"] = (d, {}, ["context/00003.png"])
+    d = copy_of("non_image")
+    (d / "target" / "notes.txt").write_text("not a picture")
+    cases["non_image"] = (d, {}, ["target/notes.txt", "not an image"])
+    d = copy_of("mask_size")
+    _png(d / "mask" / "00004.png", np.full((32, 32), 255, np.uint8) * (np.arange(32)[None, :] < 16))
+    cases["mask_size"] = (d, {}, ["00004", "sizes differ"])
+    d = copy_of("empty_mask")
+    _png(d / "mask" / "00005.png", np.zeros((64, 64), np.uint8))
+    cases["empty_mask"] = (d, {}, ["mask/00005.png", "empty"])
+    d = copy_of("full_mask")
+    _png(d / "mask" / "00006.png", np.full((64, 64), 255, np.uint8))
+    cases["full_mask"] = (d, {}, ["mask/00006.png", "full"])
+    d = copy_of("bomb")
+    # 16 megapixels of zeros compress to a few kB: the header, not the file size, must trip the limit.
+    Image.new("L", (4000, 4000)).save(d / "target" / "00007.png")
+    cases["pixel_limit"] = (d, {"max_pixels": 10_000_000}, ["target/00007.png", "over the limit of 10,000,000", "data.max_pixels"])
+    return cases
+
+
+def _run_main_expect_user_error(args: list[str], capsys) -> str:
+    capsys.readouterr()
+    rc = tk.main(args)
+    captured = capsys.readouterr()
+    err = captured.err
+    assert rc == 2, err
+    assert "Traceback" not in err + captured.out
+    # Progress bars (dataset validation) may come first; the message itself is the last thing written.
+    assert err.count("error: ") == 1, err
+    message = err[err.index("error: "):]
+    assert "\r" not in message and message.endswith("\n"), err
+    return message
+
+
+@pytest.fixture()
+def earlier_outputs(tmp_path, finished):
+    """An output folder holding an earlier, unfinished run (a checkpoint, its config, a leftover .tmp)."""
+    out = tmp_path / "earlier"
+    out.mkdir()
+    shutil.copytree(finished["out"] / "checkpoint-2", out / "checkpoint-2")
+    shutil.copy(finished["out"] / "config.yaml", out / "config.yaml")
+    (out / "checkpoint-4.tmp").mkdir()
+    (out / "checkpoint-4.tmp" / "random_states_0.pkl").write_bytes(b"partial")
+    return out
+
+
+def test_bad_datasets_are_refused_early(tmp_path, tiny_model_dir, tiny_dataset_dir, finished, earlier_outputs, no_model_load, capsys):
+    before = tree_digest(earlier_outputs)
+    for case, (root, extra, needles) in _bad_datasets(tmp_path / "sets", tiny_dataset_dir).items():
+        d = cfg_dict(earlier_outputs, tiny_model_dir, root, tmp_path / "cache", data=extra,
+                     checkpoint={"every_steps": 2, "total_limit": 3, "resume_from": "latest"})
+        err = _run_main_expect_user_error(["--config", str(write_yaml(tmp_path / f"{case}.yaml", d))], capsys)
+        for needle in needles:
+            assert needle in err, f"{case}: {needle!r} not in message:\n{err}"
+        assert tree_digest(earlier_outputs) == before, f"{case}: earlier outputs were touched"
+
+
+def test_several_dataset_problems_are_listed_at_once(tmp_path, tiny_model_dir, tiny_dataset_dir, no_model_load, capsys):
+    d = tmp_path / "many"
+    shutil.copytree(tiny_dataset_dir, d)
+    (d / "mask" / "00001.png").unlink()
+    (d / "context" / "00003.png").write_bytes(b"not a png")
+    (d / "target" / "notes.txt").write_text("x")
+    _png(d / "mask" / "00005.png", np.zeros((64, 64), np.uint8))
+    _png(d / "mask" / "00006.png", np.full((64, 64), 255, np.uint8))
+    cfg = cfg_dict(tmp_path / "out", tiny_model_dir, d, tmp_path / "cache")
+    err = _run_main_expect_user_error(["--config", str(write_yaml(tmp_path / "c.yaml", cfg))], capsys)
+    for needle in ("00001", "context/00003.png", "target/notes.txt", "mask/00005.png", "mask/00006.png"):
+        assert needle in err, f"{needle!r} missing from:\n{err}"
+    assert re.search(r"has [5-9] problems", err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_config_and_resume_inputs_are_refused_early(tmp_path, tiny_model_dir, tiny_dataset_dir, finished, no_model_load, capsys):
+    fin = tmp_path / "finished_copy"
+    shutil.copytree(finished["out"], fin)
+    fin_before = tree_digest(fin)
+    earlier = tmp_path / "unfinished"
+    shutil.copytree(finished["out"] / "checkpoint-2", earlier / "checkpoint-2")
+    earlier_before = tree_digest(earlier)
+    other = tmp_path / "other_out"
+    base = cfg_dict(other, tiny_model_dir, tiny_dataset_dir, tmp_path / "cache")
+    config = write_yaml(tmp_path / "base.yaml", base)
+
+    override_cases = {
+        "misspelled key": (["train.max_step=5"], ["train.max_step", "max_steps"]),
+        "wrong type": (["train.max_steps=many"], ["train.max_steps"]),
+        "negative loss weight": (["loss.geometry.dice=-1"], ["loss.geometry.dice"]),
+        "resume from nothing": (["checkpoint.resume_from=/no/such/checkpoint"], ["checkpoint.resume_from", "latest"]),
+        "resume from incomplete": ([f"checkpoint.resume_from={fin}"], ["checkpoint.resume_from", "not a complete"]),
+        "finished output_dir": ([f"output_dir={fin}"], [str(fin), "overwrite_output_dir", "resume_from=latest"]),
+        "unfinished output_dir": ([f"output_dir={earlier}"], [str(earlier), "checkpoint-2", "resume_from=latest"]),
+        "other rank": ([f"output_dir={fin}", "checkpoint.resume_from=latest", "lora.rank=8"], ["lora.rank", "checkpoint-4"]),
+    }
+    for case, (overrides, needles) in override_cases.items():
+        err = _run_main_expect_user_error(["--config", str(config), *overrides], capsys)
+        for needle in needles:
+            assert needle in err, f"{case}: {needle!r} not in message:\n{err}"
+        assert tree_digest(fin) == fin_before, f"{case}: the finished run was touched"
+        assert tree_digest(earlier) == earlier_before, f"{case}: the unfinished run was touched"
+        assert not other.exists(), f"{case}: an output folder was created"
+
+    # A misspelled key inside the YAML file, and another LoRA target set, written in files.
+    bad = copy.deepcopy(base)
+    bad["train"]["learning_rat"] = 1e-4
+    err = _run_main_expect_user_error(["--config", str(write_yaml(tmp_path / "typo.yaml", bad))], capsys)
+    assert "learning_rat" in err and "learning_rate" in err
+    targets = copy.deepcopy(base)
+    targets["output_dir"] = str(fin)
+    targets["lora"]["target_modules"] = ["attn.to_q", "attn.to_v"]
+    targets["checkpoint"]["resume_from"] = "latest"
+    err = _run_main_expect_user_error(["--config", str(write_yaml(tmp_path / "targets.yaml", targets))], capsys)
+    assert "lora.target_modules" in err and "checkpoint-4" in err
+    assert tree_digest(fin) == fin_before
+
+
+@pytest.mark.slow
+def test_bad_input_in_a_real_process_prints_one_line_and_exits_2(tmp_path, tiny_model_dir, tiny_dataset_dir):
+    d = cfg_dict(tmp_path / "out", tiny_model_dir, tmp_path / "missing", tmp_path / "cache")
+    config = write_yaml(tmp_path / "c.yaml", d)
+    r = subprocess.run([sys.executable, str(REPO / "train_kontext_lora.py"), "--config", str(config), "train.max_step=3"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and r.stderr.count("error: ") == 1 and "train.max_step" in r.stderr
+    r = subprocess.run([sys.executable, str(REPO / "train_kontext_lora.py"), "--config", str(config)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "missing" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Safe loading
+# ---------------------------------------------------------------------------------------------
+
+
+def _project_sources() -> list[Path]:
+    skip = {".venv", ".git", "outputs", "build", "node_modules"}
+    return [p for p in REPO.rglob("*.py") if not (set(p.relative_to(REPO).parts) & skip)]
+
+
+def _dotted(node: ast.AST) -> str:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return f"{_dotted(node.value)}.{node.attr}"
+    return ""
+
+
+def test_project_code_loads_nothing_unsafely():
+    """Over every .py file the project ships (trainer, kontext/, data/, losses/, benchmarks/):
+    no pickle-based load, unsafe YAML, remote code or eval. Tests are left out: they round-trip
+    their own objects through pickle (DataLoader workers) and run documentation snippets."""
+    problems: list[str] = []
+    files = [p for p in _project_sources() if "tests" not in p.relative_to(REPO).parts]
+    assert len(files) > 20
+    for path in files:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module in ("pickle", "dill", "cloudpickle"):
+                problems.append(f"{path}:{node.lineno}: imports from {node.module}")
+            if isinstance(node, ast.Import) and any(a.name in ("pickle", "dill", "cloudpickle", "marshal") for a in node.names):
+                problems.append(f"{path}:{node.lineno}: imports a pickle module")
+            if not isinstance(node, ast.Call):
+                continue
+            name = _dotted(node.func)
+            kw = {k.arg: k.value for k in node.keywords if k.arg}
+            where = f"{path.relative_to(REPO)}:{node.lineno}"
+            if name == "torch.load":
+                wo = kw.get("weights_only")
+                if not (isinstance(wo, ast.Constant) and wo.value is True):
+                    problems.append(f"{where}: torch.load without weights_only=True")
+            if name in ("yaml.load", "yaml.unsafe_load", "yaml.full_load", "yaml.load_all", "yaml.unsafe_load_all"):
+                problems.append(f"{where}: {name} (use yaml.safe_load)")
+            if name in ("pickle.load", "pickle.loads", "marshal.loads"):
+                problems.append(f"{where}: {name}")
+            if name in ("np.load", "numpy.load"):
+                ap = kw.get("allow_pickle")
+                if isinstance(ap, ast.Constant) and ap.value is True:
+                    problems.append(f"{where}: {name}(allow_pickle=True)")
+            tr = kw.get("trust_remote_code")
+            if tr is not None and not (isinstance(tr, ast.Constant) and tr.value is False):
+                problems.append(f"{where}: trust_remote_code is not False")
+            if name in ("eval", "exec", "__import__"):
+                problems.append(f"{where}: {name}()")
+    assert not problems, "\n".join(problems)
+
+
+def test_safety_scan_catches_unsafe_calls(tmp_path, monkeypatch):
+    """The scan above is not vacuous: it flags each unsafe pattern in a sample file."""
+    bad = tmp_path / "bad_module.py"
+    bad.write_text(
+        "import torch, yaml, pickle\n"
+        "a = torch.load('x')\n"
+        "b = torch.load('x', weights_only=False)\n"
+        "c = yaml.load('x')\n"
+        "d = pickle.loads(b'')\n"
+        "e = f(trust_remote_code=True)\n"
+        "ok = torch.load('x', weights_only=True)\n"
+    )
+    monkeypatch.setattr(sys.modules[__name__], "_project_sources", lambda: [bad] * 21)
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    with pytest.raises(AssertionError) as info:
+        test_project_code_loads_nothing_unsafely()
+    msg = str(info.value)
+    for line in (":2: torch.load", ":3: torch.load", ":4: yaml.load", ":5: pickle.loads", ":6: trust_remote_code", "imports a pickle"):
+        assert line in msg, (line, msg)
+    assert ":7:" not in msg
+
+
+def test_resume_loads_checkpoints_with_weights_only(tmp_path, tiny_model_dir, tiny_dataset_dir, finished, monkeypatch):
+    """Every torch.load accelerate does while resuming is weights_only=True; all weights are safetensors."""
+    fin = tmp_path / "fin"
+    shutil.copytree(finished["out"], fin)
+    calls: list[tuple[str, object]] = []
+    real_load = torch.load
+
+    def recording_load(f, *a, **k):
+        calls.append((str(f), k.get("weights_only", "<default>")))
+        return real_load(f, *a, **k)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    d = copy.deepcopy(finished["dict"])
+    d["output_dir"] = str(fin)
+    d["checkpoint"]["resume_from"] = "latest"
+    d["train"]["max_steps"] = 5
+    run = tk.setup(config_from_dict(d))
+    assert run.start_step == 4
+    assert calls, "accelerate loaded nothing: the test would prove nothing"
+    assert {Path(f).name for f, _ in calls} >= {"optimizer.bin", "scheduler.bin"}
+    assert all(wo is True for _, wo in calls), calls
+    # The LoRA itself came from safetensors and equals what the run ended with.
+    assert max_diff(lora_of(run), finished["lora"]) == 0.0
+
+    # Only safetensors (or accelerate's weights_only-loaded state files) hold tensors on disk.
+    allowed = {".safetensors", ".json", ".yaml", ".md", ".bin", ".pkl", ".png", ".txt"}
+    for p in list(fin.rglob("*")) + list((finished["root"] / "cache").rglob("*")):
+        if p.is_file():
+            assert p.suffix in allowed, p
+            if p.suffix in (".bin", ".pkl"):
+                assert p.parent.name.startswith("checkpoint-"), p
+    assert list((finished["root"] / "cache").rglob("*.safetensors")), "the latent cache must be safetensors"
+
+
+def test_dataset_path_confinement_is_tested_in_data_tests():
+    """Confinement of dataset paths (symlinks, ``..`` in metadata) is proven in tests/test_data_sources.py."""
+    text = (REPO / "tests" / "test_data_sources.py").read_text(encoding="utf-8")
+    assert re.search(r"outside the dataset folder", text)

@@ -1,0 +1,315 @@
+"""Tests for the tiny FLUX.1 Kontext: real layout, loads and generates, tokenizers, VAE quality, caching.
+
+The full tiny model is built once per cache (about a minute on 2 CPU cores) into ``$KONTEXT_LORA_CACHE``
+(default ``~/.cache/kontext-lora``) and reused afterwards. Cache behaviour is tested on a cheap definition
+(two VAE steps) in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data.synthetic import make_triplet
+from kontext import tiny
+
+PROMPT = "Insert the Kolo orange soda can into the marked region"
+# The VAE must reconstruct synthetic scenes clearly better than a randomly initialised or barely trained one
+# (about 13 dB) and clearly better than a plain-MSE trial (~17 dB); the build reaches about 22.8 dB.
+MIN_VAE_PSNR_DB = 20.0
+
+
+@pytest.fixture(scope="module")
+def tiny_dir() -> Path:
+    return tiny.tiny_model_path(progress=False)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_dir: Path) -> Any:
+    from diffusers import FluxKontextPipeline
+
+    return FluxKontextPipeline.from_pretrained(tiny_dir)
+
+
+def _cheap_definition(**vae_training: Any) -> dict[str, Any]:
+    definition = copy.deepcopy(tiny.TINY_DEFINITION)
+    definition["vae_training"].update(steps=2, num_scenes=2, eval_scenes=1, crop=32, batch_size=2)
+    definition["vae_training"].update(vae_training)
+    return definition
+
+
+def _image_tensor(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1.0
+
+
+# ------------------------------------------------------------------------------------- layout and shapes
+
+
+def test_components_have_the_real_geometry(pipe: Any) -> None:
+    vae, transformer = pipe.vae, pipe.transformer
+    assert 2 ** (len(vae.config.block_out_channels) - 1) == 8
+    assert pipe.vae_scale_factor == 8
+    assert vae.config.latent_channels == 16
+    assert vae.config.shift_factor == pytest.approx(0.1159)
+    assert vae.config.scaling_factor == pytest.approx(0.3611)
+    assert vae.quant_conv is None and vae.post_quant_conv is None
+    assert transformer.config.in_channels == 64 and transformer.out_channels == 64
+    assert transformer.config.guidance_embeds is True
+    assert sum(transformer.config.axes_dims_rope) == transformer.config.attention_head_dim
+    assert transformer.config.joint_attention_dim == pipe.text_encoder_2.config.d_model
+    assert transformer.config.pooled_projection_dim == pipe.text_encoder.config.hidden_size
+    assert 1 <= transformer.config.num_layers <= 2 and 1 <= transformer.config.num_single_layers <= 2
+    # black-forest-labs/FLUX.1-Kontext-dev scheduler/scheduler_config.json
+    expected = {
+        "shift": 3.0,
+        "use_dynamic_shifting": True,
+        "base_shift": 0.5,
+        "max_shift": 1.15,
+        "base_image_seq_len": 256,
+        "max_image_seq_len": 4096,
+        "num_train_timesteps": 1000,
+    }
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    for key, value in expected.items():
+        assert pipe.scheduler.config[key] == value, key
+
+
+def test_vae_latents_and_packed_tokens_have_real_shapes(pipe: Any) -> None:
+    x = torch.zeros(1, 3, 128, 96)
+    with torch.no_grad():
+        z = pipe.vae.encode(x).latent_dist.mode()
+        assert z.shape == (1, 16, 16, 12)
+        assert pipe.vae.decode(z).sample.shape == (1, 3, 128, 96)
+    image = torch.rand(1, 3, 128, 96) * 2 - 1
+    latents, image_latents, latent_ids, image_ids = pipe.prepare_latents(
+        image, 1, 16, 128, 96, torch.float32, torch.device("cpu"), torch.Generator().manual_seed(0)
+    )
+    n_tokens = (128 // 16) * (96 // 16)
+    assert latents.shape == (1, n_tokens, 64)
+    assert image_latents.shape == (1, n_tokens, 64)
+    assert latent_ids.shape == image_ids.shape == (n_tokens, 3)
+    assert torch.all(latent_ids[:, 0] == 0) and torch.all(image_ids[:, 0] == 1)
+    torch.testing.assert_close(latent_ids[:, 1:], image_ids[:, 1:])
+
+    prompt_embeds, pooled, text_ids = pipe.encode_prompt(PROMPT, prompt_2=None, max_sequence_length=32)
+    assert prompt_embeds.shape == (1, 32, pipe.text_encoder_2.config.d_model)
+    assert pooled.shape == (1, pipe.text_encoder.config.hidden_size)
+    with torch.no_grad():
+        out = pipe.transformer(
+            hidden_states=torch.cat([latents, image_latents], dim=1),
+            timestep=torch.tensor([0.5]),
+            guidance=torch.tensor([2.5]),
+            pooled_projections=pooled,
+            encoder_hidden_states=prompt_embeds,
+            txt_ids=text_ids,
+            img_ids=torch.cat([latent_ids, image_ids], dim=0),
+            return_dict=False,
+        )[0]
+    assert out.shape == (1, 2 * n_tokens, 64)
+
+
+def test_pipeline_generates_an_image(pipe: Any) -> None:
+    context = make_triplet(np.random.default_rng(0), 64, 64).context
+    kwargs = dict(
+        image=context,
+        prompt=PROMPT,
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        guidance_scale=2.5,
+        max_area=64 * 64,
+        _auto_resize=False,
+        max_sequence_length=32,
+    )
+    out = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images[0]
+    assert isinstance(out, Image.Image) and out.size == (64, 64)
+    again = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images[0]
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(again))
+    latents = pipe(**kwargs, output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    assert latents.shape == (1, (64 // 16) ** 2, 64)
+
+
+def test_tokenizers_encode_a_prompt(pipe: Any) -> None:
+    clip, t5 = pipe.tokenizer, pipe.tokenizer_2
+    ids = clip(PROMPT, padding="max_length", max_length=77, truncation=True).input_ids
+    assert len(ids) == 77 == clip.model_max_length
+    assert ids[0] == clip.bos_token_id
+    first_eos = ids.index(clip.eos_token_id)
+    # Corpus words are whole tokens: "insert", "the", "kolo" ... one id each, then </w> end-of-word.
+    assert first_eos == 1 + len(PROMPT.split())
+    assert clip.decode(ids[1:first_eos]) == PROMPT.lower()
+    odd = clip("zygomorphic xylophone 42").input_ids
+    assert clip.unk_token_id not in odd[1:-1], "byte-level BPE encodes any text"
+
+    t5_ids = t5(PROMPT).input_ids
+    assert t5_ids[-1] == t5.eos_token_id == 1 and t5.pad_token_id == 0
+    assert len(t5_ids) == len(PROMPT.split()) + 1
+    assert t5.decode(t5_ids, skip_special_tokens=True) == PROMPT
+    odd_t5 = t5("zygomorphic Xylophone").input_ids
+    assert t5.unk_token_id not in odd_t5, "unknown words fall back to single characters"
+    padded = t5(PROMPT, padding="max_length", max_length=40).input_ids
+    assert len(padded) == 40 and padded[-1] == 0
+
+    with torch.no_grad():
+        clip_out = pipe.text_encoder(torch.tensor([ids]))
+        t5_out = pipe.text_encoder_2(torch.tensor([padded]))[0]
+    assert clip_out.pooler_output.shape == (1, pipe.text_encoder.config.hidden_size)
+    assert t5_out.shape == (1, 40, pipe.text_encoder_2.config.d_model)
+    assert max(ids) < pipe.text_encoder.config.vocab_size and max(t5_ids) < pipe.text_encoder_2.config.vocab_size
+
+
+def test_transformer_training_step_is_fast(pipe: Any) -> None:
+    """Forward + backward at 128x128 px, batch 1, 77 text tokens: a fraction of a second on 2 cores."""
+    transformer = pipe.transformer
+    n = (128 // 16) ** 2
+    ids = pipe._prepare_latent_image_ids(1, 8, 8, torch.device("cpu"), torch.float32)
+    ctx_ids = ids.clone()
+    ctx_ids[:, 0] = 1
+    gen = torch.Generator().manual_seed(0)
+    inputs = dict(
+        hidden_states=torch.randn(1, 2 * n, 64, generator=gen),
+        timestep=torch.tensor([0.7]),
+        guidance=torch.tensor([1.0]),
+        pooled_projections=torch.randn(1, 32, generator=gen),
+        encoder_hidden_states=torch.randn(1, 77, 32, generator=gen),
+        txt_ids=torch.zeros(77, 3),
+        img_ids=torch.cat([ids, ctx_ids]),
+        return_dict=False,
+    )
+    durations = []
+    for _ in range(4):
+        start = time.perf_counter()
+        out = transformer(**inputs)[0][:, :n]
+        out.pow(2).mean().backward()
+        durations.append(time.perf_counter() - start)
+    transformer.zero_grad(set_to_none=True)
+    assert out.shape == (1, n, 64)
+    # Generous bound for shared CI machines; typically ~0.05 s.
+    assert sorted(durations)[1] < 1.0, durations
+    assert sum(p.numel() for p in transformer.parameters()) < 2_000_000
+
+
+# --------------------------------------------------------------------------------------------- the VAE
+
+
+def test_vae_reconstructs_synthetic_scenes(tiny_dir: Path, pipe: Any) -> None:
+    info = json.loads((tiny_dir / "build_info.json").read_text())
+    assert info["vae_psnr_db"] > MIN_VAE_PSNR_DB
+    assert info["vae_psnr_db_grey_fill"] > MIN_VAE_PSNR_DB
+    assert info["definition_hash"] == tiny.definition_hash()
+    # Fresh images the build never saw: a new seed, a target, its context, and its grey-filled context.
+    rng = np.random.default_rng(2024)
+    images = []
+    for _ in range(3):
+        t = make_triplet(rng, 128, 128)
+        grey = np.where(np.asarray(t.mask)[..., None] >= 128, 127.5, np.asarray(t.context, dtype=np.float32))
+        images += [_image_tensor(t.target), _image_tensor(t.context), _image_tensor(Image.fromarray(grey.astype(np.uint8)))]
+    psnr = tiny.vae_psnr(pipe.vae, torch.cat(images))
+    assert psnr.mean() > info["vae_psnr_db"] - 2.5, (psnr, info["vae_psnr_db"])
+    # Independent check of the PSNR formula on one image.
+    with torch.no_grad():
+        x = images[0]
+        recon = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+    mse01 = float((((recon + 1) / 2 - (x + 1) / 2) ** 2).mean())
+    assert float(psnr[0]) == pytest.approx(-10 * np.log10(mse01), abs=1e-3)
+    # The latent statistics stay near what FLUX's shift and scale expect (normalised std of order 1).
+    assert 0.3 < info["normalised_latent_std"] < 3.0
+
+
+# ----------------------------------------------------------------------------------------------- cache
+
+
+class _CountingBuilder:
+    """Wraps the real builder and counts calls (the build itself still happens)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self._real = tiny.build_tiny_pipeline
+        self._lock = threading.Lock()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Path:
+        with self._lock:
+            self.calls += 1
+        return self._real(*args, **kwargs)
+
+
+def test_cache_is_reused_and_rebuilt_when_the_definition_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    builder = _CountingBuilder()
+    monkeypatch.setattr(tiny, "build_tiny_pipeline", builder)
+    definition = _cheap_definition()
+
+    first = tiny.tiny_model_path(tmp_path, progress=False, definition=definition)
+    stamp = (first / "build_info.json").stat().st_mtime_ns
+    assert builder.calls == 1
+    assert first.name == f"tiny-flux-kontext-{tiny.definition_hash(definition)}"
+    assert (first / "model_index.json").is_file()
+
+    second = tiny.tiny_model_path(tmp_path, progress=False, definition=definition)
+    assert second == first and builder.calls == 1
+    assert (second / "build_info.json").stat().st_mtime_ns == stamp
+
+    changed = _cheap_definition(steps=3)
+    third = tiny.tiny_model_path(tmp_path, progress=False, definition=changed)
+    assert third != first and builder.calls == 2
+
+    # A new builder version changes the hash even for the same definition.
+    monkeypatch.setattr(tiny, "BUILDER_VERSION", tiny.BUILDER_VERSION + 1000)
+    fourth = tiny.tiny_model_path(tmp_path, progress=False, definition=definition)
+    assert fourth not in (first, third) and builder.calls == 3
+    assert not list(tmp_path.glob(".tiny-flux-kontext-*.tmp-*")), "no temporary build folders left behind"
+
+
+def test_concurrent_callers_build_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    builder = _CountingBuilder()
+    monkeypatch.setattr(tiny, "build_tiny_pipeline", builder)
+    definition = _cheap_definition()
+    results: list[Path] = []
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            results.append(tiny.tiny_model_path(tmp_path, progress=False, definition=definition))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(results) == 2 and results[0] == results[1]
+    assert builder.calls == 1
+
+
+def test_build_is_deterministic(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    definition = _cheap_definition()
+    a = tiny.build_tiny_pipeline(tmp_path / "a", definition=definition, progress=False)
+    b = tiny.build_tiny_pipeline(tmp_path / "b", definition=definition, progress=False)
+    for component in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        (fa,) = sorted((a / component).glob("*.safetensors"))
+        (fb,) = sorted((b / component).glob("*.safetensors"))
+        ta, tb = load_file(fa), load_file(fb)
+        assert ta.keys() == tb.keys()
+        for key in ta:
+            torch.testing.assert_close(ta[key], tb[key], rtol=0, atol=0, msg=f"{component}/{key}")
+
+
+def test_rope_axes_must_sum_to_head_dim(tmp_path: Path) -> None:
+    definition = _cheap_definition()
+    definition["transformer"]["axes_dims_rope"] = [4, 4, 4]
+    with pytest.raises(ValueError, match="axes_dims_rope"):
+        tiny.build_tiny_pipeline(tmp_path / "bad", definition=definition, progress=False)
