@@ -174,20 +174,13 @@ def check_output_dir(cfg: Config, output_dir: Path) -> None:
 
 
 def resolve_model(name_or_path: str) -> str:
-    """``tiny`` -> the cached tiny model folder (built on first use); anything else unchanged or absolute."""
-    if name_or_path == "tiny":
-        from kontext.tiny import tiny_model_path
+    """``tiny`` -> the cached tiny model folder (built on first use); a folder -> absolute; a hub id unchanged."""
+    from kontext.model_path import ModelPathError, resolve_model_path
 
-        return str(tiny_model_path())
-    p = Path(name_or_path).expanduser()
-    if p.exists():
-        if not (p / "model_index.json").is_file():
-            raise UserError(
-                f"`model.pretrained_model_name_or_path` = {name_or_path!r} is a folder without model_index.json; "
-                "point it at a diffusers FLUX.1 Kontext folder, a hub id, or `tiny`."
-            )
-        return str(p.resolve())
-    return name_or_path
+    try:
+        return resolve_model_path(name_or_path)
+    except ModelPathError as e:
+        raise UserError(str(e)) from None
 
 
 def open_dataset_source(cfg: Config):

@@ -43,25 +43,13 @@ class InferenceError(ValueError):
 
 # ------------------------------------------------------------------------------------------- model
 def resolve_model(name_or_path: str, option: str = "--model") -> str:
-    """``tiny`` -> the cached tiny model folder (built on first use); a folder must hold ``model_index.json``;
-    anything else is taken as a hub id."""
-    if name_or_path == "tiny":
-        from kontext.tiny import tiny_model_path
+    """``tiny``, a diffusers folder or a hub id -> what ``from_pretrained`` takes (see ``kontext.model_path``)."""
+    from kontext.model_path import ModelPathError, resolve_model_path
 
-        return str(tiny_model_path())
-    p = Path(name_or_path).expanduser()
-    if p.exists():
-        if not (p / "model_index.json").is_file():
-            raise InferenceError(
-                f"{option} {name_or_path!r} is a folder without model_index.json; give a diffusers FLUX.1 Kontext "
-                "folder, a hub id such as black-forest-labs/FLUX.1-Kontext-dev, or `tiny`"
-            )
-        return str(p.resolve())
-    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
-        raise InferenceError(
-            f"{option} {name_or_path!r} is neither an existing folder nor a hub id (owner/name); check the path"
-        )
-    return name_or_path
+    try:
+        return resolve_model_path(name_or_path, option)
+    except ModelPathError as e:
+        raise InferenceError(str(e)) from None
 
 
 def default_device() -> torch.device:

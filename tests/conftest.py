@@ -27,3 +27,26 @@ def tiny_dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("synthetic") / "set"
     return generate_dataset(root, num_samples=8, size=(64, 64), seed=0)
+
+
+def make_random_lora(model_dir: Path, out: Path, seed: int) -> Path:
+    """A real PEFT LoRA on the tiny transformer with random (non-zero) matrices, saved in the diffusers format.
+
+    Returns the written ``pytorch_lora_weights.safetensors``.
+    """
+    from diffusers import FluxTransformer2DModel
+
+    from kontext.lora import attach_lora, make_lora_config, save_lora
+
+    t = FluxTransformer2DModel.from_pretrained(str(model_dir), subfolder="transformer")
+    torch.manual_seed(seed)
+    params = attach_lora(t, make_lora_config(4, 8.0, 0.0, "gaussian", ["attn.to_q", "attn.to_v", "proj_mlp", "ff.net.2"]))
+    for p in params:
+        p.data.normal_(0.0, 0.2)
+    return save_lora(t, out)
+
+
+@pytest.fixture
+def random_lora():
+    """Factory fixture: ``random_lora(model_dir, out_dir, seed) -> LoRA file``."""
+    return make_random_lora

@@ -22,17 +22,10 @@ LIMIT = 3
 
 
 def make_lora(tiny_model_dir: Path, out: Path, seed: int) -> Path:
-    """A real PEFT LoRA on the tiny transformer with random (non-zero) lora_B, saved in the diffusers format."""
-    from diffusers import FluxTransformer2DModel
+    """A random tiny-model LoRA (see conftest.make_random_lora)."""
+    from conftest import make_random_lora
 
-    from kontext.lora import attach_lora, make_lora_config, save_lora
-
-    t = FluxTransformer2DModel.from_pretrained(str(tiny_model_dir), subfolder="transformer")
-    torch.manual_seed(seed)
-    params = attach_lora(t, make_lora_config(4, 8.0, 0.0, "gaussian", ["attn.to_q", "attn.to_v", "proj_mlp", "ff.net.2"]))
-    for p in params:
-        p.data.normal_(0.0, 0.2)
-    return save_lora(t, out).parent
+    return make_random_lora(tiny_model_dir, out, seed).parent
 
 
 @pytest.fixture(scope="module")
