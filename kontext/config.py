@@ -62,7 +62,7 @@ class ModelConfig:
     max_sequence_length: int = _f(512, "T5 token length of the prompt embeddings (FLUX.1 uses 512).", min=1, max=512)
     gradient_checkpointing: bool = _f(False, "Recompute transformer activations in backward to save memory.")
     offload_encoders: bool = _f(
-        False, "Keep the VAE and text encoders on the CPU except while they run (when not caching)."
+        False, "Keep the VAE and text encoders on the CPU and run them there, leaving the accelerator to the transformer."
     )
     quantization: Literal["none", "nf4", "int8"] = _f(
         "none", "Quantize the frozen transformer with bitsandbytes (CUDA and the `quantization` extra needed)."
