@@ -20,7 +20,6 @@ Generate a set (a second run with the same arguments is a no-op)::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -33,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm.auto import tqdm
+from .locking import exclusive_lock
 
 # Bump when drawing changes, so manifests written by an older generator are regenerated.
 GENERATOR_VERSION = 1
@@ -325,23 +325,6 @@ def _stratified_areas(rng: np.random.Generator, n: int, area_range: tuple[float,
     return np.exp(lo + (hi - lo) * u)[rng.permutation(n)]
 
 
-@contextlib.contextmanager
-def _exclusive_lock(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``lock_path`` (blocking), so concurrent writers do the work once."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as handle:
-        try:
-            import fcntl
-        except ImportError:  # Windows: no advisory locks; single-process use is still correct.
-            yield
-            return
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
 def _manifest_ok(root: Path, manifest: dict) -> bool:
     path = root / MANIFEST_NAME
     if not path.is_file():
@@ -398,7 +381,7 @@ def generate_dataset(
         },
     }
 
-    with _exclusive_lock(root.parent / f".{root.name}.lock"):
+    with exclusive_lock(root.parent / f".{root.name}.lock"):
         if _manifest_ok(root, manifest):
             return root
         if root.exists() and any(root.iterdir()) and not (root / MANIFEST_NAME).is_file():

@@ -18,7 +18,6 @@ Build (or reuse) the cached copy and print its folder, or build into a chosen fo
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import hashlib
 import json
@@ -34,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from data.locking import exclusive_lock
 
 logger = logging.getLogger(__name__)
 
@@ -519,22 +519,6 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "kontext-lora"
 
 
-@contextlib.contextmanager
-def _exclusive_lock(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive advisory lock on ``lock_path``; a second process (or thread) blocks until released."""
-    with open(lock_path, "a+") as handle:
-        try:
-            import fcntl
-        except ImportError:  # Windows: no flock; the atomic rename below still prevents torn folders.
-            yield
-            return
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
 def tiny_model_path(
     cache_dir: str | Path | None = None,
     progress: bool = True,
@@ -562,7 +546,7 @@ def tiny_model_path(
     final = cache / name
     if (final / "build_info.json").is_file():
         return final
-    with _exclusive_lock(cache / f".{name}.lock"):
+    with exclusive_lock(cache / f".{name}.lock"):
         if (final / "build_info.json").is_file():  # another process finished while we waited
             return final
         if final.exists():  # an interrupted build from an older, non-atomic layout: start over

@@ -50,3 +50,23 @@ def make_random_lora(model_dir: Path, out: Path, seed: int) -> Path:
 def random_lora():
     """Factory fixture: ``random_lora(model_dir, out_dir, seed) -> LoRA file``."""
     return make_random_lora
+
+
+def tiny_run_dict(out: Path, model_dir: Path, data_dir: Path, cache: Path, **sections) -> dict:
+    """A tiny, fast run description (64 px, rank 4, 4 steps, checkpoint every 2) with per-section overrides."""
+    base = {
+        "output_dir": str(out),
+        "model": {"pretrained_model_name_or_path": str(model_dir), "dtype": "float32", "max_sequence_length": 16},
+        "data": {"root": str(data_dir), "resolution": 64, "default_prompt": "insert the can", "cache_dir": str(cache)},
+        "lora": {"rank": 4, "alpha": 8},
+        "train": {"max_steps": 4, "batch_size": 2, "learning_rate": 1e-3, "lr_warmup_steps": 0},
+        "checkpoint": {"every_steps": 2, "total_limit": 2},
+        "validation": {"every_steps": -1},
+        "logging": {"report_to": "none"},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            base.setdefault(section, {}).update(values)
+        else:
+            base[section] = values
+    return base

@@ -15,27 +15,9 @@ from train_kontext_lora import Run, run_training, setup, train, finish
 
 
 def tiny_cfg(tmp_path: Path, model_dir: Path, data_dir: Path, **sections):
-    base = {
-        "output_dir": str(tmp_path / "out"),
-        "model": {"pretrained_model_name_or_path": str(model_dir), "dtype": "float32", "max_sequence_length": 16},
-        "data": {
-            "root": str(data_dir),
-            "resolution": 64,
-            "default_prompt": "insert the can",
-            "cache_dir": str(tmp_path / "cache"),
-        },
-        "lora": {"rank": 4, "alpha": 8},
-        "train": {"max_steps": 4, "batch_size": 2, "learning_rate": 1e-3, "lr_warmup_steps": 0},
-        "checkpoint": {"every_steps": 2, "total_limit": 2},
-        "validation": {"every_steps": -1},
-        "logging": {"report_to": "none"},
-    }
-    for section, values in sections.items():
-        if isinstance(values, dict):
-            base.setdefault(section, {}).update(values)
-        else:
-            base[section] = values
-    return config_from_dict(base)
+    from conftest import tiny_run_dict
+
+    return config_from_dict(tiny_run_dict(tmp_path / "out", model_dir, data_dir, tmp_path / "cache", **sections))
 
 
 def _transformer_out(transformer, seed=0):
