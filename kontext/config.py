@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
+import re
 import sys
 import types
 import typing
@@ -25,15 +28,32 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the key and the fix."""
+    """A config file or override is invalid; the message names the key and the fix.
+
+    ``keys`` holds the dotted key(s) at fault, so :func:`load_config` can say where each came from
+    (the YAML file and line, or the command-line override).
+    """
+
+    def __init__(self, message: str, key: str | tuple[str, ...] | None = None) -> None:
+        super().__init__(message)
+        self.keys: tuple[str, ...] = (key,) if isinstance(key, str) else tuple(key or ())
 
 
 def _f(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field with its documentation (the single source of the reference table)."""
+    """A dataclass field with its documentation (the single source of the reference table).
+
+    ``kwargs`` are checks on the value: ``min``/``max`` (inclusive) and ``exclusive_min``/``exclusive_max``
+    bound a number (every number must also be finite), ``nonempty=True`` refuses an empty string.
+    """
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kwargs})
     return field(default=default, metadata={"help": help, **kwargs})
 
+
+# numpy (accelerate's set_seed) takes seeds in [0, 2**32 - 1].
+MAX_SEED = 2**32 - 1
+# SD3's mode sampling u -> 1 - u - s*(cos(pi*u/2)**2 - 1 + u) is a monotone map of [0, 1] for -1 <= s <= 2/(pi-2).
+MODE_SCALE_MAX = 2 / (math.pi - 2)
 
 DEFAULT_LORA_TARGETS = [
     # Double-stream blocks: image and text attention, their outputs, both feed-forwards.
@@ -52,13 +72,14 @@ class ModelConfig:
     pretrained_model_name_or_path: str = _f(
         "black-forest-labs/FLUX.1-Kontext-dev",
         "A hub id, a local diffusers folder, or `tiny` for the embedded tiny model (built on first use).",
+        nonempty=True,
     )
     revision: Optional[str] = _f(None, "Hub revision of the base model.")
     variant: Optional[str] = _f(None, "Weight variant to load (e.g. `fp16`), when the repository has one.")
     dtype: Literal["float32", "bfloat16", "float16"] = _f(
         "bfloat16", "dtype of the frozen base weights (LoRA parameters always stay float32)."
     )
-    guidance_scale: float = _f(1.0, "Value fed to the transformer's guidance embedding during training.")
+    guidance_scale: float = _f(1.0, "Value fed to the transformer's guidance embedding during training.", min=0.0)
     max_sequence_length: int = _f(512, "T5 token length of the prompt embeddings (FLUX.1 uses 512).", min=1, max=512)
     gradient_checkpointing: bool = _f(False, "Recompute transformer activations in backward to save memory.")
     offload_encoders: bool = _f(
@@ -76,7 +97,7 @@ class SyntheticConfig:
     enabled: bool = _f(False, "Generate the synthetic product dataset into `data.root` before training.")
     num_samples: int = _f(48, "Number of synthetic samples to write.", min=1)
     size: int = _f(128, "Side of the square synthetic images in pixels.", min=32)
-    seed: int = _f(0, "Seed of the generator (same seed, same bytes).")
+    seed: int = _f(0, "Seed of the generator (same seed, same bytes).", min=0, max=MAX_SEED)
 
 
 @dataclass
@@ -84,7 +105,11 @@ class DataConfig:
     """Where samples come from and how they are turned into tensors."""
 
     source: Literal["folder", "hf"] = _f("folder", "`folder`: the on-disk layout; `hf`: a Hugging Face dataset.")
-    root: str = _f("data/my_object", "Dataset folder (or, for `source: hf`, a hub dataset name or local path).")
+    root: str = _f(
+        "data/my_object",
+        "Dataset folder (or, for `source: hf`, a hub dataset name or local path). Local paths are recorded absolute.",
+        nonempty=True,
+    )
     split: str = _f("train", "Split to use for `source: hf`.")
     context_column: str = _f("context", "Context image column (`source: hf`).")
     target_column: str = _f("target", "Target image column (`source: hf`).")
@@ -98,12 +123,18 @@ class DataConfig:
     outline_width: Optional[int] = _f(
         None, "Width in pixels of the `outline` hint (null: max(8, short side // 64)).", min=1
     )
-    resolution: int = _f(1024, "Training resolution (side of the square bucket, or area of the aspect buckets).", min=16)
+    resolution: int = _f(
+        1024, "Training resolution, a multiple of 16 (side of the square bucket, or area of aspect buckets).", min=16
+    )
     aspect_buckets: bool = _f(False, "Use aspect-ratio buckets derived from the Kontext preferred resolutions.")
-    random_crop: bool = _f(False, "Random instead of centre crop after resizing to the bucket.")
+    random_crop: bool = _f(
+        False, "Random instead of centre crop after resizing to the bucket (needs `cache_latents: false`)."
+    )
     random_flip: bool = _f(False, "Horizontal flip augmentation (context, target and mask together).")
     cache_latents: bool = _f(True, "Encode latents and prompts once, store them on disk, free the encoders.")
-    cache_dir: Optional[str] = _f(None, "Latent cache folder (default: `$KONTEXT_LORA_CACHE/latents`).")
+    cache_dir: Optional[str] = _f(
+        None, "Latent cache folder (default: `$KONTEXT_LORA_CACHE/latents`); recorded as an absolute path."
+    )
     max_pixels: int = _f(64_000_000, "Reject images with more pixels than this (decompression-bomb guard).", min=1)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -114,7 +145,9 @@ class LoraConfigSection:
 
     rank: int = _f(16, "LoRA rank.", min=1)
     alpha: float = _f(16.0, "LoRA alpha (scale = alpha / rank).", exclusive_min=0)
-    dropout: float = _f(0.0, "LoRA dropout.", min=0.0, max=1.0)
+    dropout: float = _f(
+        0.0, "LoRA dropout (probability of zeroing an input of the LoRA branch).", min=0.0, exclusive_max=1.0
+    )
     init: Literal["gaussian", "default", "pissa", "olora"] = _f(
         "gaussian", "Initialisation of the LoRA matrices (PEFT `init_lora_weights`)."
     )
@@ -126,7 +159,7 @@ class TrainConfig:
     """The optimisation loop."""
 
     max_steps: int = _f(1000, "Number of optimiser updates.", min=1)
-    seed: int = _f(0, "Seed of everything random (noise, timesteps, data order, LoRA init).")
+    seed: int = _f(0, "Seed of everything random (noise, timesteps, data order, LoRA init).", min=0, max=MAX_SEED)
     batch_size: int = _f(1, "Samples per process per micro-batch.", min=1)
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimiser update.", min=1)
     learning_rate: float = _f(1e-4, "Peak learning rate.", exclusive_min=0)
@@ -135,8 +168,8 @@ class TrainConfig:
     ] = _f("constant_with_warmup", "Learning-rate schedule (diffusers `get_scheduler`).")
     lr_warmup_steps: int = _f(0, "Warm-up optimiser updates.", min=0)
     optimizer: Literal["adamw", "adamw8bit", "prodigy"] = _f("adamw", "Optimiser (8-bit AdamW needs CUDA + bitsandbytes).")
-    adam_beta1: float = _f(0.9, "Adam beta1.", min=0.0, max=1.0)
-    adam_beta2: float = _f(0.999, "Adam beta2.", min=0.0, max=1.0)
+    adam_beta1: float = _f(0.9, "Adam beta1.", min=0.0, exclusive_max=1.0)
+    adam_beta2: float = _f(0.999, "Adam beta2.", min=0.0, exclusive_max=1.0)
     adam_epsilon: float = _f(1e-8, "Adam epsilon.", exclusive_min=0)
     weight_decay: float = _f(1e-4, "Decoupled weight decay.", min=0.0)
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables clipping).", min=0.0)
@@ -151,7 +184,12 @@ class TrainConfig:
     )
     logit_mean: float = _f(0.0, "Mean of the logit-normal timestep density.")
     logit_std: float = _f(1.0, "Std of the logit-normal timestep density.", exclusive_min=0)
-    mode_scale: float = _f(1.29, "Scale of the `mode` timestep density.")
+    mode_scale: float = _f(
+        1.29,
+        "Scale s of the `mode` timestep density (SD3: -1 <= s <= 2/(pi-2) keeps the mapping monotone).",
+        min=-1.0,
+        max=MODE_SCALE_MAX,
+    )
     max_nonfinite_steps: int = _f(
         5, "Stop after this many consecutive updates skipped for a NaN/inf loss or gradient.", min=1
     )
@@ -162,8 +200,13 @@ class GeometryConfig:
     """The mask-geometry losses on the predicted clean latents (see docs/losses.md)."""
 
     enabled: bool = _f(True, "All geometry terms on or off at once.")
+    formulation: Literal["calibrated", "seed"] = _f(
+        "calibrated",
+        "`calibrated`: change masks of prediction and target under the target's statistics, minimal at the target; "
+        "`seed`: the original specification's composition (see docs/losses.md).",
+    )
     weight: float = _f(1.0, "Global multiplier of the geometry total.", min=0.0)
-    noise_weighting: Literal["none", "one_minus_sigma", "cosine"] = _f(
+    noise_weighting: Literal["none", "one_minus_sigma", "one_minus_sigma_sq", "cosine"] = _f(
         "one_minus_sigma", "Per-sample weight by noise level: z_pred is a blur at high sigma."
     )
     mse: float = _f(1.0, "Weight of the boundary-band weighted MSE against the target latents.", min=0.0)
@@ -175,7 +218,10 @@ class GeometryConfig:
     w_in: float = _f(1.0, "MSE weight inside the mask.", min=0.0)
     w_band: float = _f(6.0, "MSE weight in the boundary band.", min=0.0)
     w_out: float = _f(0.2, "MSE weight outside the band.", min=0.0)
-    k_sigma: float = _f(2.0, "Change-mask threshold in background standard deviations.", min=0.0)
+    k_sigma: float = _f(2.0, "`seed`: change-mask threshold in background standard deviations.", min=0.0)
+    temperature: float = _f(
+        0.25, "`calibrated`: change-mask sigmoid width as a fraction of the target's change contrast.", exclusive_min=0
+    )
     sdm_normalize: bool = _f(True, "Scale each signed distance map by its max |value|.")
 
 
@@ -203,8 +249,8 @@ class ValidationConfig:
     every_steps: int = _f(0, "Validate every this many updates (0: only at the end; -1: never).", min=-1)
     num_samples: int = _f(2, "Number of fixed dataset samples to generate for.", min=1)
     num_inference_steps: int = _f(28, "Sampler steps per validation image.", min=1)
-    guidance_scale: float = _f(2.5, "Guidance at validation (FLUX.1 Kontext default 2.5).")
-    seed: int = _f(0, "Seed of the validation generator.")
+    guidance_scale: float = _f(2.5, "Guidance at validation (FLUX.1 Kontext default 2.5).", min=0.0)
+    seed: int = _f(0, "Seed of the validation generator (sample i uses seed + i).", min=0, max=MAX_SEED)
 
 
 @dataclass
@@ -228,7 +274,9 @@ class ExportConfig:
 class Config:
     """A training run."""
 
-    output_dir: str = _f("outputs/run", "Where checkpoints, logs and the exported LoRA go.")
+    output_dir: str = _f(
+        "outputs/run", "Where checkpoints, logs and the exported LoRA go (recorded as an absolute path).", nonempty=True
+    )
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfigSection = field(default_factory=LoraConfigSection)
@@ -279,46 +327,80 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if value not in choices:
             hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
             sugg = f" Did you mean {hint[0]!r}?" if hint else ""
-            raise ConfigError(f"`{key}` must be one of {', '.join(map(repr, choices))}; got {value!r}.{sugg}")
+            raise ConfigError(
+                f"`{key}` must be one of {', '.join(map(repr, choices))}; got {value!r}.{sugg}", key
+            )
         return value
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"`{key}` must be a list of {_type_name(item_tp)}; got {type(value).__name__} {value!r}.")
+            raise ConfigError(
+                f"`{key}` must be a list of {_type_name(item_tp)}; got {type(value).__name__} {value!r}.", key
+            )
         return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"`{key}` must be true or false; got {value!r}.")
+            raise ConfigError(f"`{key}` must be true or false; got {value!r}.", key)
         return value
     if tp is int:
+        # 1e4 and 100.0 are integers written as floats; 2.5, .nan and true are not.
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return int(value)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"`{key}` must be an integer; got {type(value).__name__} {value!r}.")
+            raise ConfigError(f"`{key}` must be an integer; got {type(value).__name__} {value!r}.", key)
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"`{key}` must be a number; got {type(value).__name__} {value!r}.")
-        return float(value)
+            raise ConfigError(f"`{key}` must be a number; got {type(value).__name__} {value!r}.", key)
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond float range
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"`{key}` must be a finite number; got {value!r}.", key)
+        return number
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"`{key}` must be a string; got {type(value).__name__} {value!r}.")
+            quote = " (put it in quotes to make it a string)" if isinstance(value, (int, float)) else ""
+            raise ConfigError(f"`{key}` must be a string; got {type(value).__name__} {value!r}{quote}.", key)
         return value
     raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a schema bug, not a user error
 
 
+def _num(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _range_text(meta: Any) -> str:
+    """The allowed range of a number field, e.g. ``>= 0 and < 1`` ('' when unbounded)."""
+    parts = []
+    for name, op in (("min", ">="), ("exclusive_min", ">"), ("max", "<="), ("exclusive_max", "<")):
+        if name in meta:
+            parts.append(f"{op} {_num(meta[name])}")
+    return " and ".join(parts)
+
+
 def _check_range(key: str, value: Any, meta: Any) -> None:
-    if value is None or isinstance(value, (bool, str, list)):
+    if value is None or isinstance(value, (bool, list)):
         return
-    if "min" in meta and value < meta["min"]:
-        raise ConfigError(f"`{key}` must be >= {meta['min']}; got {value!r}.")
-    if "max" in meta and value > meta["max"]:
-        raise ConfigError(f"`{key}` must be <= {meta['max']}; got {value!r}.")
-    if "exclusive_min" in meta and value <= meta["exclusive_min"]:
-        raise ConfigError(f"`{key}` must be > {meta['exclusive_min']}; got {value!r}.")
+    if isinstance(value, str):
+        if meta.get("nonempty") and not value.strip():
+            raise ConfigError(f"`{key}` must not be empty; name a path or id.", key)
+        return
+    ok = (
+        ("min" not in meta or value >= meta["min"])
+        and ("exclusive_min" not in meta or value > meta["exclusive_min"])
+        and ("max" not in meta or value <= meta["max"])
+        and ("exclusive_max" not in meta or value < meta["exclusive_max"])
+    )
+    if not ok:
+        raise ConfigError(f"`{key}` must be {_range_text(meta)}; got {value!r}.", key)
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"`{prefix.rstrip('.') or 'config'}` must be a mapping of keys; got {data!r}.")
+        where = prefix.rstrip(".")
+        raise ConfigError(f"`{where or 'config'}` must be a mapping of keys; got {data!r}.", where)
     hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
@@ -326,7 +408,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
             sugg = f" Did you mean `{prefix}{close[0]}`?" if close else ""
             raise ConfigError(
-                f"Unknown config key `{prefix}{key}`.{sugg} Valid keys here: {', '.join(sorted(fields))}."
+                f"Unknown config key `{prefix}{key}`.{sugg} Valid keys here: {', '.join(sorted(fields))}.",
+                f"{prefix}{key}",
             )
     kwargs = {}
     for name, f in fields.items():
@@ -340,20 +423,82 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, plus YAML 1.2 floats: ``1e-4``, ``5E-5``, ``3e5`` (YAML 1.1 wants ``1.0e-4``).
+
+    Without this, ``learning_rate: 1e-4``, as every diffusers user writes it, reads as the string '1e-4'.
+    """
+
+
+_ConfigLoader.add_implicit_resolver(  # copies the resolver table: yaml.SafeLoader itself is unchanged
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _key_lines(
+    node: Any, prefix: str, lines: dict[str, int], where: str, in_file: bool, path: tuple[int, ...] = ()
+) -> None:
+    """Record the line of every mapping key (``lines["train.max_steps"] = 12``); refuse duplicate keys."""
+    if not isinstance(node, yaml.MappingNode) or id(node) in path:  # an alias back to itself: already walked
+        return
+    first: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+            continue
+        name, line = key_node.value, key_node.start_mark.line + 1
+        if name in first:
+            at = f", lines {first[name]} and {line}" if in_file else ""
+            raise ConfigError(
+                f"Duplicate key `{prefix}{name}` in {where}{at}: YAML would silently keep only the last one. "
+                "Keep one of them.",
+                prefix + name,
+            )
+        first[name] = line
+        lines[prefix + name] = line
+        _key_lines(value_node, f"{prefix}{name}.", lines, where, in_file, path + (id(node),))
+
+
+def _load_yaml(text: str, where: str, in_file: bool = True, prefix: str = "") -> tuple[Any, dict[str, int]]:
+    """Safe-load one YAML document; also return the line of each dotted key. Duplicate keys are errors."""
+    loader = _ConfigLoader(text)
+    try:
+        node = loader.get_single_node()
+        lines: dict[str, int] = {}
+        if node is None:
+            return None, lines
+        _key_lines(node, prefix, lines, where, in_file)
+        return loader.construct_document(node), lines
+    finally:
+        loader.dispose()
+
+
+def _apply_override(tree: dict[str, Any], origins: dict[str, str], dotted: str, value: Any, origin: str) -> None:
+    """Set ``tree[a][b][c] = value`` for ``a.b.c``, and record that the command line set it."""
+
+    def forget(key: str) -> None:  # the YAML value at ``key`` (and under it) is replaced
+        for k in [k for k in origins if k == key or k.startswith(key + ".")]:
+            del origins[k]
+
     parts = dotted.split(".")
     node = tree
-    for p in parts[:-1]:
+    for i, p in enumerate(parts[:-1]):
         child = node.get(p)
         if not isinstance(child, dict):
             child = {}
             node[p] = child
+            here = ".".join(parts[: i + 1])
+            forget(here)
+            origins[here] = origin
         node = child
     node[parts[-1]] = value
+    forget(dotted)
+    origins[dotted] = origin
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """Parse one ``section.key=value`` override; the value is read as YAML (``true``, ``3``, ``[a, b]``)."""
+    """Parse one ``section.key=value`` override; the value is read as YAML (``true``, ``3``, ``1e-4``, ``[a, b]``)."""
     if "=" not in text:
         raise ConfigError(f"Override {text!r} is not of the form section.key=value (e.g. train.max_steps=100).")
     key, raw = text.split("=", 1)
@@ -361,7 +506,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"Override {text!r} has no key before '='.")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw, f"the command-line override {text!r}", False, key + ".")[0] if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"Override {text!r}: the value is not valid YAML ({e}).") from e
     return key, value
@@ -374,36 +519,115 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return cfg
 
 
+def _origin_of(key: str, data: dict[str, Any], origins: dict[str, str]) -> str | None:
+    """Where ``key`` was set: its own entry, else that of the nearest section set as a whole (None: a default)."""
+    k = re.sub(r"\[\d+\]", "", key)  # `lora.target_modules[2]` was set where `lora.target_modules` was
+    node: Any = data
+    for part in k.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None  # not set anywhere: the schema default (named by a cross-field check)
+        node = node[part]
+    while k:
+        if k in origins:
+            return origins[k]
+        k = k.rpartition(".")[0]
+    return None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load ``path`` (YAML, safe loader) onto the schema defaults, then apply ``key=value`` overrides."""
+    """Load ``path`` (YAML, safe loader) onto the schema defaults, then apply ``key=value`` overrides.
+
+    Errors say where the bad key came from: the file and line, or the override. The returned config holds
+    absolute local paths (see :func:`resolve_paths`).
+    """
     data: dict[str, Any] = {}
+    origins: dict[str, str] = {}  # dotted key -> "in FILE, line N" / "from the command line: k=v"
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"Config file {path} does not exist; pass --config with an existing YAML file.")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            data, lines = _load_yaml(path.read_text(encoding="utf-8"), str(path))
         except yaml.YAMLError as e:
             raise ConfigError(f"Config file {path} is not valid YAML: {e}") from e
+        data = data or {}
         if not isinstance(data, dict):
             raise ConfigError(f"Config file {path} must hold a mapping of sections at the top level.")
+        origins = {k: f"in {path}, line {n}" for k, n in lines.items()}
     for item in overrides:
         key, value = parse_override(item)
-        _set_dotted(data, key, value)
+        _apply_override(data, origins, key, value, f"from the command line: {item}")
     try:
-        return config_from_dict(data)
+        return resolve_paths(config_from_dict(data))
     except ConfigError as e:
-        where = f" (in {path})" if path is not None else ""
-        raise ConfigError(f"{e}{where}") from None
+        found = [o for o in (_origin_of(k, data, origins) for k in e.keys) if o is not None]
+        where = "; ".join(dict.fromkeys(found)) or (f"in {path}" if path is not None else "")
+        raise ConfigError(f"{e} ({where})" if where else str(e), e.keys) from None
+
+
+def _absolute(p: str, base: Path) -> str:
+    q = Path(p).expanduser()
+    q = q if q.is_absolute() else base / q
+    try:
+        return str(q.resolve())  # as the trainer resolves output_dir
+    except (OSError, RuntimeError):  # a symlink loop: still absolute, just not canonical
+        return os.path.abspath(q)
+
+
+def _exists(p: str, base: Path) -> bool:
+    try:
+        return (base / Path(p).expanduser()).exists()
+    except (OSError, RuntimeError):
+        return False
+
+
+def resolve_paths(cfg: Config, base: str | Path | None = None) -> Config:
+    """Make the run's local paths absolute (in place), so the recorded config works from any folder.
+
+    Relative paths are read from ``base`` (default: the working folder), as the trainer reads them.
+    ``output_dir``, ``data.cache_dir`` and a ``folder`` dataset's ``data.root`` are always local; an ``hf``
+    root, a validation data root and a ``checkpoint.resume_from`` path only when that path exists here,
+    so hub ids stay as they are.
+    """
+    base = Path.cwd() if base is None else Path(base)
+    d = cfg.data
+    cfg.output_dir = _absolute(cfg.output_dir, base)
+    if d.source == "folder" or _exists(d.root, base):
+        d.root = _absolute(d.root, base)
+    if d.cache_dir:
+        d.cache_dir = _absolute(d.cache_dir, base)
+    val_root = getattr(cfg.validation, "data_root", None)  # a held-out set, where the schema has one
+    if isinstance(val_root, str) and val_root and (d.source == "folder" or _exists(val_root, base)):
+        cfg.validation.data_root = _absolute(val_root, base)
+    resume = cfg.checkpoint.resume_from
+    if resume and resume != "latest" and _exists(resume, base):
+        cfg.checkpoint.resume_from = _absolute(resume, base)
+    return cfg
 
 
 def _check_cross_field(cfg: Config) -> None:
-    if cfg.data.source == "hf" and cfg.data.synthetic.enabled:
-        raise ConfigError("`data.synthetic.enabled` writes a folder dataset; it cannot be used with `data.source: hf`.")
-    if cfg.data.resolution % 16 != 0:
-        raise ConfigError(f"`data.resolution` must be divisible by 16 (VAE 8x and 2x2 packing); got {cfg.data.resolution}.")
+    d = cfg.data
+    if d.source == "hf" and d.synthetic.enabled:
+        raise ConfigError(
+            "`data.synthetic.enabled` writes a folder dataset; it cannot be used with `data.source: hf`.",
+            ("data.synthetic.enabled", "data.source"),
+        )
+    if d.resolution % 16 != 0:
+        raise ConfigError(
+            f"`data.resolution` must be divisible by 16 (VAE 8x and 2x2 packing); got {d.resolution}.",
+            "data.resolution",
+        )
+    if d.random_crop and d.cache_latents:
+        raise ConfigError(
+            "`data.random_crop: true` cannot be cached (every epoch has a new crop window); set "
+            "`data.cache_latents: false` or `data.random_crop: false`.",
+            ("data.random_crop", "data.cache_latents"),
+        )
     if not cfg.lora.target_modules:
-        raise ConfigError("`lora.target_modules` is empty; list at least one module-name suffix (e.g. attn.to_q).")
+        raise ConfigError(
+            "`lora.target_modules` is empty; list at least one module-name suffix (e.g. attn.to_q).",
+            "lora.target_modules",
+        )
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -423,6 +647,9 @@ def reference_markdown() -> str:
         "",
         "Generated from `kontext/config.py` by `python -m kontext.config`; a test keeps it identical.",
         "Set a key in YAML (`section:` then `key: value`) or on the command line as `section.key=value`.",
+        "Numbers may be written in any usual notation (`1e-4`, `5E-5`, `0.0001`, `1_000`) and must be finite;",
+        "the type column gives each number's allowed range. A key may appear only once per mapping.",
+        "`output_dir`, `data.cache_dir` and local `data.root` paths are recorded absolute in the run's `config.yaml`.",
         "",
         "| key | type | default | meaning |",
         "|---|---|---|---|",
@@ -440,7 +667,11 @@ def reference_markdown() -> str:
             shown = shown.removesuffix("\n...").removesuffix("...").strip()
             if isinstance(default, list) and len(shown) > 60:
                 shown = "see `kontext/config.py` (`DEFAULT_LORA_TARGETS`)"
-            tname = _type_name(tp).replace("|", "\\|")
+            tname = _type_name(tp)
+            bounds = _range_text(f.metadata)
+            if bounds:
+                tname += f", {bounds}"
+            tname = tname.replace("|", "\\|")
             lines.append(f"| `{prefix}{f.name}` | {tname} | `{shown}` | {f.metadata.get('help', '')} |")
 
     walk(Config, "")
