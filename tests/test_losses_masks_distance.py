@@ -76,23 +76,37 @@ def test_boundary_band_values_and_degenerate_masks():
     assert boundary_band(torch.ones(1, 1, 5, 5), 1).sum() == 0
 
 
+def _scipy_squared_edt(m: torch.Tensor) -> torch.Tensor:
+    """Squared EDT of each [H, W] mask from SciPy's nearest-zero indices: exact integers in float64."""
+    out = []
+    for x in m.numpy():
+        idx = ndimage.distance_transform_edt(x, return_distances=False, return_indices=True)
+        grid = np.indices(x.shape)
+        out.append(((grid - idx) ** 2).sum(0).astype(np.float64))
+    return torch.from_numpy(np.stack(out))
+
+
 @pytest.mark.parametrize("h,w,p", [(17, 23, 0.05), (32, 32, 0.5), (9, 40, 0.9), (1, 12, 0.3)])
 def test_torch_edt_equals_scipy(h, w, p):
     m = _random_masks(4, h, w, p, seed=h * w)[:, 0]
     m[0] = True
     m[0, h // 2, w // 2] = False  # a single background pixel: distances up to the far corner
     want = np.stack([ndimage.distance_transform_edt(x) for x in m.numpy()]).astype(np.float32)
+    # The squared distances are integers: exact on any hardware.
+    assert torch.equal(distance_mod._squared_edt_torch(~m).double(), _scipy_squared_edt(m))
+    # float32 sqrt is not correctly rounded on every CPU: compare the distances to within a few ulps.
     got_torch = distance_transform_edt(m, backend="torch")
     got_scipy = distance_transform_edt(m, backend="scipy")
-    assert torch.equal(got_torch, torch.from_numpy(want))
-    assert torch.equal(got_scipy, torch.from_numpy(want))
+    torch.testing.assert_close(got_torch, torch.from_numpy(want), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_scipy, torch.from_numpy(want), rtol=1e-6, atol=1e-6)
 
 
 def test_torch_edt_chunked_path_is_exact(monkeypatch):
     monkeypatch.setattr(distance_mod, "_CHUNK_ELEMENTS", 100)
     m = _random_masks(2, 21, 19, 0.2, seed=5)[:, 0]
     want = np.stack([ndimage.distance_transform_edt(x) for x in m.numpy()]).astype(np.float32)
-    assert torch.equal(distance_transform_edt(m, backend="torch"), torch.from_numpy(want))
+    assert torch.equal(distance_mod._squared_edt_torch(~m), _scipy_squared_edt(m).float())
+    torch.testing.assert_close(distance_transform_edt(m, backend="torch"), torch.from_numpy(want), rtol=1e-6, atol=1e-6)
 
 
 def test_sdm_hand_derived_half_pixel_convention():
@@ -114,7 +128,7 @@ def test_sdm_matches_scipy_reference_and_is_antisymmetric(backend):
     m = _random_masks(5, 24, 20, 0.4, seed=7)
     phi = signed_distance_map_from_mask(m, backend=backend)
     want = np.stack([_scipy_sdm(x) for x in m[:, 0].numpy()])[:, None].astype(np.float32)
-    assert torch.equal(phi, torch.from_numpy(want))
+    torch.testing.assert_close(phi, torch.from_numpy(want), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(signed_distance_map_from_mask(~m, backend=backend), -phi)
     assert (phi[m] < 0).all() and (phi[~m] > 0).all()
 
@@ -164,4 +178,4 @@ def test_sdm_torch_on_gpu_matches_scipy():
     m = _random_masks(4, 64, 64, 0.3, seed=11)
     phi_gpu = signed_distance_map_from_mask(m.cuda())
     assert phi_gpu.device.type == "cuda"
-    assert torch.equal(phi_gpu.cpu(), signed_distance_map_from_mask(m, backend="scipy"))
+    torch.testing.assert_close(phi_gpu.cpu(), signed_distance_map_from_mask(m, backend="scipy"), rtol=1e-6, atol=1e-6)

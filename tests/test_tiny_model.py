@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -167,8 +166,11 @@ def test_tokenizers_encode_a_prompt(pipe: Any) -> None:
     assert max(ids) < pipe.text_encoder.config.vocab_size and max(t5_ids) < pipe.text_encoder_2.config.vocab_size
 
 
-def test_transformer_training_step_is_fast(pipe: Any) -> None:
-    """Forward + backward at 128x128 px, batch 1, 77 text tokens: a fraction of a second on 2 cores."""
+def test_transformer_training_step_reaches_every_parameter(pipe: Any) -> None:
+    """Forward + backward at 128x128 px with the context tokens: every transformer weight gets a gradient.
+
+    (Its speed is measured in benchmarks/bench_train_step.py, not asserted here.)
+    """
     transformer = pipe.transformer
     n = (128 // 16) ** 2
     ids = pipe._prepare_latent_image_ids(1, 8, 8, torch.device("cpu"), torch.float32)
@@ -179,22 +181,23 @@ def test_transformer_training_step_is_fast(pipe: Any) -> None:
         hidden_states=torch.randn(1, 2 * n, 64, generator=gen),
         timestep=torch.tensor([0.7]),
         guidance=torch.tensor([1.0]),
-        pooled_projections=torch.randn(1, 32, generator=gen),
-        encoder_hidden_states=torch.randn(1, 77, 32, generator=gen),
+        pooled_projections=torch.randn(1, pipe.transformer.config.pooled_projection_dim, generator=gen),
+        encoder_hidden_states=torch.randn(1, 77, pipe.transformer.config.joint_attention_dim, generator=gen),
         txt_ids=torch.zeros(77, 3),
         img_ids=torch.cat([ids, ctx_ids]),
         return_dict=False,
     )
-    durations = []
-    for _ in range(4):
-        start = time.perf_counter()
+    transformer.requires_grad_(True)
+    try:
         out = transformer(**inputs)[0][:, :n]
         out.pow(2).mean().backward()
-        durations.append(time.perf_counter() - start)
-    transformer.zero_grad(set_to_none=True)
-    assert out.shape == (1, n, 64)
-    # Generous bound for shared CI machines; typically ~0.05 s.
-    assert sorted(durations)[1] < 1.0, durations
+        assert out.shape == (1, n, 64)
+        no_grad = [k for k, p in transformer.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+        assert not no_grad, no_grad[:5]
+        assert sum(p.grad.abs().sum() > 0 for p in transformer.parameters()) > 0.9 * len(list(transformer.parameters()))
+    finally:
+        transformer.zero_grad(set_to_none=True)
+        transformer.requires_grad_(False)
     assert sum(p.numel() for p in transformer.parameters()) < 2_000_000
 
 
