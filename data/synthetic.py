@@ -218,6 +218,131 @@ def _fill_fraction(width: float, height: float) -> float:
     return 1.0 - (4.0 - math.pi) * r * r / (width * height)
 
 
+# ----------------------------------------------------------------------------- general objects (pretraining)
+
+# Named colours of the general insertion task; every name is a word of the tiny tokenizers' corpus.
+OBJECT_COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (214, 40, 40),
+    "green": (46, 160, 67),
+    "blue": (40, 80, 210),
+    "yellow": (240, 210, 40),
+    "white": (240, 240, 236),
+    "black": (28, 28, 32),
+    "brown": (130, 82, 45),
+    "purple": (128, 60, 170),
+    "pink": (236, 120, 170),
+    "orange": (245, 130, 30),
+    "silver": (176, 180, 188),
+}
+OBJECT_SHAPES = ("box", "disc", "can", "bag", "jar")
+
+
+def _object_silhouette(shape: str, W: int, H: int) -> Image.Image:
+    """``L`` image of the shape's silhouette filling a ``W x H`` box (255 inside)."""
+    alpha = Image.new("L", (W, H), 0)
+    d = ImageDraw.Draw(alpha)
+    if shape == "box":
+        d.rounded_rectangle([0, 0, W - 1, H - 1], radius=0.04 * min(W, H), fill=255)
+    elif shape == "disc":
+        d.ellipse([0, 0, W - 1, H - 1], fill=255)
+    elif shape == "can":
+        d.rounded_rectangle([0, 0, W - 1, H - 1], radius=_silhouette_corner_radius(W, H), fill=255)
+    elif shape == "bag":  # wider at the bottom
+        d.polygon([(0.18 * W, 0), (0.82 * W, 0), (W - 1, H - 1), (0, H - 1)], fill=255)
+    elif shape == "jar":  # a neck on a rounded body
+        d.rectangle([0.28 * W, 0, 0.72 * W, 0.25 * H], fill=255)
+        d.rounded_rectangle([0, 0.18 * H, W - 1, H - 1], radius=0.2 * min(W, H), fill=255)
+    else:
+        raise ValueError(f"unknown object shape {shape!r}; expected one of {OBJECT_SHAPES}")
+    return alpha
+
+
+def render_object(
+    rng: np.random.Generator, width: int, height: int
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """Render a random object of the general insertion task filling a ``width x height`` box.
+
+    A shape from :data:`OBJECT_SHAPES` in a colour from :data:`OBJECT_COLOURS`, with a shaded side and, at
+    random, a band, stripes or a disc in a second colour: a family the product belongs to, without being
+    the product. Edges are anti-aliased and the silhouette thresholded at half coverage, as
+    :func:`render_product`.
+
+    Returns:
+        ``(rgb, mask, description)``: uint8 ``[height, width, 3]``, bool ``[height, width]``, and a phrase
+        such as ``"red can"`` for the prompt.
+    """
+    if width < 1 or height < 1:
+        raise ValueError(f"object box must be at least 1x1 pixel; got {width}x{height}")
+    names = list(OBJECT_COLOURS)
+    shape = OBJECT_SHAPES[int(rng.integers(len(OBJECT_SHAPES)))]
+    colour = names[int(rng.integers(len(names)))]
+    second = names[int(rng.integers(len(names)))]
+    base = np.array(OBJECT_COLOURS[colour], dtype=np.float32)
+    accent = tuple(int(v) for v in OBJECT_COLOURS[second])
+    s = _SUPERSAMPLE
+    W, H = width * s, height * s
+    rgb = Image.new("RGB", (W, H), tuple(int(v) for v in base))
+    d = ImageDraw.Draw(rgb)
+    shade = tuple(int(v) for v in base * 0.72)
+    d.rectangle([int(W * rng.uniform(0.7, 0.85)), 0, W, H], fill=shade)
+    decoration = int(rng.integers(4))
+    if decoration == 1:  # a band across
+        top = rng.uniform(0.25, 0.55)
+        d.rectangle([0, int(H * top), W, int(H * (top + rng.uniform(0.15, 0.35)))], fill=accent)
+    elif decoration == 2:  # vertical stripes
+        n = int(rng.integers(2, 5))
+        for k in range(n):
+            x0 = W * (k + 0.3) / n
+            d.rectangle([int(x0), 0, int(x0 + 0.35 * W / n), H], fill=accent)
+    elif decoration == 3:  # a disc logo
+        r = 0.3 * min(W, H)
+        cx, cy = W * rng.uniform(0.35, 0.6), H * rng.uniform(0.35, 0.65)
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=accent)
+    a = np.asarray(_object_silhouette(shape, W, H), dtype=np.float32) / 255.0
+    premul = np.asarray(rgb, dtype=np.float32) * a[..., None]
+    premul = premul.reshape(height, s, width, s, 3).mean(axis=(1, 3))
+    cover = a.reshape(height, s, width, s).mean(axis=(1, 3))
+    out = premul / np.maximum(cover, 1e-6)[..., None]
+    return np.clip(np.round(out), 0, 255).astype(np.uint8), cover >= 0.5, f"{colour} {shape}"
+
+
+def make_insertion_sample(
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    area_range: tuple[float, float] = (0.01, 0.5),
+) -> tuple[Triplet, str]:
+    """One sample of the general insertion task the tiny base model is pretrained on.
+
+    A procedural scene and a random object (:func:`render_object`) in a random box whose area is
+    log-uniform in ``area_range`` (aspect ratio as :func:`sample_box`). Returns the :class:`Triplet`
+    (``target`` equals ``context`` wherever ``mask`` is 0) and its prompt, e.g.
+    ``"Insert the red can into the marked region"``.
+    """
+    area = math.exp(rng.uniform(math.log(area_range[0]), math.log(area_range[1])))
+    context = draw_scene(rng, width, height)
+    x, y, bw, bh = sample_box(rng, width, height, area)
+    obj, silhouette, description = render_object(rng, bw, bh)
+    return _composite(context, obj, silhouette, (x, y, bw, bh)), f"Insert the {description} into the marked region"
+
+
+def _composite(context: Image.Image, obj: np.ndarray, silhouette: np.ndarray, box: tuple[int, int, int, int]) -> Triplet:
+    """Paste ``obj`` where ``silhouette`` is True into ``context`` at ``box``; the mask is the silhouette."""
+    x, y, bw, bh = box
+    ctx = np.asarray(context)
+    tgt = ctx.copy()
+    mask = np.zeros(ctx.shape[:2], dtype=bool)
+    mask[y : y + bh, x : x + bw] = silhouette
+    region = tgt[y : y + bh, x : x + bw]
+    region[silhouette] = obj[silhouette]
+    return Triplet(
+        context=context,
+        target=Image.fromarray(tgt, "RGB"),
+        mask=Image.fromarray(mask.astype(np.uint8) * 255, "L"),
+        box=box,
+    )
+
+
 # ------------------------------------------------------------------------------------------- triplet
 
 
@@ -285,18 +410,55 @@ def make_triplet(
     context = draw_scene(rng, width, height)
     x, y, bw, bh = sample_box(rng, width, height, area)
     product, silhouette = render_product(bw, bh)
-    ctx = np.asarray(context)
-    tgt = ctx.copy()
-    mask = np.zeros((height, width), dtype=bool)
-    mask[y : y + bh, x : x + bw] = silhouette
-    region = tgt[y : y + bh, x : x + bw]
-    region[silhouette] = product[silhouette]
-    return Triplet(
-        context=context,
-        target=Image.fromarray(tgt, "RGB"),
-        mask=Image.fromarray(mask.astype(np.uint8) * 255, "L"),
-        box=(x, y, bw, bh),
-    )
+    return _composite(context, product, silhouette, (x, y, bw, bh))
+
+
+def scaled_insertions(
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    area: float,
+    scales: Sequence[float],
+    drift: float = 0.0,
+) -> tuple[Triplet, dict[float, Image.Image]]:
+    """A triplet and the same scene with the product painted at other sizes: the predictions a scale loss must rank.
+
+    For each scale ``s`` the product is drawn in the box scaled by ``s`` about the mask box's centre (clipped to
+    the image) over the *scene*, so where a shrunk product leaves part of the mask uncovered, the scene's
+    own plausible background shows. ``drift`` (in 8-bit levels) adds the same smooth perturbation to every
+    variant outside the insertion mask, as a model's slight background drift would; ``s = 1`` with
+    ``drift = 0`` is exactly the target.
+
+    Returns:
+        ``(triplet, {s: RGB image})``.
+    """
+    t = make_triplet(rng, width, height, area=area)
+    x, y, bw, bh = t.box
+    cx, cy = x + bw / 2, y + bh / 2
+    mask = np.asarray(t.mask) >= 128
+    offset = np.zeros((height, width, 3), dtype=np.float32)
+    if drift > 0:
+        coarse = rng.standard_normal((max(height // 16, 2), max(width // 16, 2), 3)).astype(np.float32)
+        smooth = np.stack(
+            [np.asarray(Image.fromarray(coarse[..., c]).resize((width, height), Image.BICUBIC)) for c in range(3)], -1
+        )
+        offset = drift * smooth / max(float(np.abs(smooth).max()), 1e-6)
+        offset[mask] = 0.0
+    out: dict[float, Image.Image] = {}
+    for s in scales:
+        sw, sh = max(2, round(bw * s)), max(2, round(bh * s))
+        x0, y0 = round(cx - sw / 2), round(cy - sh / 2)
+        product, silhouette = render_product(sw, sh)
+        canvas = np.zeros((height, width, 3), dtype=np.uint8)
+        full = np.zeros((height, width), dtype=bool)
+        # Clip the scaled box to the image.
+        ix0, iy0, ix1, iy1 = max(x0, 0), max(y0, 0), min(x0 + sw, width), min(y0 + sh, height)
+        canvas[iy0:iy1, ix0:ix1] = product[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0]
+        full[iy0:iy1, ix0:ix1] = silhouette[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0]
+        img = np.asarray(t.context, dtype=np.float32) + offset
+        img[full] = canvas[full]
+        out[float(s)] = Image.fromarray(np.clip(np.round(img), 0, 255).astype(np.uint8), "RGB")
+    return t, out
 
 
 # ------------------------------------------------------------------------------------------- dataset

@@ -1,9 +1,18 @@
-"""The spec's starter total loss on precomputed mask targets, for training loops.
+"""The geometry total on precomputed mask targets, for training loops: two formulations.
 
-``geometry_loss`` gives the same numbers as composing the seed API (see ``docs/losses.md``) but takes
-per-sample :class:`~losses.targets.MaskTargets` instead of recomputing morphology and the SDM every
-step, shares the ``z_pred - z_ctx`` difference between background preservation and the change mask,
-and can weight each sample (e.g. by noise level) before the batch mean.
+``formulation="calibrated"`` (the trainer's default) is minimal, with zero gradient, at the target:
+the prediction's soft change mask is compared with the *target's own* change mask, both taken
+against the un-hinted scene under one per-sample temperature derived from the target, with a
+squared (V-Net) Dice, the log area ratio against the target's change area, and a boundary term
+``mean(|phi| (p - t)^2)`` that generalises Kervadec's loss to soft targets without rewarding
+unbounded change.
+
+``formulation="seed"`` gives the same numbers as composing the original specification's functions
+(``losses.geometry``; see ``docs/losses.md``): the change mask is compared with the insertion mask.
+
+Both take per-sample :class:`~losses.targets.MaskTargets` instead of recomputing morphology and the
+SDM every step, share the ``z_pred - z_ctx`` difference between background preservation and the
+change mask, and can weight each sample (e.g. by noise level) before the batch mean.
 """
 
 from __future__ import annotations
@@ -28,12 +37,15 @@ from .targets import MaskTargets
 __all__ = [
     "GeometryLoss",
     "GeometryLossWeights",
+    "FORMULATIONS",
     "LOSS_TERMS",
+    "calibrated_change_stats",
     "geometry_loss",
     "noise_level_weight",
 ]
 
 LOSS_TERMS = ("mse", "bg", "dice", "area", "boundary")
+FORMULATIONS = ("calibrated", "seed")
 
 NoiseWeightScheme = Literal["none", "one_minus_sigma", "one_minus_sigma_sq", "cosine"]
 
@@ -122,6 +134,42 @@ class _ChannelErrors(torch.autograd.Function):
         )
 
 
+@torch.no_grad()
+def calibrated_change_stats(
+    D_tgt: Tensor, mask: Tensor, outside: Tensor, temperature: float = 0.25, min_s: float = 1e-3
+) -> "ChangeMaskStats":
+    """One temperature per sample for the change masks of prediction and target, from the target alone.
+
+    ``mu_in`` and ``mu_out`` are the target's mean change norm inside the mask (``mask >= 0.5``) and on
+    the sure background; ``tau = (mu_in + mu_out) / 2`` and ``s = max(temperature * (mu_in - mu_out), min_s)``.
+    A sample with no inside or no outside pixel uses the mean over all pixels for the missing side.
+    The statistics are constants for autograd: they depend on the sample, not on the prediction.
+
+    Args:
+        D_tgt: ``[B, 1, H, W]`` change norm ``||z_tgt - z_ctx||`` over channels.
+        mask: ``[B, 1, H, W]`` soft latent mask; outside: ``[B, 1, H, W]`` 0/1 sure background.
+        temperature: sigmoid width as a fraction of the target's change contrast.
+
+    Returns:
+        :class:`~losses.geometry.ChangeMaskStats` with ``[B, 1, 1, 1]`` tensors.
+    """
+    from .geometry import ChangeMaskStats
+
+    dims = (1, 2, 3)
+    inside = (mask >= 0.5).to(D_tgt.dtype)
+    overall = D_tgt.mean(dims, keepdim=True)
+
+    def region_mean(region: Tensor) -> Tensor:
+        n = region.sum(dims, keepdim=True)
+        m = (region * D_tgt).sum(dims, keepdim=True) / n.clamp_min(1.0)
+        return torch.where(n > 0, m, overall)
+
+    mu_in, mu_out = region_mean(inside), region_mean(outside.to(D_tgt.dtype))
+    tau = 0.5 * (mu_in + mu_out)
+    s = (temperature * (mu_in - mu_out)).clamp_min(min_s)
+    return ChangeMaskStats(tau=tau, s=s)
+
+
 def _check_inputs(z_pred: Tensor, z_tgt: Tensor, z_ctx: Tensor, targets: MaskTargets) -> None:
     if z_pred.ndim != 4:
         raise ValueError(f"z_pred must be [B, C, H, W] latents; got {tuple(z_pred.shape)}")
@@ -153,18 +201,33 @@ def geometry_loss(
     detach_stats: bool = True,
     dice_smooth: float = 1.0,
     area_eps: float = 1.0,
+    formulation: str = "calibrated",
+    temperature: float = 0.25,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Starter total ``1.0 mse + 0.6 bg + 0.9 dice + 0.2 area + 0.4 boundary`` on precomputed targets.
+    """Geometry total ``1.0 mse + 0.6 bg + 0.9 dice + 0.2 area + 0.4 boundary`` on precomputed targets.
 
-    Each term is computed per sample exactly as the seed function of the same name (same fallbacks),
-    using ``targets`` for the latent mask, band, sure background (also the change-mask statistics'
-    background) and SDM. With ``sample_weights=None`` the total equals the seed-API composition.
+    Shared by both formulations: ``mse`` is the boundary-band weighted MSE against ``z_tgt``. The other
+    terms use the change norm ``D = ||z_pred - z_ctx||`` over channels and ``p = sigmoid((D - tau) / s)``:
+
+    - ``"calibrated"``: ``bg`` is ``(D - D_tgt)^2`` on the sure background, ``D_tgt = ||z_tgt - z_ctx||`` (the
+      prediction should change the scene there as much as the target does: nearly nothing, but not less);
+      ``t = sigmoid((D_tgt - tau) / s)`` is the target's own change mask,
+      ``tau, s`` from :func:`calibrated_change_stats` (the target's change contrast); ``dice =
+      sum (p - t)^2 / (sum p^2 + sum t^2 + smooth)``, ``area = log((sum p + eps) / (sum t + eps))^2`` with
+      both sums over the mask and its band (not the sure background, whose drift is ``bg``'s business),
+      ``boundary = mean(|phi| (p - t)^2)``. Every term is 0 with zero gradient at ``z_pred = z_tgt``.
+    - ``"seed"``: each term exactly as the specification's function of the same name (same fallbacks), ``bg``
+      the MSE against ``z_ctx`` on the sure background,
+      ``tau, s`` from the prediction's own background, Dice and area against the insertion mask, and
+      Kervadec's ``mean(p * phi)``. With ``sample_weights=None`` the total equals the specification's
+      composition.
 
     Args:
         z_pred: ``[B, C, H, W]`` predicted clean latents (``x_t - sigma * v_pred``); any float dtype,
             computed in float32.
         z_tgt: ``[B, C, H, W]`` target latents.
-        z_ctx: ``[B, C, H, W]`` context latents.
+        z_ctx: ``[B, C, H, W]`` latents of the *un-hinted* scene (the context without the mask hint): what
+            "unchanged" means. With ``mask_hint: none`` these are the context latents.
         targets: :class:`MaskTargets` with ``B`` (or 1) samples at ``(H, W)``.
         weights: per-term weights (default :class:`GeometryLossWeights`).
         w_in, w_band, w_out: spatial weights of the ``mse`` term.
@@ -174,6 +237,8 @@ def geometry_loss(
             ``mean_b(sample_weights[b] * sum_k weight_k * term_k[b])``.
         min_s, detach_stats: change-mask temperature floor / whether its statistics are constants.
         dice_smooth, area_eps: pixel-unit smoothing of Dice and the area ratio.
+        formulation: ``"calibrated"`` (default) or ``"seed"``.
+        temperature: ``calibrated`` only: sigmoid width as a fraction of the target's change contrast.
 
     Returns:
         ``(total, parts)``: scalar total, and ``parts`` = ``{"mse", "bg", "dice", "area", "boundary"}``,
@@ -182,6 +247,8 @@ def geometry_loss(
     _check_inputs(z_pred, z_tgt, z_ctx, targets)
     if channel_reduce not in ("mean", "sum"):
         raise ValueError(f"channel_reduce must be 'mean' or 'sum'; got {channel_reduce!r}")
+    if formulation not in FORMULATIONS:
+        raise ValueError(f"formulation must be one of {FORMULATIONS}; got {formulation!r}")
     weights = weights if weights is not None else GeometryLossWeights()
     dt = compute_dtype(z_pred)
     b, c = z_pred.shape[:2]
@@ -198,15 +265,34 @@ def geometry_loss(
     sq_tgt, sq_ctx = _ChannelErrors.apply(zp, z_tgt.to(dt), z_ctx.to(dt))
     err_tgt = sq_tgt / c if channel_reduce == "mean" else sq_tgt
     mse = (latent_weight_map(m, band, w_in, w_band, w_out) * err_tgt).mean(dims)
-    err_ctx = sq_ctx / c if channel_reduce == "mean" else sq_ctx
-    bg = (outside * err_ctx).sum(dims) / outside.sum(dims).clamp_min(1.0)
-
     D = (sq_ctx + NORM_EPS).sqrt()
-    stats = change_stats_from_background(D, outside, k_sigma, min_s, detach_stats)
-    m_hat = torch.sigmoid((D - stats.tau) / stats.s.clamp_min(min_s))
-    dice = dice_per_sample(m_hat, m, dice_smooth)
-    area = area_ratio_per_sample(m_hat, m, area_eps)
-    bnd = (m_hat * sdm).mean(dims)
+    n_out = outside.sum(dims).clamp_min(1.0)
+    if formulation == "seed":
+        err_ctx = sq_ctx / c if channel_reduce == "mean" else sq_ctx
+        bg = (outside * err_ctx).sum(dims) / n_out
+        stats = change_stats_from_background(D, outside, k_sigma, min_s, detach_stats)
+        m_hat = torch.sigmoid((D - stats.tau) / stats.s.clamp_min(min_s))
+        dice = dice_per_sample(m_hat, m, dice_smooth)
+        area = area_ratio_per_sample(m_hat, m, area_eps)
+        bnd = (m_hat * sdm).mean(dims)
+    else:
+        with torch.no_grad():
+            D_tgt = ((z_tgt.to(dt) - z_ctx.to(dt)).square().sum(1, keepdim=True) + NORM_EPS).sqrt()
+            stats = calibrated_change_stats(D_tgt, m, outside, temperature, min_s)
+            t_hat = torch.sigmoid((D_tgt - stats.tau) / stats.s)
+        # The object's own latents leak past the mask through the encoder's receptive field, so the target
+        # itself changes the sure background a little; asking for exactly that much change (not zero) keeps
+        # the term from rewarding a smaller object.
+        bg_err = (D - D_tgt).square()
+        bg = (outside * (bg_err / c if channel_reduce == "mean" else bg_err)).sum(dims) / n_out
+        m_hat = torch.sigmoid((D - stats.tau) / stats.s)
+        err = (m_hat - t_hat).square()
+        dice = err.sum(dims) / (m_hat.square().sum(dims) + t_hat.square().sum(dims) + dice_smooth)
+        # Area is counted where the object may be (the mask and its band): far-away background drift is
+        # the bg term's business, and counted here it would let a smaller object compensate for it.
+        near = 1.0 - outside
+        area = area_ratio_per_sample(near * m_hat, near * t_hat, area_eps)
+        bnd = (sdm.abs() * err).mean(dims)
 
     per_sample = {"mse": mse, "bg": bg, "dice": dice, "area": area, "boundary": bnd}
     w = weights.as_dict()
@@ -238,6 +324,8 @@ class GeometryLoss(nn.Module):
         k_sigma: float = 2.0,
         min_s: float = 1e-3,
         detach_stats: bool = True,
+        formulation: str = "calibrated",
+        temperature: float = 0.25,
     ) -> None:
         super().__init__()
         self.weights = weights if weights is not None else GeometryLossWeights()
@@ -249,6 +337,8 @@ class GeometryLoss(nn.Module):
             k_sigma=k_sigma,
             min_s=min_s,
             detach_stats=detach_stats,
+            formulation=formulation,
+            temperature=temperature,
         )
 
     def forward(

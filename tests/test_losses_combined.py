@@ -1,4 +1,5 @@
-"""Precomputed mask targets and the combined geometry loss against the seed-API composition."""
+"""Precomputed mask targets and the combined geometry loss: the ``seed`` formulation against the specification's
+functions composed as in its usage example, and properties both formulations share."""
 
 from __future__ import annotations
 
@@ -75,7 +76,9 @@ def test_geometry_loss_equals_seed_composition(dtype):
     m_px, z_pred, z_tgt, z_ctx = _batch()
     zp = z_pred.to(dtype).requires_grad_(True)
     zp_ref = z_pred.to(dtype).requires_grad_(True)
-    total, parts = geometry_loss(zp, z_tgt.to(dtype), z_ctx.to(dtype), compute_mask_targets(m_px, (12, 10)))
+    total, parts = geometry_loss(
+        zp, z_tgt.to(dtype), z_ctx.to(dtype), compute_mask_targets(m_px, (12, 10)), formulation="seed"
+    )
     ref_total, ref_parts = _seed_composition(m_px, zp_ref, z_tgt.to(dtype), z_ctx.to(dtype))
     assert set(parts) == {"mse", "bg", "dice", "area", "boundary"}
     for k in parts:
@@ -92,7 +95,9 @@ def test_custom_weights_and_options_match_seed_functions():
     m_px, z_pred, z_tgt, z_ctx = _batch(seed=1)
     t = compute_mask_targets(m_px, (12, 10), band_r=1)
     w = GeometryLossWeights(mse=2.0, bg=0.0, dice=1.5, area=0.0, boundary=0.1)
-    total, parts = geometry_loss(z_pred, z_tgt, z_ctx, t, w, w_band=9.0, channel_reduce="sum", k_sigma=3.0)
+    total, parts = geometry_loss(
+        z_pred, z_tgt, z_ctx, t, w, w_band=9.0, channel_reduce="sum", k_sigma=3.0, formulation="seed"
+    )
     M_lat = t.mask
     mse = weighted_masked_mse_latent(z_pred, z_tgt, M_lat, w_band=9.0, channel_reduce="sum")
     bg = background_preservation_mse_latent(z_pred, z_ctx, M_lat, channel_reduce="sum")
@@ -102,12 +107,16 @@ def test_custom_weights_and_options_match_seed_functions():
     torch.testing.assert_close(parts["bg"], bg, rtol=1e-5, atol=1e-6)
 
 
-def test_sample_weights_weight_each_sample_before_the_mean():
+@pytest.mark.parametrize("formulation", ["calibrated", "seed"])
+def test_sample_weights_weight_each_sample_before_the_mean(formulation):
     m_px, z_pred, z_tgt, z_ctx = _batch()
     t = compute_mask_targets(m_px, (12, 10))
     sw = torch.tensor([1.0, 0.25, 0.0])
-    total, _ = geometry_loss(z_pred, z_tgt, z_ctx, t, sample_weights=sw)
-    singles = [geometry_loss(z_pred[i : i + 1], z_tgt[i : i + 1], z_ctx[i : i + 1], t[i])[0] for i in range(3)]
+    total, _ = geometry_loss(z_pred, z_tgt, z_ctx, t, sample_weights=sw, formulation=formulation)
+    singles = [
+        geometry_loss(z_pred[i : i + 1], z_tgt[i : i + 1], z_ctx[i : i + 1], t[i], formulation=formulation)[0]
+        for i in range(3)
+    ]
     want = sum(sw[i] * singles[i] for i in range(3)) / 3
     torch.testing.assert_close(total, want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="sample_weights"):
@@ -123,17 +132,22 @@ def test_module_wrapper_and_single_target_broadcast():
     torch.testing.assert_close(total, total3)
 
 
-def test_geometry_loss_gradcheck_float64():
+@pytest.mark.parametrize("formulation", ["calibrated", "seed"])
+def test_geometry_loss_gradcheck_float64(formulation):
     m_px, z_pred, z_tgt, z_ctx = _batch(b=2, c=2, h=5, w=5)
     t = compute_mask_targets(m_px, (5, 5))
     zp = z_pred.double().requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda z: geometry_loss(z, z_tgt.double(), z_ctx.double(), t, detach_stats=False)[0], (zp,)
+        lambda z: geometry_loss(
+            z, z_tgt.double(), z_ctx.double(), t, detach_stats=False, formulation=formulation
+        )[0],
+        (zp,),
     )
 
 
+@pytest.mark.parametrize("formulation", ["calibrated", "seed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_geometry_loss_edge_cases_finite(dtype):
+def test_geometry_loss_edge_cases_finite(dtype, formulation):
     _, z_pred, z_tgt, z_ctx = _batch(b=4)
     m_px = torch.zeros(4, 96, 80)
     m_px[1] = 1.0  # full mask
@@ -142,7 +156,7 @@ def test_geometry_loss_edge_cases_finite(dtype):
     zp = z_pred.clone()
     zp[2] = z_ctx[2]  # identical latents -> also zero predicted area
     zp = zp.to(dtype).requires_grad_(True)
-    total, parts = geometry_loss(zp, z_tgt.to(dtype), z_ctx.to(dtype), t)
+    total, parts = geometry_loss(zp, z_tgt.to(dtype), z_ctx.to(dtype), t, formulation=formulation)
     assert all(torch.isfinite(v) for v in parts.values()) and torch.isfinite(total)
     total.backward()
     assert torch.isfinite(zp.grad.float()).all()
@@ -166,6 +180,8 @@ def test_mask_targets_roundtrip_stack_and_errors(tmp_path):
         MaskTargets(mask=t.mask, band=t.band[:, :, :5], outside=t.outside, sdm=t.sdm)
     with pytest.raises(ValueError, match="latent sizes"):
         MaskTargets.stack([t, compute_mask_targets(m_px, (6, 5))])
+    with pytest.raises(ValueError, match="formulation must be one of"):
+        geometry_loss(torch.zeros(3, 4, 12, 10), torch.zeros(3, 4, 12, 10), torch.zeros(3, 4, 12, 10), t, formulation="x")
     with pytest.raises(ValueError, match=r"compute_mask_targets\(mask_px, \(6, 6\)\)"):
         geometry_loss(torch.zeros(3, 4, 6, 6), torch.zeros(3, 4, 6, 6), torch.zeros(3, 4, 6, 6), t)
 
