@@ -1,18 +1,21 @@
-"""A tiny, randomly initialised FLUX.1 Kontext built in code, for tests and the embedded default.
+"""The embedded tiny FLUX.1 Kontext: a pretrained base at toy width, for the quick start, tests and benchmarks.
 
 It has all seven components of ``black-forest-labs/FLUX.1-Kontext-dev`` with the real model's geometry
 (VAE 8x downsampling, 16 latent channels with FLUX's shift/scale factors and no quant convs; transformer
 ``in_channels=64`` for 2x2 packing, guidance embedding, rope axes summing to the head dimension; the real
-scheduler settings) at toy widths, so every tensor in training has a real shape and a training step at
-128x128 px takes a fraction of a second on a CPU. The tokenizers are built in code. The VAE is briefly
-trained (seeded) on synthetic scenes from :mod:`data.synthetic` so that decoded images, validation grids
-and pixel metrics mean something. This model proves the machinery; real use points the config at
-``black-forest-labs/FLUX.1-Kontext-dev``.
+scheduler settings) at toy widths, and the tokenizers are built in code. It is *trained*, so that sizes and
+edits can be measured on it: the VAE reconstructs synthetic scenes with latents of unit variance after
+FLUX's shift and scale, and the transformer is pretrained (:mod:`kontext.tiny_pretrain`) on a general
+insertion task, so it already paints an object into a hinted region, as FLUX.1 Kontext [dev] does for a
+user. A product LoRA then specialises it.
 
-Build (or reuse) the cached copy and print its folder, or build into a chosen folder::
+The weights are committed with the package (``kontext/tiny_flux_kontext/``), so a fresh machine loads them
+in seconds. :func:`tiny_model_path` returns that folder when its recorded definition hash matches
+:data:`TINY_DEFINITION`, and otherwise builds the definition into the cache. Rebuild the committed folder
+(the recipe; see ``docs/tiny_model.md`` for its measured quality and time)::
 
-    python -m kontext.tiny
-    python -m kontext.tiny --out /tmp/tiny-kontext
+    python -m kontext.tiny --out kontext/tiny_flux_kontext
+    python -m kontext.tiny                        # print the folder that `tiny` resolves to
 """
 
 from __future__ import annotations
@@ -38,7 +41,10 @@ from data.locking import exclusive_lock
 logger = logging.getLogger(__name__)
 
 # Bump when the build procedure changes in a way the definition below does not capture.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
+
+# The committed build of TINY_DEFINITION (package data).
+COMMITTED_DIR = Path(__file__).resolve().parent / "tiny_flux_kontext"
 
 # The scheduler_config.json of black-forest-labs/FLUX.1-Kontext-dev (same as FLUX.1-dev).
 FLUX_KONTEXT_SCHEDULER_CONFIG: dict[str, Any] = {
@@ -60,14 +66,14 @@ TINY_DEFINITION: dict[str, Any] = {
     "transformer": {
         "patch_size": 1,
         "in_channels": 64,
-        "num_layers": 1,
-        "num_single_layers": 1,
-        "attention_head_dim": 16,
-        "num_attention_heads": 2,
+        "num_layers": 2,
+        "num_single_layers": 2,
+        "attention_head_dim": 32,
+        "num_attention_heads": 3,
         "joint_attention_dim": 32,
         "pooled_projection_dim": 32,
         "guidance_embeds": True,
-        "axes_dims_rope": [4, 6, 6],
+        "axes_dims_rope": [8, 12, 12],
     },
     # Shallow on purpose: with no resnet in the encoder's down blocks (layers_per_block=0; the decoder still
     # has one per up block) the VAE reaches ~22 dB in 1000 steps, where (32, 32, 64, 64) with one layer per
@@ -92,7 +98,27 @@ TINY_DEFINITION: dict[str, Any] = {
         "data_seed": 1234,
         "eval_scenes": 8,
         "eval_seed": 98765,
-        "latent_moment_weight": 1e-3,
+        # Strong enough that normalised latents have unit variance, as FLUX's own VAE gives them: noise levels in
+        # flow matching then mean what they mean for the real model (1e-3 left them at std 0.39).
+        "latent_moment_weight": 0.05,
+    },
+    # Pretraining of the transformer on the general insertion task (kontext.tiny_pretrain).
+    "pretraining": {
+        "steps": 5000,
+        "batch_size": 8,
+        "lr": 1e-3,
+        "warmup_steps": 100,
+        "weight_decay": 0.0,
+        "ema_decay": 0.999,
+        "num_samples": 4000,
+        "size": 128,
+        "area_range": [0.01, 0.5],
+        "data_seed": 2024,
+        "max_sequence_length": 32,
+        "guidance_range": [1.0, 4.0],
+        "eval_samples": 16,
+        "eval_seed": 4242,
+        "eval_steps": 12,
     },
     "clip": {
         "hidden_size": 32,
@@ -490,6 +516,21 @@ def build_tiny_pipeline(
         tokenizer_2=tokenizer_2,
         transformer=transformer,
     )
+    pre_info: dict[str, Any] = {}
+    pre = definition.get("pretraining")
+    if pre and pre["steps"] > 0:
+        from kontext.tiny_pretrain import insertion_quality, pretrain_transformer
+
+        with torch.random.fork_rng(devices=[]):
+            pre_info = pretrain_transformer(transformer, pipe, pre, seed + 5, progress)
+            quality = insertion_quality(
+                pipe, pre["eval_samples"], pre["eval_seed"], pre["eval_steps"], pre["size"], pre["max_sequence_length"]
+            )
+        pre_info["insertion_quality"] = quality
+        pre_info["insertion_quality_eval"] = (
+            f"{pre['eval_samples']} held-out insertion samples (seed {pre['eval_seed']}), {pre['size']} px, fill hint, "
+            f"{pre['eval_steps']} sampler steps, guidance 2.5"
+        )
     pipe.save_pretrained(output_dir, safe_serialization=True)
 
     info = {
@@ -497,16 +538,19 @@ def build_tiny_pipeline(
         "builder_version": BUILDER_VERSION,
         "seed": seed,
         **vae_info,
+        **pre_info,
         "build_seconds": round(time.perf_counter() - start, 1),
         "torch_threads": torch.get_num_threads(),
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__},
         "definition": definition,
-        "note": "Tiny randomly initialised FLUX.1 Kontext for tests and the embedded default; "
-        "real use: black-forest-labs/FLUX.1-Kontext-dev.",
+        "note": "Tiny pretrained FLUX.1 Kontext (synthetic insertion task) for tests, benchmarks and the embedded "
+        "default; real use: black-forest-labs/FLUX.1-Kontext-dev.",
     }
     # Written last: its presence marks a complete build (see tiny_model_path).
     (output_dir / "build_info.json").write_text(json.dumps(info, indent=1))
     logger.info("built tiny FLUX.1 Kontext in %s (VAE PSNR %.2f dB)", output_dir, info["vae_psnr_db"])
+    if "insertion_quality" in info:
+        logger.info("insertion on held-out samples: %s", info["insertion_quality"])
     return output_dir
 
 
@@ -519,15 +563,27 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "kontext-lora"
 
 
+def committed_matches(definition: dict[str, Any] | None = None) -> bool:
+    """True if the committed folder holds a complete build of ``definition`` (default :data:`TINY_DEFINITION`)."""
+    info = COMMITTED_DIR / "build_info.json"
+    if not info.is_file():
+        return False
+    try:
+        return json.loads(info.read_text()).get("definition_hash") == definition_hash(definition)
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
 def tiny_model_path(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     *,
     definition: dict[str, Any] | None = None,
 ) -> Path:
-    """Folder of the cached tiny FLUX.1 Kontext, building it on first use.
+    """Folder of the tiny FLUX.1 Kontext: the committed build when it matches the definition, else a cached build.
 
-    The folder is ``<cache_dir>/tiny-flux-kontext-<hash>``, the hash covering the model definition and builder
+    With the default definition this is the committed ``kontext/tiny_flux_kontext`` (no build). Otherwise the
+    folder is ``<cache_dir>/tiny-flux-kontext-<hash>``, the hash covering the model definition and builder
     version, so a changed definition builds a new folder and an unchanged one is reused. Concurrent callers
     (for example two accelerate ranks) are safe: one builds into a temporary folder under a lock and renames
     it into place atomically; the others wait for the lock and then reuse it.
@@ -540,6 +596,8 @@ def tiny_model_path(
     Returns:
         The model folder, loadable with ``FluxKontextPipeline.from_pretrained``.
     """
+    if committed_matches(definition):
+        return COMMITTED_DIR
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     name = f"tiny-flux-kontext-{definition_hash(definition)}"
@@ -564,8 +622,10 @@ def tiny_model_path(
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line: ``python -m kontext.tiny [--out DIR] [--seed N] [--cache-dir DIR]``; prints the folder."""
-    parser = argparse.ArgumentParser(description="Build the tiny randomly initialised FLUX.1 Kontext.")
-    parser.add_argument("--out", help="build into this folder (default: the shared cache, reused if present)")
+    parser = argparse.ArgumentParser(description="Build (or locate) the tiny pretrained FLUX.1 Kontext.")
+    parser.add_argument(
+        "--out", help="build into this folder (default: print the committed folder, or build the cache's if it differs)"
+    )
     parser.add_argument("--seed", type=int, default=None, help="seed (only with --out; default 0)")
     parser.add_argument("--cache-dir", help="cache root (default: $KONTEXT_LORA_CACHE or ~/.cache/kontext-lora)")
     args = parser.parse_args(argv)
@@ -578,6 +638,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         path = tiny_model_path(args.cache_dir)
     info = json.loads((Path(path) / "build_info.json").read_text())
     print(f"{path}\nVAE PSNR {info['vae_psnr_db']:.2f} dB on held-out synthetic images; built in {info['build_seconds']} s")
+    if "insertion_quality" in info:
+        q = info["insertion_quality"]
+        print(
+            f"insertion ({info['insertion_quality_eval']}): IoU {q['iou']:.3f}, |log area ratio| "
+            f"{q['area_log_error']:.3f}, PSNR outside {q['psnr_outside']:.2f} dB, inside {q['psnr_inside']:.2f} dB"
+        )
 
 
 if __name__ == "__main__":
