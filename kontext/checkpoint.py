@@ -5,22 +5,40 @@ scheduler, every process's RNG states) plus, through the save hook, only the LoR
 (``pytorch_lora_weights.safetensors``, itself loadable by diffusers) and ``trainer_state.json`` (step,
 sampler position, LoRA shape). It is written under ``checkpoint-<step>.tmp`` and renamed when complete,
 so an interrupted save never looks like a checkpoint, and ``latest`` only ever picks complete ones.
+
+Before a resume every file is verified (:func:`verify_checkpoint`): a damaged ``latest`` is skipped for
+the newest intact checkpoint with a warning, a damaged explicit checkpoint is refused naming the file.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import math
 import re
 import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
+
+logger = logging.getLogger(__name__)
+
 TRAINER_STATE_NAME = "trainer_state.json"
+LORA_NAME = "pytorch_lora_weights.safetensors"
+# The run settings a checkpoint records, so a resume can say what it changes (see ``apply_schedule``).
+SCHEDULE_KEYS = ("learning_rate", "lr_scheduler", "lr_warmup_steps", "max_steps")
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be used for this run; the message says why and what to do."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint just written does not read back intact (data lost without a write error)."""
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -36,17 +54,34 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def resolve_resume(output_dir: str | Path, resume_from: str | None) -> Path | None:
-    """Turn ``checkpoint.resume_from`` into a checkpoint folder, or None for a fresh start.
+def resolve_resume(
+    output_dir: str | Path, resume_from: str | None, warn: Callable[[str], None] | None = None
+) -> Path | None:
+    """Turn ``checkpoint.resume_from`` into a verified checkpoint folder, or None for a fresh start.
 
-    ``latest`` with no checkpoint yet is a fresh start (so a pre-emptible job can always pass it);
-    an explicit path that is not a complete checkpoint is an error.
+    ``latest`` with no checkpoint yet is a fresh start (so a pre-emptible job can always pass it); a
+    damaged newest checkpoint is skipped for the newest intact one, with a warning (``warn``, default
+    this module's logger) naming the damaged one and its file; with none intact it is an error. An
+    explicit path that is not a complete, intact checkpoint is an error naming what is wrong.
     """
     if not resume_from:
         return None
+    warn = logger.warning if warn is None else warn
     if resume_from == "latest":
-        ckpts = list_checkpoints(output_dir)
-        return ckpts[-1] if ckpts else None
+        damaged = []
+        for ckpt in reversed(list_checkpoints(output_dir)):
+            problem = verify_checkpoint(ckpt)
+            if problem is None:
+                if damaged:
+                    warn(f"Damaged checkpoint skipped: {'; '.join(damaged)}. Resuming from the newest intact one, {ckpt}.")
+                return ckpt
+            damaged.append(f"{ckpt} ({problem})")
+        if damaged:
+            raise CheckpointError(
+                f"`checkpoint.resume_from` = 'latest': no intact checkpoint in {output_dir}: {'; '.join(damaged)}. "
+                "Restore one from a backup, or start a fresh run (checkpoint.overwrite_output_dir=true or a new output_dir)."
+            )
+        return None
     path = Path(resume_from)
     if not path.is_absolute() and not path.exists():
         path = Path(output_dir) / resume_from
@@ -61,7 +96,113 @@ def resolve_resume(output_dir: str | Path, resume_from: str | None) -> Path | No
             f"`checkpoint.resume_from` = {resume_from!r} is not a complete checkpoint (no {TRAINER_STATE_NAME}); "
             "it may be an interrupted save. Pass `latest` or another checkpoint-<step> folder."
         )
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise CheckpointError(
+            f"`checkpoint.resume_from` = {resume_from!r}: checkpoint {path} is damaged: {problem}. "
+            "Pass `latest` (it skips damaged checkpoints) or another checkpoint-<step> folder."
+        )
     return path
+
+
+def verify_checkpoint(checkpoint: str | Path) -> str | None:
+    """What is wrong with a checkpoint folder (naming the file), or None if it can be resumed from.
+
+    Checks what resuming reads: ``trainer_state.json`` is JSON with the step and the data position;
+    the LoRA safetensors file is complete (every tensor readable) and finite; ``optimizer.bin``,
+    ``scheduler.bin`` and one ``random_states_<rank>.pkl`` per process of the saving run are present,
+    non-empty and load with ``weights_only=True``. (accelerate itself silently skips RNG states it
+    cannot read, which would quietly break exact resume.) Under FSDP or DeepSpeed, whose optimizer
+    state is a folder of shards (``optimizer_0/``, ``pytorch_model/``), only its presence is checked.
+    """
+    ckpt = Path(checkpoint)
+    try:
+        state = read_trainer_state(ckpt)
+    except OSError as e:
+        return f"{TRAINER_STATE_NAME} cannot be read ({e.strerror or e})"
+    except ValueError as e:
+        return f"{TRAINER_STATE_NAME} is not valid JSON ({e})"
+    if not isinstance(state, dict):
+        return f"{TRAINER_STATE_NAME} does not hold a mapping"
+    data = state.get("data")
+    if not isinstance(state.get("step"), int) or not isinstance(data, dict) or not all(
+        isinstance(data.get(k), int) for k in ("epoch", "position")
+    ):
+        return f"{TRAINER_STATE_NAME} lacks the step or the data position (step, data.epoch, data.position)"
+    problem = _verify_lora(ckpt / LORA_NAME)
+    if problem:
+        return problem
+    if not (ckpt / "optimizer.bin").exists() and (any(ckpt.glob("optimizer_*")) or (ckpt / "pytorch_model").is_dir()):
+        names = ["scheduler.bin"]  # sharded optimizer state: present; its shards are read by accelerate
+    else:
+        names = ["optimizer.bin", "scheduler.bin"]
+    names += [f"random_states_{i}.pkl" for i in range(int(state.get("num_processes", 1) or 1))]
+    for name in names:
+        problem = _verify_torch_file(ckpt / name)
+        if problem:
+            return problem
+    return None
+
+
+def _verify_lora(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return f"{path.name} is missing"
+    if path.stat().st_size == 0:
+        return f"{path.name} is empty (0 bytes)"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = [f.get_tensor(k) for k in f.keys()]
+    except Exception as e:  # safetensors raises its own error type for a truncated or garbled file
+        return f"{path.name} is truncated or not a safetensors file ({str(e).splitlines()[0][:200]})"
+    if not tensors:
+        return f"{path.name} holds no tensors"
+    if not weights_finite(tensors):
+        return f"{path.name} holds NaN/inf weights"
+    return None
+
+
+def _verify_torch_file(path: Path) -> str | None:
+    from accelerate.utils import load as accelerate_load  # torch.load with accelerate's allow-list (numpy RNG state)
+
+    if not path.is_file():
+        return f"{path.name} is missing"
+    if path.stat().st_size == 0:
+        return f"{path.name} is empty (0 bytes)"
+    try:
+        obj = accelerate_load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip archive raises RuntimeError, OSError or UnpicklingError
+        return f"{path.name} is truncated or unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    if not isinstance(obj, dict) or not obj:
+        return f"{path.name} does not hold a state dict"
+    return None
+
+
+def newest_intact(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint of ``output_dir`` that :func:`verify_checkpoint` passes, or None."""
+    for ckpt in reversed(list_checkpoints(output_dir)):
+        if verify_checkpoint(ckpt) is None:
+            return ckpt
+    return None
+
+
+def weights_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """True if every tensor is finite: one norm over all of them (fused where torch can), one host sync.
+
+    A NaN or inf anywhere makes the total norm NaN or inf. Works on DTensor shards (FSDP2) too.
+    """
+    ts = [t.detach() for t in tensors]
+    if not ts:
+        return True
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6: foreach kernels
+    if get_total_norm is not None:
+        total = get_total_norm(ts)
+    else:
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in ts]))
+    if hasattr(total, "full_tensor"):
+        total = total.full_tensor()
+    return bool(torch.isfinite(total))
 
 
 def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
@@ -97,6 +238,11 @@ def finalize(output_dir: str | Path, step: int, state: dict[str, Any], total_lim
     output_dir = Path(output_dir)
     tmp = temp_path(output_dir, step)
     (tmp / TRAINER_STATE_NAME).write_text(json.dumps(state, indent=2), encoding="utf-8")
+    # Read everything back before it counts: a full disk noticed only when a file is closed, or a writer
+    # that drops an error, would otherwise leave a damaged checkpoint that `latest` picks.
+    problem = verify_checkpoint(tmp)
+    if problem is not None:
+        raise CheckpointWriteError(f"{tmp.name} does not read back intact: {problem}")
     final = output_dir / f"checkpoint-{step}"
     if final.exists():
         # Re-saving a step: move the old folder aside first, so a crash between the two renames
@@ -155,3 +301,144 @@ def remove_checkpoints(output_dir: str | Path) -> list[Path]:
     for p in removed:
         shutil.rmtree(p, ignore_errors=True)
     return removed
+
+
+def check_data_position(
+    source: Any, cfg: Any, num_processes: int, checkpoint: Path | None = None, state: dict[str, Any] | None = None
+) -> None:
+    """Before any model loads: the batches this run will draw exist, and a resumed data position fits them.
+
+    Builds the run's ``BucketBatchSampler`` from the sample sizes alone (image headers, already read by
+    the dataset check), so a batch larger than the dataset (or than every aspect bucket) and a checkpoint
+    saved with another batch size, seed, process count or dataset size are refused here, not after the
+    model has loaded.
+    """
+    from data import BucketBatchSampler, make_buckets, nearest_bucket
+
+    batch_size, seed = cfg.train.batch_size, cfg.train.seed
+    buckets = make_buckets(cfg.data.resolution, cfg.data.aspect_buckets)
+    ids = [nearest_bucket(*source.size(i), buckets) for i in range(len(source))]
+    saved = (state or {}).get("data", {})
+    for key, mine, name in (
+        ("batch_size", batch_size, "train.batch_size"),
+        ("seed", seed, "train.seed"),
+        ("num_replicas", num_processes, "the number of processes"),
+    ):
+        if key in saved and int(saved[key]) != mine:
+            raise CheckpointError(
+                f"Cannot resume from {checkpoint}: it was trained with {name} = {saved[key]}, this run has {mine}. "
+                f"The saved data position counts batches of that run; set {name} back to {saved[key]}, or start "
+                "a new run in another output_dir."
+            )
+    try:
+        sampler = BucketBatchSampler(ids, batch_size=batch_size, seed=seed, num_replicas=num_processes, rank=0)
+    except ValueError as e:
+        raise CheckpointError(f"train.batch_size = {batch_size} does not fit the dataset: {e}.") from None
+    if saved:
+        try:
+            sampler.load_state_dict(saved)
+        except ValueError as e:
+            raise CheckpointError(f"Cannot resume from {checkpoint}: {e}.") from None
+
+
+def schedule_of(train_cfg: Any) -> dict[str, Any]:
+    """The settings of ``train_cfg`` that shape the learning rate (recorded in every checkpoint)."""
+    return {k: getattr(train_cfg, k) for k in SCHEDULE_KEYS}
+
+
+def apply_schedule(lr_scheduler: Any, state: dict[str, Any], train_cfg: Any, warn: bool = True) -> str | None:
+    """After ``accelerator.load_state``: make the resumed run use this run's learning-rate settings.
+
+    accelerate restores the checkpoint's base learning rate (the scheduler's ``base_lrs``) but builds the
+    schedule's shape from this run's config (diffusers' lambdas are closures, saved as None), so a
+    changed ``train.learning_rate`` would be silently ignored while a changed ``lr_scheduler`` silently
+    applied. Here both apply: the base rate is set to ``train.learning_rate`` and the current rate is
+    recomputed at the resumed step. Returns (and with ``warn`` logs) a warning naming each change, or
+    None when nothing changed; ``config.yaml`` records the new values, used from the resumed step on.
+    """
+    sched = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps the torch scheduler
+    if not hasattr(sched, "base_lrs"):
+        return None
+    saved = dict(state.get("schedule") or {})
+    saved.setdefault("learning_rate", sched.base_lrs[0])  # checkpoints written before settings were recorded
+    old_lr = [g["lr"] for g in sched.optimizer.param_groups]
+    new = schedule_of(train_cfg)
+    sched.base_lrs = [float(train_cfg.learning_rate)] * len(sched.base_lrs)
+    for g in sched.optimizer.param_groups:
+        g["initial_lr"] = float(train_cfg.learning_rate)
+    if hasattr(sched, "lr_lambdas"):
+        lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+        for g, lr in zip(sched.optimizer.param_groups, lrs):
+            g["lr"] = lr
+        sched._last_lr = lrs
+    changed = [
+        f"train.{k}: {saved[k]!r} -> {new[k]!r}"
+        for k in SCHEDULE_KEYS
+        if k in saved and k != "max_steps" and not _same(saved[k], new[k])
+    ]
+    now_lr = [g["lr"] for g in sched.optimizer.param_groups]
+    if not all(math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0) for a, b in zip(old_lr, now_lr)):
+        if "max_steps" in saved and saved["max_steps"] != new["max_steps"]:
+            changed.append(f"train.max_steps: {saved['max_steps']!r} -> {new['max_steps']!r}")
+        changed.append(f"learning rate at step {sched.last_epoch}: {old_lr[0]:.6g} -> {now_lr[0]:.6g}")
+    if not changed:
+        return None
+    message = (
+        f"Resuming with changed learning-rate settings ({'; '.join(changed)}). The new values apply from "
+        "this step on; config.yaml records them."
+    )
+    if warn:
+        logger.warning(message)
+    return message
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-12)
+    return a == b
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True if ``exc`` (or what caused it) says the disk or quota is full.
+
+    Python raises ``OSError(ENOSPC)``; torch's zip writer and safetensors raise RuntimeErrors whose text
+    is all that is left of it ("file write failed", "iostream error", "No space left on device").
+    """
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            return True
+        text = str(e).lower()
+        if any(s in text for s in ("no space left", "disk quota exceeded", "iostream error", "file write failed")):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def save_failure_message(exc: BaseException, output_dir: str | Path, partial: Iterable[Path], what: str) -> str | None:
+    """The one message for a save that a full disk (or a lost write) broke, or None for any other error.
+
+    Removes the ``partial`` files/folders (they would look like results) and names the newest intact
+    checkpoint to resume from.
+    """
+    if is_disk_full(exc):
+        head = f"no space left on device while writing {what} in {output_dir}"
+    elif isinstance(exc, CheckpointWriteError):
+        head = f"{what} in {output_dir} was not written intact ({exc}); is the disk full?"
+    else:
+        return None
+    for p in partial:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.exists():
+            p.unlink(missing_ok=True)
+    intact = newest_intact(output_dir)
+    if intact is None:
+        return f"{head}. The partial files were removed; there is no intact checkpoint yet. Free some space and start again."
+    return (
+        f"{head}. The partial files were removed; the newest intact checkpoint is {intact}. Free some space and "
+        f"resume: accelerate launch train_kontext_lora.py --config {Path(output_dir) / 'config.yaml'} "
+        "checkpoint.resume_from=latest"
+    )

@@ -23,6 +23,7 @@ from data.transforms import prepare_sample
 from kontext.generation import components_on, generate, image_latents, mask_array, mask_to_pil, quiet_progress, to_pil
 from kontext.grid import draw_mask_outline, make_grid
 from kontext.metrics import aggregate, latent_sample_metrics, sample_metrics
+from kontext.signals import busy
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +134,8 @@ def run_validation(
     rows: list[list[Image.Image]] = []
     pixel, latent = [], []
     try:
-        with components_on(pipe, device), quiet_progress(pipe):
+        what = f"the validation at step {step} ({len(samples)} x {v.num_inference_steps} denoising steps)"
+        with components_on(pipe, device), quiet_progress(pipe), busy(what):
             for i, s in enumerate(samples):
                 gen = generate(
                     pipe,
