@@ -53,7 +53,8 @@ def compute_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One micro-batch's loss.
 
-    ``batch`` holds ``target_latents`` / ``context_latents`` ``[B, 16, h, w]``, ``prompt_embeds [B, L, D]``,
+    ``batch`` holds ``target_latents`` / ``context_latents`` (hinted, the conditioning) / ``scene_latents``
+    (un-hinted, what the geometry terms compare with) ``[B, 16, h, w]``, ``prompt_embeds [B, L, D]``,
     ``pooled_prompt_embeds [B, Dp]`` and ``geometry`` (a ``losses.MaskTargets`` ``[B, 1, h, w]`` each).
     ``train_scheduler`` is the base model's ``FlowMatchEulerDiscreteScheduler`` before ``set_timesteps``
     (its training table of timesteps and sigmas). Noise is drawn first, then ``u``, from ``generator``.
@@ -97,6 +98,8 @@ def compute_loss(
     v_pred = v_pred.float()
     target = fm.velocity_target(x0f, noise)
     weighting = fm.loss_weighting(tc.weighting_scheme, sig)
+    if cfg.loss.masked.enabled:
+        weighting = weighting * fm.masked_flow_weight(batch["geometry"].mask, cfg.loss.masked.unmasked_weight)
     base = fm.flow_matching_loss(v_pred, target, weighting)
     logs: dict[str, torch.Tensor] = {"loss/flow": base.detach()}
     total = base
@@ -106,16 +109,19 @@ def compute_loss(
         # The clean latents the velocity implies; the geometry terms judge them against target and context.
         z_pred = fm.predicted_clean_latents(x_t, v_pred, sig)
         weights = GeometryLossWeights(mse=geo.mse, bg=geo.bg, dice=geo.dice, area=geo.area, boundary=geo.boundary)
+        # "What did the model change" is asked against the un-hinted scene, not the grey-filled context.
         geo_total, parts = geometry_loss(
             z_pred,
             x0f,
-            ctx.float(),
+            batch["scene_latents"].float(),
             batch["geometry"],
             weights,
             w_in=geo.w_in,
             w_band=geo.w_band,
             w_out=geo.w_out,
             k_sigma=geo.k_sigma,
+            formulation=geo.formulation,
+            temperature=geo.temperature,
             sample_weights=noise_level_weight(sigmas, geo.noise_weighting),
         )
         total = total + geo.weight * geo_total
@@ -152,25 +158,16 @@ class Run:
     stop_reason: str = ""
 
 
-def check_output_dir(cfg: Config, output_dir: Path) -> None:
-    """Refuse to start a fresh run over a finished one, or over an unfinished run's checkpoints.
+def check_output_dir(cfg: Config) -> tuple[Path, Path | None]:
+    """The output folder and the verified checkpoint to resume (or None), after the checks (and the lock) of
+    ``kontext.output_dir.open_output_dir``: nothing is written before them, and nothing of others' is touched."""
+    from kontext.checkpoint import CheckpointError
+    from kontext.output_dir import OutputDirError, is_main_launch_process, open_output_dir
 
-    A fresh run would overwrite the finished LoRA; mixed with older checkpoints, rotation would keep
-    the old run's higher steps and ``latest`` would later resume the wrong run.
-    """
-    from kontext.checkpoint import list_checkpoints
-
-    if cfg.checkpoint.resume_from or cfg.checkpoint.overwrite_output_dir:
-        return
-    fix = (
-        "Choose a new output_dir, resume with checkpoint.resume_from=latest, or set "
-        "checkpoint.overwrite_output_dir=true (its checkpoints are then deleted when training starts)."
-    )
-    if (output_dir / FINISHED_MARKER).exists():
-        raise UserError(f"output_dir {output_dir} already holds a finished run ({FINISHED_MARKER}). {fix}")
-    ckpts = list_checkpoints(output_dir)
-    if ckpts:
-        raise UserError(f"output_dir {output_dir} already holds checkpoints of another run ({ckpts[-1].name}). {fix}")
+    try:
+        return open_output_dir(cfg, main=is_main_launch_process())
+    except (OutputDirError, CheckpointError) as e:
+        raise UserError(str(e)) from None
 
 
 def resolve_model(name_or_path: str) -> str:
@@ -211,23 +208,14 @@ def setup(cfg: Config) -> Run:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
-    output_dir = Path(cfg.output_dir).expanduser().resolve()
-    check_output_dir(cfg, output_dir)
-    from kontext.checkpoint import (
-        CheckpointError,
-        read_trainer_state,
-        remove_checkpoints,
-        remove_incomplete,
-        resolve_resume,
-    )
+    output_dir, resume_ckpt = check_output_dir(cfg)
+    from kontext.checkpoint import CheckpointError, apply_schedule, check_data_position, read_trainer_state
+    from kontext.checkpoint import remove_checkpoints, remove_incomplete
+    from kontext.output_dir import OutputDirError, lock_output_dir
 
-    try:
-        resume_ckpt = resolve_resume(output_dir, cfg.checkpoint.resume_from)
-    except CheckpointError as e:
-        raise UserError(str(e)) from None
-    if resume_ckpt is not None:
-        # Fail on a mismatched LoRA before any model is loaded.
-        _check_resume_shape(cfg, resume_ckpt, read_trainer_state(resume_ckpt))
+    state = read_trainer_state(resume_ckpt) if resume_ckpt is not None else None
+    if resume_ckpt is not None:  # fail on a mismatched LoRA before any model is loaded
+        _check_resume_shape(cfg, resume_ckpt, state)
     _check_optional_features(cfg)
 
     accelerator = Accelerator(
@@ -250,13 +238,18 @@ def setup(cfg: Config) -> Run:
                 s = cfg.data.synthetic
                 generate_dataset(cfg.data.root, num_samples=s.num_samples, size=(s.size, s.size), seed=s.seed)
     source = open_dataset_source(cfg)
+    try:  # batches that fit the data, and a resumed data position that fits them, before any model loads
+        check_data_position(source, cfg, accelerator.num_processes, resume_ckpt, state)
+        if accelerator.is_main_process:  # a new folder is created (and locked) only now, after the input checks
+            lock_output_dir(output_dir, main=True, create=True)
+    except (CheckpointError, OutputDirError) as e:
+        raise UserError(str(e)) from None
 
     # -- model
     with accelerator.main_process_first():
         model_path = resolve_model(cfg.model.pretrained_model_name_or_path)
     cfg.model.pretrained_model_name_or_path = model_path
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
         remove_incomplete(output_dir)
         if cfg.checkpoint.overwrite_output_dir and resume_ckpt is None:
             remove_checkpoints(output_dir)  # the old run's checkpoints must never be resumed into this one
@@ -339,7 +332,6 @@ def setup(cfg: Config) -> Run:
         encoders_device=encoders_device,
     )
     if resume_ckpt is not None:
-        state = read_trainer_state(resume_ckpt)
         accelerator.load_state(str(resume_ckpt))
         run.start_step = int(state["step"])
         try:
@@ -349,6 +341,7 @@ def setup(cfg: Config) -> Run:
             raise UserError(f"Cannot resume from {resume_ckpt}: {e}") from None
         run.data_state = {"epoch": int(state["data"]["epoch"]), "position": int(state["data"]["position"])}
         run.history = list(state.get("history", []))
+        apply_schedule(run.lr_scheduler, state, cfg.train, warn=accelerator.is_main_process)  # a changed LR applies, loudly
         accelerator.print(f"Resumed from {resume_ckpt} at step {run.start_step}.")
     if accelerator.is_main_process and cfg.logging.report_to != "none":
         accelerator.init_trackers(cfg.logging.project_name, config=_flat_config(cfg))
@@ -471,7 +464,7 @@ def _build_dataset(cfg: Config, source: Any, pipe: Any, accelerator: Any, encode
         encode_images=enc_images,
         encode_prompts=enc_prompts,
         # Mask-derived targets (latent mask, band, outside, SDM) are computed once per sample.
-        with_geometry=g.enabled,
+        with_geometry=g.enabled or cfg.loss.masked.enabled,
     )
     if cache is not None:
         # Main process fills the shared cache; the others then read it.
@@ -667,12 +660,17 @@ def _to_device(batch: dict[str, Any], run: Run) -> dict[str, Any]:
     weight_dtype = DTYPES[run.cfg.model.dtype]
     out = dict(batch)
     if "target_latents" not in batch:
+        kinds = ["target", "context"] + (["scene"] if "scene_pixels" in batch else [])
         with torch.no_grad():
-            out["target_latents"] = encode_images(run.pipe.vae, batch["target_pixels"].to(run.encoders_device))
-            out["context_latents"] = encode_images(run.pipe.vae, batch["context_pixels"].to(run.encoders_device))
+            # One VAE call for every image of the batch.
+            pixels = torch.cat([batch[f"{k}_pixels"] for k in kinds]).to(run.encoders_device)
+            for k, z in zip(kinds, encode_images(run.pipe.vae, pixels).chunk(len(kinds))):
+                out[f"{k}_latents"] = z
             pe, pooled = encode_prompts(run.pipe, batch["prompt"], run.cfg.model.max_sequence_length, run.encoders_device)
         out["prompt_embeds"], out["pooled_prompt_embeds"] = pe, pooled
-    for k in ("target_latents", "context_latents", "prompt_embeds", "pooled_prompt_embeds"):
+        # Without a hint drawn the scene is the context itself.
+        out.setdefault("scene_latents", out["context_latents"])
+    for k in ("target_latents", "context_latents", "scene_latents", "prompt_embeds", "pooled_prompt_embeds"):
         out[k] = out[k].to(device=device, dtype=weight_dtype)
     geo = batch.get("geometry")
     if geo is not None:
@@ -692,13 +690,14 @@ def _step_generator(run: Run, step: int, micro: int) -> torch.Generator:
 
 
 def train(run: Run, pause_at: int | None = None) -> str:
-    """The optimisation loop. Returns why it stopped: ``done``, ``signal``, ``nonfinite`` or ``paused``.
+    """The optimisation loop. Returns why it stopped: ``done``, ``signal``, ``nonfinite``, ``nonfinite_weights`` or ``paused``.
 
     ``pause_at``: stop after that many updates with a checkpoint, as a pre-emption would (used to test
     that a resumed run is the same run).
     """
     from tqdm.auto import tqdm
 
+    from kontext.checkpoint import weights_finite
     from kontext.signals import StopRequest
 
     cfg, acc = run.cfg, run.accelerator
@@ -748,6 +747,10 @@ def train(run: Run, pause_at: int | None = None) -> str:
                         acc.clip_grad_norm_(run.lora_params, cfg.train.max_grad_norm)
                     run.optimizer.step()
                     run.lr_scheduler.step()
+                    if not weights_finite(run.lora_params):  # AdamW cannot be undone: stop, never save them
+                        logger.error("step %d: the update made the LoRA weights NaN/inf; stopping without saving them", step + 1)
+                        reason = "nonfinite_weights"
+                        break
             run.optimizer.zero_grad(set_to_none=True)
             if not finite:
                 bad_streak += 1
@@ -806,24 +809,31 @@ def _any_process(acc: Any, flag: bool) -> bool:
 
 def save_checkpoint(run: Run, step: int) -> Path:
     """Atomically write ``checkpoint-<step>`` (see ``kontext.checkpoint``), on every process as accelerate needs."""
-    from kontext.checkpoint import finalize, temp_path
+    from kontext.checkpoint import finalize, save_failure_message, schedule_of, temp_path
 
     acc = run.accelerator
     tmp = temp_path(run.output_dir, step)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp))
-    acc.wait_for_everyone()
-    final = run.output_dir / f"checkpoint-{step}"
-    if acc.is_main_process:
-        state = {
-            "step": step,
-            "data": run.sampler.state_dict(consumed=run.data_state["position"]) | {"epoch": run.data_state["epoch"]},
-            "lora": _lora_shape(run.cfg),
-            "history": run.history,
-            "num_processes": acc.num_processes,
-        }
-        final = finalize(run.output_dir, step, state, run.cfg.checkpoint.total_limit)
-        logger.info("saved %s", final)
+    try:
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        final = run.output_dir / f"checkpoint-{step}"
+        if acc.is_main_process:
+            state = {
+                "step": step,
+                "data": run.sampler.state_dict(consumed=run.data_state["position"]) | {"epoch": run.data_state["epoch"]},
+                "lora": _lora_shape(run.cfg),
+                "schedule": schedule_of(run.cfg.train),
+                "history": run.history,
+                "num_processes": acc.num_processes,
+            }
+            final = finalize(run.output_dir, step, state, run.cfg.checkpoint.total_limit)
+            logger.info("saved %s", final)
+    except (OSError, RuntimeError) as e:  # torch and safetensors report a full disk as a RuntimeError
+        message = save_failure_message(e, run.output_dir, [tmp], f"checkpoint-{step}")
+        if message is None:
+            raise
+        raise UserError(message) from None
     acc.wait_for_everyone()
     return final
 
@@ -852,10 +862,14 @@ def validate(run: Run, step: int) -> dict[str, float]:
 
 
 def finish(run: Run, reason: str) -> None:
-    """Export the LoRA (and the ComfyUI file), validate once more, write the model card."""
+    """Export the LoRA (and the ComfyUI file), validate once more, write the model card; release the output folder."""
+    from kontext.checkpoint import save_failure_message
+    from kontext.output_dir import unlock_output_dir
+
     cfg, acc = run.cfg, run.accelerator
     if reason in ("paused", "signal"):
         acc.end_training()
+        unlock_output_dir(run.output_dir)
         if reason == "signal":
             acc.print(
                 f"Stopped by signal at step {run.start_step}; checkpoint saved. Resume with:\n"
@@ -863,12 +877,14 @@ def finish(run: Run, reason: str) -> None:
                 "checkpoint.resume_from=latest"
             )
         return
-    if reason == "nonfinite":
+    if reason in ("nonfinite", "nonfinite_weights"):
         acc.end_training()
+        unlock_output_dir(run.output_dir)
         last = _last_checkpoint_name(run)
+        what = f"{cfg.train.max_nonfinite_steps} consecutive updates had a NaN/inf loss or gradient (see the warnings above for the term)"
         raise UserError(
-            f"{cfg.train.max_nonfinite_steps} consecutive updates had a NaN/inf loss or gradient (see the warnings "
-            f"above for the term); stopped at step {run.start_step}. Last good checkpoint: {last}. Lower "
+            f"{what if reason == 'nonfinite' else 'An update made the LoRA weights NaN/inf (they were not saved)'}; "
+            f"stopped at step {run.start_step}. Last good checkpoint: {last}. Lower "
             "train.learning_rate, check the data, or use model.dtype=float32 / train.mixed_precision=no."
         )
     if cfg.checkpoint.every_steps and not (run.output_dir / f"checkpoint-{run.start_step}").is_dir():
@@ -880,7 +896,13 @@ def finish(run: Run, reason: str) -> None:
         metrics = validate(run, run.start_step)
     transformer = acc.unwrap_model(run.transformer)
     check_replicas_agree(acc, transformer)
-    path = export_lora(acc, transformer, run.output_dir, DTYPES[cfg.export.save_dtype])
+    try:
+        path = export_lora(acc, transformer, run.output_dir, DTYPES[cfg.export.save_dtype])
+    except (OSError, RuntimeError) as e:  # a half-written final LoRA must not look like a finished run
+        message = save_failure_message(e, run.output_dir, [run.output_dir / FINISHED_MARKER], "the final LoRA")
+        if message is None:
+            raise
+        raise UserError(message) from None
     if acc.is_main_process:
         if cfg.export.comfyui:
             from kontext.comfyui import export_comfyui
@@ -893,13 +915,14 @@ def finish(run: Run, reason: str) -> None:
         acc.print(f"Done: {path}")
     acc.wait_for_everyone()
     acc.end_training()
+    unlock_output_dir(run.output_dir)
 
 
 def _last_checkpoint_name(run: Run) -> str:
-    from kontext.checkpoint import list_checkpoints
+    from kontext.checkpoint import newest_intact
 
-    ckpts = list_checkpoints(run.output_dir)
-    return str(ckpts[-1]) if ckpts else "none (set checkpoint.every_steps)"
+    good = newest_intact(run.output_dir)  # verified: complete files and finite weights
+    return str(good) if good is not None else "none (set checkpoint.every_steps)"
 
 
 def run_training(cfg: Config) -> Run:
@@ -922,6 +945,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kontext.output_dir import unlock_all
+
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -929,6 +954,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UserError) as e:
         sys.stderr.write(f"error: {e}\n")
         return 2
+    finally:
+        unlock_all()  # a refused run removes the lock file it made (a killed one's lock dies with it)
     return 0
 
 

@@ -2,7 +2,7 @@
 
 Layout under ``cache_dir``::
 
-    samples/ab/<key>.safetensors   context_latents, target_latents, mask_px, geometry.{mask,band,outside,sdm}
+    samples/ab/<key>.safetensors   context_latents, target_latents, [scene_latents], mask_px, geometry.{mask,band,outside,sdm}
     prompts/cd/<key>.safetensors   prompt_embeds [L,D], pooled_prompt_embeds [Dp]
 
 A sample key is the SHA-256 of the sample's content fingerprint (the bytes of its three image
@@ -29,7 +29,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-CACHE_FORMAT = 1
+# 2: entries of hinted samples also hold the un-hinted scene's latents (what the geometry terms compare with).
+CACHE_FORMAT = 2
 GEOMETRY_FIELDS = ("mask", "band", "outside", "sdm")
 SAMPLE_TENSORS = ("context_latents", "target_latents", "mask_px", *(f"geometry.{f}" for f in GEOMETRY_FIELDS))
 PROMPT_TENSORS = ("prompt_embeds", "pooled_prompt_embeds")
@@ -96,9 +97,9 @@ class LatentCache:
         """File of one prompt entry."""
         return self.root / "prompts" / key[:2] / f"{key}.safetensors"
 
-    def has_sample(self, key: str) -> bool:
-        """True if a complete, readable entry exists for ``key``."""
-        return _has(self.sample_path(key), SAMPLE_TENSORS)
+    def has_sample(self, key: str, with_scene: bool = False) -> bool:
+        """True if a complete, readable entry exists for ``key`` (holding ``scene_latents`` if ``with_scene``)."""
+        return _has(self.sample_path(key), SAMPLE_TENSORS + (("scene_latents",) if with_scene else ()))
 
     def has_prompt(self, key: str) -> bool:
         """True if a complete, readable prompt entry exists for ``key``."""
@@ -172,7 +173,8 @@ class CacheableDataset(Protocol):
         """Prompt of sample ``i``."""
 
     def prepared_pixels(self, i: int, flip: bool, raw: Any = None) -> dict[str, torch.Tensor]:
-        """``context_pixels`` [3,H,W] (hint drawn), ``target_pixels`` [3,H,W], ``mask_px`` [1,H,W]."""
+        """``context_pixels`` [3,H,W] (hint drawn), ``target_pixels`` [3,H,W], ``mask_px`` [1,H,W], and
+        ``scene_pixels`` [3,H,W] (the context without the hint) when a hint is drawn."""
 
     def load_raw(self, i: int) -> Any:
         """Decoded sample ``i`` (a ``RawSample``)."""
@@ -195,7 +197,8 @@ def build_cache(
     """Fill ``dataset.cache`` with every entry the dataset will read; entries already present are reused.
 
     encode_images: pixels [B,3,H,W] float32 in [-1,1] (mask hint already drawn on contexts) ->
-    latents [B,C,H/8,W/8] (e.g. ``(vae.encode(x).latent_dist.mode() - shift) * scale``).
+    latents [B,C,H/8,W/8] (e.g. ``(vae.encode(x).latent_dist.mode() - shift) * scale``). Context, target
+    and (for hinted samples) scene pixels of a chunk go through one call.
     encode_prompts: list of B prompts -> (prompt_embeds [B,L,D], pooled [B,Dp]).
     With flips on, both orientations of every sample are cached. Returns counts
     ``{"samples_built", "samples_reused", "prompts_built", "prompts_reused"}``.
@@ -209,10 +212,11 @@ def build_cache(
         raise ValueError(f"build_cache: batch_size must be >= 1, got {batch_size}")
     todo: list[tuple[int, int, bool, str]] = []
     reused = 0
+    hinted = getattr(dataset, "mask_hint", "none") != "none"
     for i in range(len(dataset)):
         for fl in dataset.orientations():
             key = dataset.cache_key(i, fl)
-            if cache.has_sample(key):
+            if cache.has_sample(key, with_scene=hinted):
                 reused += 1
             else:
                 todo.append((dataset.bucket_ids[i], i, fl, key))
@@ -231,13 +235,14 @@ def build_cache(
                 raws[i] = dataset.load_raw(i)
             prepared.append(dataset.prepared_pixels(i, fl, raws[i]))
         n = len(chunk)
-        pixels = torch.stack([p["context_pixels"] for p in prepared] + [p["target_pixels"] for p in prepared])
+        kinds = ["context_pixels", "target_pixels"] + (["scene_pixels"] if hinted else [])
+        pixels = torch.stack([p[kind] for kind in kinds for p in prepared])
         latents = encode_images(pixels)
         h, w = pixels.shape[-2] // 8, pixels.shape[-1] // 8
-        if latents.dim() != 4 or latents.shape[0] != 2 * n or tuple(latents.shape[-2:]) != (h, w):
+        if latents.dim() != 4 or latents.shape[0] != len(kinds) * n or tuple(latents.shape[-2:]) != (h, w):
             raise ValueError(
                 f"encode_images returned {tuple(latents.shape)} for pixels {tuple(pixels.shape)}; expected "
-                f"[{2 * n}, C, {h}, {w}] (8x downsampling)"
+                f"[{len(kinds) * n}, C, {h}, {w}] (8x downsampling)"
             )
         masks = torch.stack([p["mask_px"] for p in prepared])
         geo = compute_mask_targets(masks, (h, w), band_r=gp["band_r"], sdm_normalize=gp["sdm_normalize"]).to_dict()
@@ -245,6 +250,7 @@ def build_cache(
             tensors = {
                 "context_latents": latents[j].clone(),
                 "target_latents": latents[n + j].clone(),
+                **({"scene_latents": latents[2 * n + j].clone()} if hinted else {}),
                 "mask_px": masks[j].to(torch.float16),
                 **{f"geometry.{f}": geo[f][j].clone() for f in GEOMETRY_FIELDS},
             }

@@ -52,9 +52,13 @@ class TripletDataset(torch.utils.data.Dataset):
 
     Items (uncached): ``name``, ``prompt``, ``target_pixels`` [3,H,W] and ``context_pixels``
     [3,H,W] in [-1,1] (hint drawn), ``mask_px`` [1,H,W] in [0,1], ``geometry`` dict of
-    ``mask, band, outside, sdm`` each [1,H/8,W/8]. Cached: ``name``, ``prompt``,
-    ``target_latents``/``context_latents`` [C,H/8,W/8], ``prompt_embeds`` [L,D],
-    ``pooled_prompt_embeds`` [Dp], ``mask_px``, ``geometry``.
+    ``mask, band, outside, sdm`` each [1,H/8,W/8], and with a hint drawn ``scene_pixels`` [3,H,W]
+    (the context without it). Cached: ``name``, ``prompt``, ``target_latents``/``context_latents``/
+    ``scene_latents`` [C,H/8,W/8] (the scene's are the context's with ``mask_hint: none``),
+    ``prompt_embeds`` [L,D], ``pooled_prompt_embeds`` [Dp], ``mask_px``, ``geometry``.
+
+    The model is conditioned on the hinted context; the geometry terms that ask "what changed" compare
+    with the un-hinted scene (a grey-filled region would make a shrunk product look like a full change).
     """
 
     def __init__(
@@ -178,11 +182,17 @@ class TripletDataset(torch.utils.data.Dataset):
         return rng, flip_decision(rng, self.flip)
 
     def prepared_pixels(self, i: int, flip: bool, raw: RawSample | None = None, rng: Any = None) -> dict[str, torch.Tensor]:
-        """Sample ``i`` resized to its bucket: ``context_pixels`` (hint drawn), ``target_pixels``, ``mask_px``."""
+        """Sample ``i`` resized to its bucket: ``context_pixels`` (hint drawn), ``target_pixels``, ``mask_px``, and
+        ``scene_pixels`` (the context without the hint) unless ``mask_hint`` is ``none``."""
         raw = self.source.load(i) if raw is None else raw
         p = prepare_sample(raw, self.buckets[self.bucket_ids[i]], flip=flip, crop=self.crop, rng=rng)
-        ctx = apply_mask_hint(p["context"], p["mask"], self.mask_hint, self._outline_width(i))
-        return {"context_pixels": ctx, "target_pixels": p["target"], "mask_px": p["mask"]}
+        out = {"target_pixels": p["target"], "mask_px": p["mask"]}
+        if self.mask_hint == "none":
+            out["context_pixels"] = p["context"]
+        else:
+            out["context_pixels"] = apply_mask_hint(p["context"], p["mask"], self.mask_hint, self._outline_width(i))
+            out["scene_pixels"] = p["context"]
+        return out
 
     # -- geometry
 
@@ -234,6 +244,7 @@ class TripletDataset(torch.utils.data.Dataset):
                 "prompt": prompt,
                 "target_latents": d["target_latents"],
                 "context_latents": d["context_latents"],
+                "scene_latents": d["scene_latents"] if self.mask_hint != "none" else d["context_latents"],
                 "prompt_embeds": embeds,
                 "pooled_prompt_embeds": pooled,
                 "mask_px": d["mask_px"].float(),

@@ -226,10 +226,21 @@ class GeometryConfig:
 
 
 @dataclass
+class MaskedFlowConfig:
+    """Mask-weighted flow-matching loss, as kohya, OneTrainer and SimpleTuner offer (no geometry)."""
+
+    enabled: bool = _f(False, "Weight the flow-matching MSE per latent pixel by the insertion mask.")
+    unmasked_weight: float = _f(
+        0.1, "Weight of latent pixels outside the mask (1 inside; the map is normalised per sample).", min=0.0, max=1.0
+    )
+
+
+@dataclass
 class LossConfig:
     """Loss terms."""
 
     geometry: GeometryConfig = field(default_factory=GeometryConfig)
+    masked: MaskedFlowConfig = field(default_factory=MaskedFlowConfig)
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Mask-geometry losses for object insertion with FLUX.1 Kontext LoRAs, plus the flow-matching math.
 
-The seed API (``downsample_mask_area`` ... ``boundary_loss``) works on any latents; ``compute_mask_targets``
-+ ``geometry_loss`` is the training-loop form with per-sample precomputed targets. See ``docs/losses.md``.
+The specification's functions (``downsample_mask_area`` ... ``boundary_loss``) work on any latents;
+``compute_mask_targets`` + ``geometry_loss`` is the training-loop form with per-sample precomputed targets,
+in the ``calibrated`` formulation (default) or the specification's (``seed``). See ``docs/losses.md``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from .flow_matching import (
     expand_sigmas,
     flow_matching_loss,
     loss_weighting,
+    masked_flow_weight,
     predicted_clean_latents,
     sample_timestep_density,
     shift_sigmas_for_resolution,
@@ -55,6 +57,7 @@ __all__ = [
     "flow_matching_loss",
     "geometry_loss",
     "loss_weighting",
+    "masked_flow_weight",
     "noise_level_weight",
     "outside_region",
     "predicted_clean_latents",

@@ -232,3 +232,23 @@ def flow_matching_loss(
     if reduction == "mean":
         return per_sample.mean()
     raise ValueError(f"reduction must be 'mean' or 'none'; got {reduction!r}")
+
+
+def masked_flow_weight(mask_latent: Tensor, unmasked_weight: float = 0.1) -> Tensor:
+    """Per-pixel weight of a mask-weighted flow loss, normalised to mean 1 per sample.
+
+    ``w = unmasked_weight + (1 - unmasked_weight) * m`` divided by its spatial mean, so that
+    :func:`flow_matching_loss` with ``weighting=w`` is the weighted mean ``sum(w err) / sum(w)`` and keeps the
+    plain loss's scale.
+
+    Args:
+        mask_latent: ``[B, 1, h, w]`` soft mask at latent resolution.
+        unmasked_weight: weight outside the mask, in ``[0, 1]``.
+
+    Returns:
+        ``[B, 1, h, w]`` float32 weights (broadcast over channels).
+    """
+    if not 0.0 <= unmasked_weight <= 1.0:
+        raise ValueError(f"unmasked_weight must be in [0, 1]; got {unmasked_weight}")
+    w = unmasked_weight + (1.0 - unmasked_weight) * mask_latent.float()
+    return w / w.mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-8)

@@ -162,19 +162,24 @@ def test_cached_items_equal_fresh_computation_and_are_reused(tmp_path: Path, enc
             torch.testing.assert_close(c["mask_px"], f["mask_px"], atol=1e-3, rtol=0)  # stored as float16
             h, w = f["mask_px"].shape[-2] // 8, f["mask_px"].shape[-1] // 8
             assert c["target_latents"].shape == c["context_latents"].shape == (16, h, w)
-            lat = encode_images(torch.stack([f["context_pixels"], f["target_pixels"]]))
+            lat = encode_images(torch.stack([f["context_pixels"], f["target_pixels"], f["scene_pixels"]]))
             torch.testing.assert_close(c["context_latents"], lat[0], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(c["target_latents"], lat[1], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(c["scene_latents"], lat[2], atol=1e-5, rtol=1e-5)
             for g in ("mask", "band", "outside", "sdm"):
                 assert c["geometry"][g].shape == (1, h, w)
                 torch.testing.assert_close(c["geometry"][g], f["geometry"][g], atol=1e-3, rtol=0)
             pe, pooled = encode_prompts([f["prompt"]])
             torch.testing.assert_close(c["prompt_embeds"], pe[0])
             torch.testing.assert_close(c["pooled_prompt_embeds"], pooled[0])
-    # The hint went into the context latents: without it they differ.
+    # The hint went into the context latents and not into the scene's: the scene is the un-hinted context.
     plain = _dataset(root, None, mask_hint="none")
+    assert "scene_pixels" not in plain[0]
     raw_lat = encode_images(plain[0]["context_pixels"][None])[0]
     assert not torch.allclose(raw_lat, cached[(0, 0)]["context_latents"], atol=1e-3)
+    torch.testing.assert_close(raw_lat, cached[(0, 0)]["scene_latents"], atol=1e-5, rtol=1e-5)
+    hinted_px, scene_px, mask_px = fresh[(0, 0)]["context_pixels"], fresh[(0, 0)]["scene_pixels"], fresh[(0, 0)]["mask_px"]
+    assert torch.equal(hinted_px != scene_px, (mask_px >= 0.5).expand_as(hinted_px) & (scene_px != 0))
 
     # A second build reuses everything; editing one target rebuilds exactly its two orientations.
     calls = encode_images.calls

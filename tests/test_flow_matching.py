@@ -129,3 +129,26 @@ def test_resolution_shift_matches_scheduler_set_timesteps():
     lin = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="linear")
     lin.set_timesteps(sigmas=base, mu=mu)
     torch.testing.assert_close(time_shift(mu, torch.from_numpy(base).float(), kind="linear"), lin.sigmas[:-1])
+
+
+def test_masked_flow_weight_is_the_normalised_mask_weighted_mean():
+    """``flow_matching_loss(..., weighting=masked_flow_weight(m, u))`` = sum(w err) / sum(w) per sample, by hand."""
+    from losses import flow_matching_loss, masked_flow_weight
+
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    m = torch.zeros(2, 1, 4, 4)
+    m[0, :, :2] = 1.0
+    m[1, :, 1:3, 1:3] = 0.5
+    got = flow_matching_loss(pred, target, masked_flow_weight(m, 0.1), reduction="none")
+    err = (pred - target) ** 2
+    for b in range(2):
+        w = 0.1 + 0.9 * m[b]
+        want = (w * err[b]).sum() / (w.sum() * 3)
+        assert got[b].item() == pytest.approx(want.item(), rel=1e-5)
+    # All weight inside with unmasked_weight 0; a uniform map leaves the plain loss unchanged.
+    assert flow_matching_loss(pred, target, masked_flow_weight(torch.ones(2, 1, 4, 4), 0.3)).item() == pytest.approx(
+        flow_matching_loss(pred, target).item(), rel=1e-6
+    )
+    with pytest.raises(ValueError, match="unmasked_weight"):
+        masked_flow_weight(m, 1.5)

@@ -31,6 +31,8 @@ def _batch(transformer, b=2, h=8, w=8, seed=0, hc=None, wc=None):
     return {
         "target_latents": torch.randn(b, 16, h, w, generator=g),
         "context_latents": torch.randn(b, 16, hc, wc, generator=g),
+        # The un-hinted scene differs from the (hinted) context the model is conditioned on.
+        "scene_latents": torch.randn(b, 16, h, w, generator=g),
         "prompt_embeds": torch.randn(b, 12, cfg.joint_attention_dim, generator=g),
         "pooled_prompt_embeds": torch.randn(b, cfg.pooled_projection_dim, generator=g),
         "geometry": compute_mask_targets(mask, (h, w), band_r=1, sdm_normalize=True),
@@ -113,7 +115,8 @@ def test_base_loss_parity_with_context_of_other_size(tiny):
 
 
 def test_geometry_adds_exactly_the_seed_composition(tiny):
-    """Geometry on = flow loss + weight * (the spec's starter composition on z_pred = x_t - sigma v_pred)."""
+    """Geometry on = flow loss + weight * (the spec's starter composition on z_pred = x_t - sigma v_pred),
+    with the terms that ask "what changed" taken against the un-hinted scene, never the hinted context."""
     from losses import (
         area_ratio_loss,
         background_preservation_mse_latent,
@@ -126,7 +129,7 @@ def test_geometry_adds_exactly_the_seed_composition(tiny):
 
     transformer, sched = tiny
     batch = _batch(transformer, seed=3)
-    on = config_from_dict({"loss": {"geometry": {"noise_weighting": "none", "weight": 0.5}}})
+    on = config_from_dict({"loss": {"geometry": {"noise_weighting": "none", "weight": 0.5, "formulation": "seed"}}})
     off = config_from_dict({"loss": {"geometry": {"enabled": False}}})
     with torch.no_grad():
         t_on, l_on = compute_loss(transformer, batch, on, torch.Generator().manual_seed(11), sched)
@@ -144,9 +147,10 @@ def test_geometry_adds_exactly_the_seed_composition(tiny):
                              batch["pooled_prompt_embeds"], 1.0)
         z = x_t - s * v
         M = batch["geometry"].mask
+        scene = batch["scene_latents"]
         l_mse = weighted_masked_mse_latent(z, x0, M, band_r=1, w_in=1.0, w_band=6.0, w_out=0.2)
-        l_bg = background_preservation_mse_latent(z, ctx, M, band_r=1)
-        m_hat, _, _ = soft_change_mask_from_latents(z, ctx, mask_latent=M, band_r=1, k_sigma=2.0)
+        l_bg = background_preservation_mse_latent(z, scene, M, band_r=1)
+        m_hat, _, _ = soft_change_mask_from_latents(z, scene, mask_latent=M, band_r=1, k_sigma=2.0)
         l_dice = dice_loss(m_hat, M)
         l_area = area_ratio_loss(m_hat, M)
         l_bnd = boundary_loss(m_hat, batch["geometry"].sdm)
@@ -158,6 +162,70 @@ def test_geometry_adds_exactly_the_seed_composition(tiny):
     torch.testing.assert_close(t_on, t_off + 0.5 * geo, rtol=1e-4, atol=1e-5)
     for k in ("mse", "bg", "dice", "area", "boundary"):
         assert f"loss/{k}" in l_on
+
+
+def test_default_geometry_is_the_calibrated_formulation_against_the_scene(tiny):
+    """The trainer's default geometry term is ``geometry_loss`` on (z_pred, target, scene); the hinted context
+    only conditions the model: replacing it changes the prediction, replacing the scene changes only the terms."""
+    from losses import geometry_loss, noise_level_weight
+    from losses import flow_matching as fm
+
+    transformer, sched = tiny
+    batch = _batch(transformer, seed=7)
+    cfg = config_from_dict({})
+    assert cfg.loss.geometry.formulation == "calibrated"
+    with torch.no_grad():
+        _, logs = compute_loss(transformer, batch, cfg, torch.Generator().manual_seed(3), sched)
+        g = torch.Generator().manual_seed(3)
+        x0 = batch["target_latents"]
+        noise = torch.randn(x0.shape, generator=g)
+        u = compute_density_for_timestep_sampling("none", x0.shape[0], generator=g)
+        timesteps, sigmas = fm.timesteps_and_sigmas_from_density(u, sched)
+        s = sigmas.view(-1, 1, 1, 1)
+        x_t = (1 - s) * x0 + s * noise
+        v = predict_velocity(transformer, x_t, batch["context_latents"], timesteps / 1000, batch["prompt_embeds"],
+                             batch["pooled_prompt_embeds"], 1.0)
+        want, _ = geometry_loss(x_t - s * v, x0, batch["scene_latents"], batch["geometry"],
+                                sample_weights=noise_level_weight(sigmas, "one_minus_sigma"))
+        hinted_as_scene = dict(batch, scene_latents=batch["context_latents"])
+        _, logs_hint = compute_loss(transformer, hinted_as_scene, cfg, torch.Generator().manual_seed(3), sched)
+    # loss/geometry logs the unweighted batch mean; the weighted total is loss/total - loss/flow.
+    torch.testing.assert_close(logs["loss/total"] - logs["loss/flow"], want, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(logs_hint["loss/flow"], logs["loss/flow"])
+    assert abs(float(logs_hint["loss/bg"]) - float(logs["loss/bg"])) > 1e-3
+
+
+def test_geometry_gradient_reaches_only_the_target_tokens_velocity(tiny):
+    """d(geometry)/d(output tokens) is zero on the context tokens and non-zero on the target tokens."""
+    from kontext.flux import pack_latents as pack
+    from losses import geometry_loss
+    from losses import flow_matching as fm
+
+    transformer, sched = tiny
+    batch = _batch(transformer, seed=8)
+    x0 = batch["target_latents"]
+    n_target = pack(x0).shape[1]
+    captured = {}
+
+    def keep_output(module, args, kwargs, output):
+        out = output[0]
+        out.retain_grad()
+        captured["out"] = out
+
+    handle = transformer.register_forward_hook(keep_output, with_kwargs=True)
+    try:
+        sig = torch.full((2, 1, 1, 1), 0.4)
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+        x_t = fm.add_noise(x0, noise, sig)
+        v = predict_velocity(transformer, x_t, batch["context_latents"], torch.full((2,), 0.4),
+                             batch["prompt_embeds"], batch["pooled_prompt_embeds"], 1.0)
+        total, _ = geometry_loss(x_t - sig * v, x0, batch["scene_latents"], batch["geometry"])
+        total.backward()
+    finally:
+        handle.remove()
+    grad = captured["out"].grad
+    assert grad[:, n_target:].abs().max() == 0
+    assert grad[:, :n_target].abs().max() > 0
 
 
 def test_noise_level_weighting_downweights_high_sigma(tiny):
