@@ -212,34 +212,49 @@ def render_product(width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.round(colour), 0, 255).astype(np.uint8), mask
 
 
-# Every colour the product is drawn with (its anti-aliased edges blend these with the scene).
-PRODUCT_PALETTE = (_BODY, _BODY_SHADE, _LID, _LID_HIGHLIGHT, _BAND, _LOGO_DISC, _LOGO_STAR, _STRIPE)
+# Share of the product's box height that its orange body spans (below the lid, above the bottom rim).
+_BODY_TOP, _BODY_BOTTOM = 0.09, 0.94
 
 
-def product_footprint(image: np.ndarray, scene: np.ndarray, colour_tol: float = 90.0, change_tol: float = 20.0) -> np.ndarray:
-    """Where the product is in ``image``, found by its known appearance.
+def product_box(
+    image: np.ndarray, scene: np.ndarray, near: tuple[int, int, int, int] | None = None,
+    colour_tol: float = 70.0, change_tol: float = 20.0, trim: float = 0.02,
+) -> tuple[float, float, float, float] | None:
+    """The product's box ``(x0, y0, x1, y1)`` in ``image``, estimated from its orange body; None if none is seen.
 
-    A pixel belongs to the footprint if it differs from the scene by more than ``change_tol`` and its colour is
-    within ``colour_tol`` (8-bit RGB, Euclidean) of one of :data:`PRODUCT_PALETTE`, or if it is enclosed by such
-    pixels (the logo and label inside the can's outline). On the synthetic targets this recovers the mask
-    (checked by the tests and reported by ``benchmarks/scale_fidelity.py``).
+    Robust to blur, where the label, logo and lid lose their colours: the body's orange survives. Pixels that
+    differ from the scene by more than ``change_tol`` and lie within ``colour_tol`` of the body or its shade
+    are collected (only inside ``near``, a search box, when given), their coordinates trimmed at the
+    ``trim`` / ``1 - trim`` quantiles against stray pixels, and the vertical extent widened by the lid and rim
+    the body does not cover. On the synthetic targets the box matches the mask's box (see
+    ``benchmarks/scale_fidelity.py``, which reports it as the oracle).
 
     Args:
-        image, scene: uint8 or float ``[H, W, 3]`` in 0..255 (the generated image and the un-hinted scene).
+        image, scene: ``[H, W, 3]`` in 0..255. near: ``(x0, y0, x1, y1)`` pixel search box, or None.
 
     Returns:
-        bool ``[H, W]``.
+        The box in pixels (``x1``, ``y1`` exclusive), or None when fewer than 4 body pixels are found.
     """
-    from scipy import ndimage
-
     img = np.asarray(image, dtype=np.float32)
     ref = np.asarray(scene, dtype=np.float32)
     if img.shape != ref.shape or img.ndim != 3 or img.shape[-1] != 3:
-        raise ValueError(f"product_footprint: image {img.shape} and scene {ref.shape} must both be [H, W, 3]")
-    palette = np.asarray(PRODUCT_PALETTE, dtype=np.float32)
-    near = (np.linalg.norm(img[:, :, None, :] - palette[None, None], axis=-1) < colour_tol).any(-1)
-    changed = np.linalg.norm(img - ref, axis=-1) > change_tol
-    return ndimage.binary_fill_holes(near & changed)
+        raise ValueError(f"product_box: image {img.shape} and scene {ref.shape} must both be [H, W, 3]")
+    body = np.asarray((_BODY, _BODY_SHADE), dtype=np.float32)
+    hit = (np.linalg.norm(img[:, :, None, :] - body[None, None], axis=-1) < colour_tol).any(-1)
+    hit &= np.linalg.norm(img - ref, axis=-1) > change_tol
+    if near is not None:
+        x0, y0, x1, y1 = (int(round(v)) for v in near)
+        region = np.zeros_like(hit)
+        region[max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)] = True
+        hit &= region
+    ys, xs = np.nonzero(hit)
+    if len(xs) < 4:
+        return None
+    bx0, bx1 = np.quantile(xs, [trim, 1 - trim])
+    by0, by1 = np.quantile(ys, [trim, 1 - trim])
+    bx1, by1 = bx1 + 1.0, by1 + 1.0
+    h = (by1 - by0) / (_BODY_BOTTOM - _BODY_TOP)
+    return float(bx0), float(by0 - _BODY_TOP * h), float(bx1), float(by0 - _BODY_TOP * h + h)
 
 
 def _fill_fraction(width: float, height: float) -> float:

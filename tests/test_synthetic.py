@@ -178,3 +178,23 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert root == (tmp_path / "cli").resolve()
     assert len(_names(root)) == 3
     assert Image.open(root / "context" / "00000.png").size == (64, 48)
+
+
+def test_product_box_recovers_the_mask_box_and_its_scale():
+    """On targets the product's box is the mask's; on the product painted at 0.6x / 1.4x it scales with it."""
+    from data.synthetic import product_box, scaled_insertions
+
+    rng = np.random.default_rng(11)
+    ratios = {0.6: [], 1.0: [], 1.4: []}
+    for child in rng.spawn(8):
+        t, variants = scaled_insertions(child, 128, 128, 0.08, list(ratios), drift=0.0)
+        x, y, w, h = t.box
+        near = (x - w, y - h, x + 2 * w, y + 2 * h)
+        for s, img in variants.items():
+            b = product_box(np.asarray(img), np.asarray(t.context), near)
+            assert b is not None
+            ratios[s].append((b[2] - b[0]) * (b[3] - b[1]) / (w * h))
+    for s, r in ratios.items():
+        assert np.median(r) == pytest.approx(s * s, rel=0.12), (s, r)
+    blank = np.zeros((32, 32, 3), np.uint8)
+    assert product_box(blank, blank) is None
