@@ -40,6 +40,8 @@ from peft.utils.other import get_pattern_key
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from kontext.sharing import respect_umask, shareable_model_name
+
 DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
 COMFYUI_LORA_NAME = "lora_comfyui.safetensors"
 KOHYA_PREFIX = "lora_unet_"
@@ -388,9 +390,9 @@ def export_comfyui(
     }
     base = _base_model_of(src.parent)
     if base is not None:
-        file_meta["base_model"] = base
+        file_meta["base_model"] = shareable_model_name(base)  # a hub id or a folder name, never a local path
     save_file(converted, str(out), metadata=file_meta)
-    return out
+    return respect_umask(out)  # safetensors leaves 0600; others (a ComfyUI container) must read it
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from data.hint import MASK_HINT_MODES
 from kontext.generation import generate, image_latents, mask_array, mask_to_pil, quiet_progress, to_pil
@@ -150,10 +152,12 @@ def evaluate_variant(
     steps: int,
     guidance: float,
     max_sequence_length: int,
+    progress: Any = None,
 ) -> list[list[Image.Image]]:
     """Generate and measure every sample with one variant active; fills ``variant.rows``.
 
     Sample ``i`` uses seed ``seed + i`` in every variant, so variants differ only by their LoRA.
+    ``progress`` (a ``tqdm`` bar, optional) advances by one per sample.
 
     Returns:
         Per sample, the pictures of :data:`VARIANT_COLUMNS` (result, result with mask outline, change mask).
@@ -185,11 +189,14 @@ def evaluate_variant(
         cm = pixel_change_mask(result, s.context, m)
         # the change mask is computed here to draw it; its threshold goes back into the metrics
         pm = sample_metrics(result, s.context, m, s.target, changed=cm.mask)
-        pm = dataclasses.replace(pm, threshold=cm.threshold)
+        pm = dataclasses.replace(pm, threshold=cm.threshold, threshold_degenerate=float(cm.degenerate))
         lm = latent_sample_metrics(gen.latents[0], image_latents(pipe, s.context), m)
         variant.rows.append(pm.as_dict() | {f"latent_{k}": v for k, v in lm.as_dict().items()})
         pictures.append([result, draw_mask_outline(result, m), change_mask_image(cm.mask, m)])
-        logger.info("%s | %s: IoU %.3f, area ratio %.3f", variant.label, s.name, pm.iou, pm.area_ratio)
+        logger.info("%s | %s: IoU %.4g, area ratio %.4g", variant.label, s.name, pm.iou, pm.area_ratio)
+        if progress is not None:
+            progress.set_postfix_str(f"{variant.label} | {s.name}", refresh=False)
+            progress.update(1)
     return pictures
 
 
@@ -268,10 +275,35 @@ def write_report(
     for k, better in HEADLINE:
         vals = " | ".join(f"{means[v.label][k]:.4f}" for v in variants)
         lines.append(f"| {k} | {better} | {vals} |")
+    lines += degenerate_threshold_lines(samples, variants)
     lines += ["", f"Per-sample numbers: `metrics.csv`, `metrics.json`. Grid (first {len(rows)} samples):", "",
               "![grid](grid.png)", "", "![area ratio](area_ratio.png)", ""]
     paths["report"].write_text("\n".join(lines), encoding="utf-8")
     return paths
+
+
+def degenerate_threshold_lines(samples: Sequence[EvalSample], variants: Sequence[Variant]) -> list[str]:
+    """The report's note on samples whose change-mask threshold had to be bounded (``threshold_degenerate``)."""
+    from kontext.metrics import MAX_THRESHOLD
+
+    bad = {
+        v.label: [s.name for s, r in zip(samples, v.rows) if r.get("threshold_degenerate", 0.0) == 1.0]
+        for v in variants
+    }
+    if not any(bad.values()):
+        return ["", "Change-mask thresholds: none degenerate (every sample's threshold came from its background's drift)."]
+    lines = [
+        "",
+        "## Degenerate change-mask thresholds",
+        "",
+        f"On these samples the background changed so much that the change-mask threshold (mean + k std of the "
+        f"background's colour distance) exceeded {MAX_THRESHOLD:.3f} (half the largest possible RGB distance, "
+        "sqrt(3)) and was bounded to it. Their IoU, area ratio and boundary F do not measure the insertion; "
+        "look at their grid rows and change masks instead (the latent metrics are computed separately).",
+        "",
+    ]
+    lines += [f"- `{label}`: {', '.join(names)} ({len(names)} of {len(samples)})" for label, names in bad.items() if names]
+    return lines
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -350,7 +382,9 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     for v, name in zip(with_lora, names):
         v.adapter = name
     pictures: dict[str, list[list[Image.Image]]] = {}
-    with quiet_progress(pipe), torch.no_grad():
+    # One bar over every generation (samples x variants); the pipeline's per-step bars stay hidden.
+    bar = tqdm(total=len(samples) * len(variants), desc="evaluate", unit="image", disable=None, dynamic_ncols=True)
+    with quiet_progress(pipe), torch.no_grad(), bar, logging_redirect_tqdm():
         for v in variants:
             pictures[v.label] = evaluate_variant(
                 pipe,
@@ -363,6 +397,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
                 steps=args.steps,
                 guidance=args.guidance,
                 max_sequence_length=args.max_sequence_length,
+                progress=bar,
             )
     from data.hint import apply_mask_hint_pil
 
@@ -392,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     report = json.loads(paths["json"].read_text(encoding="utf-8"))
     for label, m in report["mean"].items():
-        print(f"{label}: IoU {m['iou']}, area ratio {m['area_ratio']}, latent IoU {m['latent_iou']}")
+        print(f"{label}: IoU {m['iou']:.4g}, area ratio {m['area_ratio']:.4g}, latent IoU {m['latent_iou']:.4g}")
     print(f"report: {paths['report']}")
     return 0
 

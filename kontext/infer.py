@@ -15,10 +15,11 @@ was trained with (its folder's ``config.yaml``). See ``docs/inference.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ import yaml
 from PIL import Image, UnidentifiedImageError
 
 from data.hint import MASK_HINT_MODES
-from kontext.generation import DEFAULT_MAX_AREA, generate, quiet_progress
+from kontext.generation import DEFAULT_MAX_AREA, generate
 from kontext.lora import LORA_WEIGHTS_NAME
 
 logger = logging.getLogger(__name__)
@@ -285,6 +286,21 @@ def check_args(args: argparse.Namespace) -> None:
         raise InferenceError(f"--feather must be >= 0; got {args.feather}")
 
 
+@contextlib.contextmanager
+def generation_progress(pipe: Any, desc: str, **tqdm_kwargs: Any) -> Iterator[None]:
+    """Show the pipeline's denoising bar, labelled ``desc``, inside the block; restore the caller's setting after.
+
+    The images of one call are denoised together, so one bar over the sampler steps is the progress of all
+    of them. ``tqdm_kwargs`` go to ``tqdm``; by default the bar shows only when stderr is a terminal.
+    """
+    old = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(**{"disable": None, "dynamic_ncols": True, **tqdm_kwargs, "desc": desc})
+    try:
+        yield
+    finally:
+        pipe._progress_bar_config = old
+
+
 def run(args: argparse.Namespace) -> list[Path]:
     """Run one inference from parsed arguments; returns the written files."""
     check_args(args)
@@ -301,7 +317,8 @@ def run(args: argparse.Namespace) -> list[Path]:
         outline_width = args.outline_width
     pipe = load_pipeline(resolve_model(args.model), args.device, args.dtype)
     load_loras(pipe, specs)
-    with quiet_progress(pipe):
+    what = f"generating {args.num_images} image{'s' if args.num_images > 1 else ''}"
+    with generation_progress(pipe, what):
         gen = generate(
             pipe,
             context,

@@ -53,8 +53,14 @@ def attach_lora(transformer: torch.nn.Module, config: LoraConfig) -> list[torch.
     return params
 
 
-def adapter_metadata(transformer: torch.nn.Module) -> dict[str, Any]:
-    """The whole LoRA config as a JSON-safe dict (sets become sorted lists)."""
+def adapter_metadata(transformer: torch.nn.Module, base_model: str | None = None) -> dict[str, Any]:
+    """The whole LoRA config as a JSON-safe dict (sets become sorted lists).
+
+    ``base_model`` (a hub id or a local folder) is recorded as ``base_model_name_or_path`` in its shareable
+    form (``kontext.sharing.shareable_model_name``: a hub id, or a local folder's name only).
+    """
+    from kontext.sharing import shareable_model_name
+
     raw = transformer.peft_config["default"].to_dict()
 
     def clean(v: Any) -> Any:
@@ -67,6 +73,10 @@ def adapter_metadata(transformer: torch.nn.Module) -> dict[str, Any]:
         return v
 
     meta = clean(raw)
+    if base_model is not None:
+        meta["base_model_name_or_path"] = shareable_model_name(base_model)
+    elif meta.get("base_model_name_or_path") is not None:
+        meta["base_model_name_or_path"] = shareable_model_name(meta["base_model_name_or_path"])
     json.dumps(meta)  # fail here, not inside safetensors, if anything is not serialisable
     return meta
 
@@ -85,15 +95,19 @@ def load_lora_state_dict(transformer: torch.nn.Module, state_dict: dict[str, tor
         raise ValueError(f"LoRA weights have keys this adapter does not: {unexpected[:5]} ...")
 
 
-def save_lora(transformer: torch.nn.Module, output_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Write ``pytorch_lora_weights.safetensors`` (diffusers/PEFT format + ``lora_adapter_metadata``)."""
+def save_lora(
+    transformer: torch.nn.Module, output_dir: str | Path, dtype: torch.dtype = torch.float32, base_model: str | None = None
+) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` (diffusers/PEFT format + ``lora_adapter_metadata``), mode per umask."""
+    from kontext.sharing import respect_umask
+
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     FluxKontextPipeline.save_lora_weights(
         save_directory=str(output_dir),
         transformer_lora_layers=lora_state_dict(transformer, dtype),
-        transformer_lora_adapter_metadata=adapter_metadata(transformer),
+        transformer_lora_adapter_metadata=adapter_metadata(transformer, base_model),
         weight_name=LORA_WEIGHTS_NAME,
         safe_serialization=True,
     )
-    return output_dir / LORA_WEIGHTS_NAME
+    return respect_umask(output_dir / LORA_WEIGHTS_NAME)

@@ -46,6 +46,11 @@ BOUNDARY_TOL_FRACTION = 0.008
 SSIM_SIGMA = 1.5
 SSIM_RADIUS = 5  # 11 x 11 window, the usual Gaussian SSIM
 SSIM_K1, SSIM_K2 = 0.01, 0.03
+# The largest RGB Euclidean distance between two colours in [0, 1].
+MAX_RGB_DISTANCE = math.sqrt(3.0)
+# A change-mask threshold is bounded to this: above it the background drifted so far that "changed" no longer
+# separates the object from the scene, and an unbounded threshold (up to >= sqrt(3)) reports no change at all.
+MAX_THRESHOLD = 0.5 * MAX_RGB_DISTANCE
 # Dilations grow by whole pixels in all 8 directions (Chebyshev distance), like the losses' max-pool dilation.
 _SQUARE = np.ones((3, 3), dtype=bool)
 
@@ -120,12 +125,16 @@ class ChangeMask:
     Attributes:
         mask: bool ``[H, W]``, True where the result changed the context.
         distance: float ``[H, W]``, the per-pixel colour distance that was thresholded.
-        threshold: the threshold used (same units as ``distance``).
+        threshold: the threshold used (same units as ``distance``), at most ``max_threshold``.
+        degenerate: True when the estimated threshold had to be bounded (it exceeded ``max_threshold``): the
+            background changed about as much as an object would, so this sample's change mask, and every
+            region metric from it, does not measure the insertion.
     """
 
     mask: np.ndarray
     distance: np.ndarray
     threshold: float
+    degenerate: bool = False
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
@@ -157,6 +166,7 @@ def pixel_change_mask(
     k_sigma: float = 3.0,
     band_px: int = 2,
     min_threshold: float = 0.05,
+    max_threshold: float = MAX_THRESHOLD,
     open_px: int = 1,
     fill_holes: bool = True,
 ) -> ChangeMask:
@@ -172,6 +182,8 @@ def pixel_change_mask(
             anti-aliased edge and shadow do not inflate them.
         min_threshold: lowest threshold (RGB Euclidean distance in [0, 1] units, max sqrt(3)); keeps rounding
             noise from counting when the background is reproduced exactly (e.g. composited outputs).
+        max_threshold: highest threshold (default :data:`MAX_THRESHOLD`, half of sqrt(3)); a larger estimate is
+            bounded to it and the result is flagged ``degenerate``.
         open_px: radius of a morphological opening (erode then dilate with a ``(2r+1)^2`` square) of the
             thresholded map; it deletes the isolated pixels where drift crosses the threshold without moving
             the outline of anything thicker than ``2r+1`` pixels (a blur or median would shift or round the
@@ -181,6 +193,11 @@ def pixel_change_mask(
     Returns:
         :class:`ChangeMask` with ``mask`` bool ``[H, W]``, ``distance`` ``[H, W]`` and ``threshold``.
     """
+    if not 0.0 <= min_threshold <= max_threshold <= MAX_RGB_DISTANCE:
+        raise ValueError(
+            f"change-mask thresholds must satisfy 0 <= min_threshold <= max_threshold <= sqrt(3); "
+            f"got min_threshold={min_threshold}, max_threshold={max_threshold}"
+        )
     res, ctx = as_image(result, "result"), as_image(context, "context")
     _same_size(res, ctx, "result and context")
     distance = np.sqrt(((res - ctx) ** 2).sum(axis=-1))
@@ -200,12 +217,14 @@ def pixel_change_mask(
     else:
         raise ValueError(f"method must be 'background' or 'otsu'; got {method!r}")
     threshold = max(threshold, float(min_threshold))
+    degenerate = threshold > max_threshold
+    threshold = min(threshold, float(max_threshold))
     changed = distance > threshold
     if open_px > 0:
         changed = ndimage.binary_opening(changed, _SQUARE, iterations=int(open_px))
     if fill_holes:
         changed = ndimage.binary_fill_holes(changed)
-    return ChangeMask(mask=changed, distance=distance, threshold=threshold)
+    return ChangeMask(mask=changed, distance=distance, threshold=threshold, degenerate=bool(degenerate))
 
 
 def latent_change_mask(
@@ -378,6 +397,9 @@ class SampleMetrics:
         changed_area, mask_area: pixel counts.
         threshold: the change-mask threshold used.
         boundary_tol_px: the boundary tolerance used.
+        threshold_degenerate: 1.0 when the threshold had to be bounded (:attr:`ChangeMask.degenerate`: the
+            region metrics do not measure the insertion), 0.0 otherwise, NaN for a given change mask; the mean
+            over samples is the fraction of degenerate samples.
     """
 
     iou: float
@@ -391,6 +413,7 @@ class SampleMetrics:
     mask_area: float
     threshold: float
     boundary_tol_px: float
+    threshold_degenerate: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
         """``{field: float}``."""
@@ -453,10 +476,10 @@ def sample_metrics(
     m = as_mask(mask)
     _same_size(res, ctx, "result and context")
     _same_size(m, res, "mask and result")
-    threshold = float("nan")
+    threshold = degenerate = float("nan")
     if changed is None:
         cm = pixel_change_mask(res, ctx, m, **change_kwargs)
-        changed_mask, threshold = cm.mask, cm.threshold
+        changed_mask, threshold, degenerate = cm.mask, cm.threshold, float(cm.degenerate)
     else:
         changed_mask = as_mask(changed, "changed")
         _same_size(changed_mask, m, "changed and mask")
@@ -479,6 +502,7 @@ def sample_metrics(
         mask_area=float(m.sum()),
         threshold=threshold,
         boundary_tol_px=tol,
+        threshold_degenerate=degenerate,
     )
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from kontext.sharing import shareable_model_name
+
 
 def write_model_card(output_dir: str | Path, cfg: Any, metrics: dict[str, float], history: list[dict[str, float]]) -> Path:
     """Write ``output_dir/README.md``: base model, prompt, key settings, final metrics, last validation grid.
@@ -18,18 +20,23 @@ def write_model_card(output_dir: str | Path, cfg: Any, metrics: dict[str, float]
     grids = sorted((output_dir / "validation").glob("step-*.png"), key=lambda p: int(p.stem.split("-")[1]))
     last = history[-1] if history else {}
     geo = cfg.loss.geometry
+    # A card is for sharing: the base model as a hub id or a folder name, never a path under a home folder.
+    base = shareable_model_name(cfg.model.pretrained_model_name_or_path)
+    data_name = Path(str(cfg.data.root)).name or str(cfg.data.root)
+    dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(str(cfg.model.dtype), "bfloat16")
+    alpha_is_rank = float(cfg.lora.alpha) == float(cfg.lora.rank)
     lines = [
         "---",
-        f"base_model: {cfg.model.pretrained_model_name_or_path}",
+        f"base_model: {base}",
         "library_name: diffusers",
         "tags: [flux, flux-kontext, lora, diffusers, kontext-lora]",
         "---",
         "",
         "# FLUX.1 Kontext product-insertion LoRA",
         "",
-        f"Trained with kontext-lora for {last.get('step', 0)} steps on `{cfg.data.root}`.",
+        f"Trained with kontext-lora for {last.get('step', 0)} steps on `{data_name}`.",
         "",
-        f"- Base model: `{cfg.model.pretrained_model_name_or_path}`",
+        f"- Base model: `{base}`",
         f"- Prompt: `{cfg.data.default_prompt or '(per-sample prompts)'}`",
         f"- Mask hint drawn into the context: `{cfg.data.mask_hint}` (use the same at inference)",
         f"- LoRA: rank {cfg.lora.rank}, alpha {cfg.lora.alpha}, targets {', '.join(cfg.lora.target_modules)}",
@@ -62,11 +69,22 @@ def write_model_card(output_dir: str | Path, cfg: Any, metrics: dict[str, float]
         "```python",
         "import torch",
         "from diffusers import FluxKontextPipeline",
-        f"pipe = FluxKontextPipeline.from_pretrained({cfg.model.pretrained_model_name_or_path!r}, torch_dtype=torch.bfloat16)",
+        f"pipe = FluxKontextPipeline.from_pretrained({base!r}, torch_dtype=torch.{dtype})",
         "pipe.load_lora_weights('path/to/this/folder')",
         "```",
         "",
-        "`lora_comfyui.safetensors`, when present, is the same LoRA with original FLUX module names for ComfyUI.",
+        "## Which file where",
+        "",
+        "- diffusers: `pytorch_lora_weights.safetensors` (this folder, as above).",
+        "- ComfyUI, Forge, kohya tools: `lora_comfyui.safetensors` (original FLUX module names; write it with "
+        "`python -m kontext.comfyui <this folder>` if it is missing). ComfyUI ignores the diffusers file's "
+        "`lora_adapter_metadata`, so the diffusers file loaded there is scaled "
+        + (
+            f"wrong: this LoRA has alpha {cfg.lora.alpha} != rank {cfg.lora.rank}, and ComfyUI would apply it "
+            f"at {cfg.lora.rank / float(cfg.lora.alpha):.4g} x the trained strength."
+            if not alpha_is_rank
+            else "wrong whenever alpha differs from rank (here they are equal, but use the ComfyUI file anyway)."
+        ),
         "",
     ]
     path = output_dir / "README.md"

@@ -167,3 +167,23 @@ def test_bar_chart_geometry():
             assert column[top : lay.bottom].all()
     with pytest.raises(ValueError, match="has 2 values for 3 labels"):
         bar_chart(["a", "b", "c"], {"A": [1.0, 2.0]}, title="t", y_label="y")
+
+
+def test_evaluate_shows_one_progress_bar_over_samples_and_variants(tiny_dataset_dir, loras, tmp_path, monkeypatch, capsys):
+    import io
+
+    import kontext.evaluate as ev
+
+    buf = io.StringIO()
+    real = ev.tqdm
+    monkeypatch.setattr(ev, "tqdm", lambda *a, **k: real(*a, **{**k, "file": buf, "disable": False}))
+    args = ["--model", "tiny", "--data", str(tiny_dataset_dir), "--steps", "1", "--max-sequence-length", "64",
+            "--limit", "2", "--out", str(tmp_path / "r"), "--lora", str(loras[0]), "--base"]
+    assert main(args) == 0
+    text = buf.getvalue()
+    assert "evaluate" in text and "4/4" in text  # 2 samples x (base, LoRA)
+    # the console's means are rounded (4 significant digits at most)
+    import re
+
+    means = [line for line in capsys.readouterr().out.splitlines() if "IoU" in line]
+    assert len(means) == 2 and not any(re.search(r"[1-9]\d{4}", line) for line in means), means

@@ -228,3 +228,17 @@ def test_infer_module_command(scene, loras, tmp_path):
     assert Image.open(out).size == (64, 48)
     bad = subprocess.run(cmd[:-2] + ["--lora", f"{a}:x", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "is not a number" in bad.stderr
+
+
+def test_generation_progress_shows_one_labelled_bar_and_restores(pipe, scene):
+    import io
+
+    from kontext.infer import generation_progress
+
+    buf = io.StringIO()
+    before = dict(pipe._progress_bar_config)
+    with generation_progress(pipe, "generating 2 images", file=buf, disable=False):
+        generate(pipe, _open(scene, "image", "RGB"), "a bottle", _open(scene, "mask", "L"), num_images=2,
+                 num_inference_steps=STEPS, max_sequence_length=64)
+    assert "generating 2 images" in buf.getvalue() and f"{STEPS}/{STEPS}" in buf.getvalue()
+    assert pipe._progress_bar_config == before

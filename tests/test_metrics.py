@@ -290,3 +290,45 @@ def test_holes_where_the_object_matches_the_scene_are_filled():
     holed = pixel_change_mask(res, ctx, m, fill_holes=False)
     assert iou(filled.mask, m) > 0.95
     assert not holed.mask[25:31, 25:31].any() and filled.mask[25:31, 25:31].all()
+
+
+# ------------------------------------------------------------------------------- threshold bounds
+def test_threshold_is_bounded_and_a_bounded_one_is_flagged():
+    from kontext.metrics import MAX_RGB_DISTANCE, MAX_THRESHOLD
+
+    assert MAX_THRESHOLD < MAX_RGB_DISTANCE
+    m = square(64, 64, 16, 16, 24)
+    # a dark scene whose background the result turned (noisily) white: background drift mean + 3 std > sqrt(3)
+    ctx = np.zeros((64, 64, 3))
+    rng = np.random.default_rng(0)
+    res = np.clip(1.0 - np.abs(rng.normal(0, 0.3, size=ctx.shape)), 0, 1)
+    res[m] = 1.0  # the object: the brightest possible change
+    assert np.sqrt((res ** 2).sum(-1))[~m].mean() + 3 * np.sqrt((res ** 2).sum(-1))[~m].std() > MAX_THRESHOLD
+    cm = pixel_change_mask(res, ctx, m)
+    assert cm.degenerate and cm.threshold == pytest.approx(MAX_THRESHOLD)
+    assert cm.mask[m].all(), "a bounded threshold still sees the object (an unbounded one saw no change at all)"
+    sm = sample_metrics(res, ctx, m)
+    assert sm.threshold_degenerate == 1.0 and sm.threshold == pytest.approx(MAX_THRESHOLD)
+    # an ordinary sample is not flagged, and a given change mask has no threshold to judge
+    ok_ctx = scene(seed=3)
+    ok = sample_metrics(with_object(ok_ctx, m), ok_ctx, m)
+    assert ok.threshold_degenerate == 0.0 and ok.threshold < MAX_THRESHOLD
+    assert math.isnan(sample_metrics(res, ctx, m, changed=m).threshold_degenerate)
+    # bounds that cannot hold are refused
+    with pytest.raises(ValueError, match="max_threshold"):
+        pixel_change_mask(res, ctx, m, max_threshold=2.0)
+    with pytest.raises(ValueError, match="min_threshold"):
+        pixel_change_mask(res, ctx, m, min_threshold=0.9, max_threshold=0.5)
+
+
+def test_evaluation_report_names_the_degenerate_samples():
+    from types import SimpleNamespace
+
+    from kontext.evaluate import degenerate_threshold_lines
+
+    samples = [SimpleNamespace(name="a"), SimpleNamespace(name="b")]
+    fine = SimpleNamespace(label="base", rows=[{"threshold_degenerate": 0.0}] * 2)
+    assert "none degenerate" in "\n".join(degenerate_threshold_lines(samples, [fine]))
+    bad = SimpleNamespace(label="geo", rows=[{"threshold_degenerate": 0.0}, {"threshold_degenerate": 1.0}])
+    text = "\n".join(degenerate_threshold_lines(samples, [fine, bad]))
+    assert "## Degenerate change-mask thresholds" in text and "`geo`: b (1 of 2)" in text and "`base`" not in text

@@ -40,13 +40,29 @@ def _transformer_out(transformer, seed=0):
 
 
 @pytest.mark.slow
-def test_end_to_end_outputs_and_lora_loads(tmp_path, tiny_model_dir, tiny_dataset_dir):
+def test_end_to_end_outputs_and_lora_loads(tmp_path, tiny_model_dir, tiny_dataset_dir, capsys):
+    import os
+    import stat
+
     from diffusers import FluxKontextPipeline, FluxTransformer2DModel
 
     cfg = tiny_cfg(tmp_path, tiny_model_dir, tiny_dataset_dir, export={"comfyui": True})
-    run = run_training(cfg)
+    umask = os.umask(0o022)
+    try:
+        run = run_training(cfg)
+    finally:
+        os.umask(umask)
     out = Path(cfg.output_dir)
     assert run.stop_reason == "done"
+
+    # The run ends with a summary: steps, losses, where the files are, how to go on.
+    printed = capsys.readouterr().out
+    summary = printed[printed.index("Training finished: 4 steps"):]
+    assert "Final losses" in summary and "pytorch_lora_weights.safetensors" in summary
+    assert "checkpoint.resume_from=latest" in summary and "python -m kontext.evaluate" in summary
+    # Both exports readable by others (safetensors alone leaves 0600).
+    for name in ("pytorch_lora_weights.safetensors", "lora_comfyui.safetensors"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, name
 
     # Resolved config with the absolute base-model path.
     resolved = yaml.safe_load((out / "config.yaml").read_text())
@@ -101,6 +117,8 @@ def test_end_to_end_outputs_and_lora_loads(tmp_path, tiny_model_dir, tiny_datase
     assert (out / "lora_comfyui.safetensors").is_file()
     card = (out / "README.md").read_text()
     assert "base_model:" in card and "insert the can" in card
+    assert str(Path(tiny_model_dir).resolve()) not in card and "torch_dtype=torch.float32" in card
+    assert meta["transformer.base_model_name_or_path"] == Path(tiny_model_dir).resolve().name
 
 
 @pytest.mark.slow

@@ -1,0 +1,103 @@
+"""The few lines a finished training run prints last: what ran, how it ended, where the files are, what next.
+
+``train_kontext_lora.finish`` prints :func:`run_summary` on the main process. Numbers are rounded for the
+console (:func:`round_sig`); the exact values stay in ``training_history.json`` and the model card.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+from pathlib import Path
+from typing import Any
+
+# The loss terms shown (in this order) when the history has them.
+_LOSS_KEYS = ("loss/total", "loss/flow", "loss/geometry")
+# Validation metrics shown (in this order) when present.
+_METRIC_KEYS = ("val/iou", "val/area_ratio", "val/psnr_outside", "val/latent_iou")
+
+
+def round_sig(x: float, digits: int = 4) -> str:
+    """``x`` with ``digits`` significant digits for the console: ``0.007512`` -> ``0.007512``, ``21.8372`` -> ``21.84``."""
+    if x is None:
+        return "n/a"
+    x = float(x)
+    if not math.isfinite(x):
+        return str(x)
+    if x == 0:
+        return "0"
+    return f"{x:.{digits}g}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, float(seconds))
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h} h {m:02d} min" if h else f"{m} min {s:02d} s"
+
+
+def final_losses(history: list[dict[str, float]], last: int = 10) -> dict[str, float]:
+    """Mean of each loss term over the last ``last`` logged steps (one step's loss is noisy)."""
+    tail = history[-last:]
+    out: dict[str, float] = {}
+    for k in _LOSS_KEYS:
+        vals = [float(h[k]) for h in tail if k in h]
+        if vals:
+            out[k] = sum(vals) / len(vals)
+    return out
+
+
+def run_summary(
+    *,
+    steps: int,
+    wall_seconds: float,
+    history: list[dict[str, float]],
+    metrics: dict[str, float],
+    output_dir: str | Path,
+    files: list[str | Path],
+    base_model: str,
+    can_resume: bool,
+    launcher: str = "accelerate launch",
+) -> str:
+    """The end-of-run summary as lines of text.
+
+    Args:
+        steps: optimiser steps done in total (a resumed run counts the earlier ones).
+        wall_seconds: wall time of this process's run (setup, training, export).
+        history: ``[{"step": int, "loss/total": float, ...}, ...]`` as in ``training_history.json``.
+        metrics: final validation metrics (``val/iou`` ...); may be empty.
+        output_dir: the run's folder; ``files`` are the artefacts written there (names relative to it).
+        base_model: the base model as ``kontext.evaluate --model`` takes it.
+        can_resume: whether a final checkpoint exists (``checkpoint.every_steps`` > 0).
+        launcher: how the resume command starts the trainer.
+    """
+    out = Path(output_dir)
+    n = min(10, len(history))
+    lines = ["", "=" * 72, f"Training finished: {steps} steps in {_duration(wall_seconds)}."]
+    losses = final_losses(history)
+    if losses:
+        shown = ", ".join(f"{k.split('/', 1)[1]} {round_sig(v)}" for k, v in losses.items())
+        lines.append(f"Final losses (mean of the last {n} steps): {shown}")
+    if metrics:
+        keys = [k for k in _METRIC_KEYS if k in metrics] or sorted(k for k in metrics if k != "val/count")
+        shown = ", ".join(f"{k.split('/', 1)[-1]} {round_sig(metrics[k])}" for k in keys)
+        lines.append(f"Validation: {shown}")
+    lines.append(f"Files in {out}:")
+    lines += [f"  {f}" for f in files]
+    cfg = shlex.quote(str(out / "config.yaml"))
+    if can_resume:
+        lines += [
+            "Continue training (raise train.max_steps):",
+            f"  {launcher} train_kontext_lora.py --config {cfg} checkpoint.resume_from=latest train.max_steps={2 * steps}",
+        ]
+    else:
+        lines.append("No checkpoint was kept (checkpoint.every_steps = 0), so this run cannot be continued.")
+    lines += [
+        "Evaluate on a held-out folder:",
+        f"  python -m kontext.evaluate --model {shlex.quote(base_model)} --lora {shlex.quote(str(out))} "
+        f"--data <held-out folder> --out {shlex.quote(str(out / 'eval'))}",
+        "=" * 72,
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,137 @@
+"""What the trainer says on the console: INFO from its own loggers, the end-of-run summary, CPU threads,
+and a user error that stays the last line even under ``accelerate launch``."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import train_kontext_lora as tk
+from kontext.summary import round_sig, run_summary
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def restore_log_levels():
+    names = tk.OWN_LOGGERS + ("kontext.tiny", "data.synthetic")
+    before = {n: logging.getLogger(n).level for n in names}
+    yield
+    for n, level in before.items():
+        logging.getLogger(n).setLevel(level)
+
+
+@pytest.mark.parametrize("main_process", [True, False])
+def test_project_loggers_log_info_on_the_main_process_only(main_process, restore_log_levels, caplog):
+    tk._setup_logging(SimpleNamespace(is_main_process=main_process))
+    caplog.set_level(logging.NOTSET)  # let caplog see whatever the loggers themselves let through
+    for name in ("kontext.tiny", "data.synthetic", "losses", "kontext_lora"):
+        logging.getLogger(name).info("hello from %s", name)
+    shown = [r.name for r in caplog.records if r.levelno == logging.INFO]
+    assert shown == (["kontext.tiny", "data.synthetic", "losses", "kontext_lora"] if main_process else [])
+    # libraries stay quiet
+    assert not logging.getLogger("diffusers").isEnabledFor(logging.INFO)
+
+
+def test_round_sig():
+    assert round_sig(0.0075123456789) == "0.007512"
+    assert round_sig(21.83721) == "21.84"
+    assert round_sig(0.0) == "0"
+    assert round_sig(float("nan")) == "nan"
+    assert round_sig(123456.0) == "1.235e+05"
+
+
+def test_summary_has_steps_time_rounded_losses_metrics_files_and_commands(tmp_path):
+    history = [{"step": i, "loss/total": 0.123456789 + i, "loss/flow": 0.1, "step_time_s": 0.5} for i in range(1, 21)]
+    text = run_summary(
+        steps=20,
+        wall_seconds=75.2,
+        history=history,
+        metrics={"val/iou": 0.00751234567, "val/area_ratio": 1.234567891, "val/count": 2.0},
+        output_dir=tmp_path / "run",
+        files=["pytorch_lora_weights.safetensors", "README.md", "checkpoint-20/ (last checkpoint)"],
+        base_model="black-forest-labs/FLUX.1-Kontext-dev",
+        can_resume=True,
+    )
+    assert "20 steps in 1 min 15 s" in text
+    # mean of the last 10 steps, 4 significant digits
+    assert "total 15.62" in text and "flow 0.1" in text
+    assert "iou 0.007512" in text and "area_ratio 1.235" in text and "count" not in text
+    assert "0.0075123" not in text
+    assert "pytorch_lora_weights.safetensors" in text and str(tmp_path / "run") in text
+    assert "  checkpoint-20/ (last checkpoint)" in text
+    assert f"--config {tmp_path / 'run' / 'config.yaml'} checkpoint.resume_from=latest train.max_steps=40" in text
+    assert "python -m kontext.evaluate --model black-forest-labs/FLUX.1-Kontext-dev --lora" in text
+
+    no_ckpt = run_summary(
+        steps=3, wall_seconds=2, history=[], metrics={}, output_dir=tmp_path, files=[], base_model="m", can_resume=False
+    )
+    assert "resume_from" not in no_ckpt and "cannot be continued" in no_ckpt and "Validation" not in no_ckpt
+
+
+def test_cpu_threads_for_a_plain_run(monkeypatch):
+    monkeypatch.setattr(tk.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(tk.os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
+    assert tk.cpu_threads_for_plain_run({}) in (1, 2, 3, 4)  # physical cores, at most the usable ones
+    # a busy box: the cores other work holds are left to it
+    monkeypatch.setattr(tk.os, "getloadavg", lambda: (3.2, 3.0, 3.0))
+    assert tk.cpu_threads_for_plain_run({}) == 1
+    # the user's OMP_NUM_THREADS, and accelerate's own choice, are never overridden
+    assert tk.cpu_threads_for_plain_run({"OMP_NUM_THREADS": "3"}) is None
+    assert tk.cpu_threads_for_plain_run({"LOCAL_RANK": "0"}) is None
+    assert tk.cpu_threads_for_plain_run({"ACCELERATE_MIXED_PRECISION": "no"}) is None
+
+
+def test_set_cpu_threads_applies_them(monkeypatch):
+    calls = []
+    monkeypatch.setattr(tk, "cpu_threads_for_plain_run", lambda: 1)
+    monkeypatch.setattr(tk.torch, "set_num_threads", calls.append)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert tk.set_cpu_threads() == 1
+    assert calls == [1] and tk.os.environ["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setattr(tk, "cpu_threads_for_plain_run", lambda: None)
+    calls.clear()
+    assert tk.set_cpu_threads() is None and calls == []
+
+
+def _bad_config_args(tmp_path: Path) -> list[str]:
+    return ["--config", "configs/example_tiny.yaml", f"output_dir={tmp_path / 'out'}", "train.max_stepz=3"]
+
+
+def test_config_error_is_the_last_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    for k in [k for k in tk.os.environ if k.startswith("ACCELERATE_") or k == "LOCAL_RANK"]:
+        monkeypatch.delenv(k)
+    assert tk.main(_bad_config_args(tmp_path)) == 2
+    err = capsys.readouterr().err.rstrip("\n").splitlines()
+    assert err[-1].startswith("error: ") and "max_stepz" in "\n".join(err) and "CalledProcessError" not in "\n".join(err)
+
+
+def test_config_error_under_accelerate_is_set_off_and_last(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("RANK", "0")
+    assert tk.main(_bad_config_args(tmp_path)) == 2
+    err = capsys.readouterr().err.rstrip("\n")
+    assert "=" * 72 in err and "CalledProcessError" in err
+    tail = err[err.index("error: "):]
+    assert "max_stepz" in tail and "max_steps" in tail
+
+
+@pytest.mark.slow
+def test_accelerate_launch_config_error_is_impossible_to_miss(tmp_path):
+    from test_launch import accelerate_cmd, subprocess_env
+
+    cmd = accelerate_cmd() + ["launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+                              "--dynamo_backend", "no", "train_kontext_lora.py", *_bad_config_args(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    err = proc.stderr
+    framed = err.index("=" * 72)
+    assert "error: " in err[framed:] and "max_stepz" in err[framed:]
+    # accelerate's own traceback comes after it; the pointer says what it is
+    assert err.index("The run stopped on the error below") < err.rindex("CalledProcessError")
