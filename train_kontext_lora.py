@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import time
@@ -30,9 +31,57 @@ import torch
 from kontext.config import Config, ConfigError, config_to_dict, dump_config, load_config
 
 logger = logging.getLogger("kontext_lora")
+# The loggers of this project's packages; libraries (diffusers, transformers, ...) stay at WARNING.
+OWN_LOGGERS = ("kontext_lora", "kontext", "data", "losses")
+_RUN_CLOCK: dict[str, float] = {}
 
 FINISHED_MARKER = "pytorch_lora_weights.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _launched_by_accelerate(environ: Any = None) -> bool:
+    """True under ``accelerate launch`` (or torchrun), which choose the processes' CPU threads themselves."""
+    env = os.environ if environ is None else environ
+    return "LOCAL_RANK" in env or any(k.startswith("ACCELERATE_") for k in env)
+
+
+def cpu_threads_for_plain_run(environ: dict[str, str] | None = None) -> int | None:
+    """The intra-op thread count for a ``python train_kontext_lora.py`` run, or None to leave torch's choice.
+
+    None when ``OMP_NUM_THREADS`` is set (the user's choice always wins) or when accelerate launched the
+    script (it sets ``OMP_NUM_THREADS`` itself). Otherwise the physical cores this process may use, as
+    ``accelerate launch --cpu`` chooses, less the cores other work keeps busy (the 1-minute load average):
+    OpenMP threads that wait for a core held by another process spin, and on a busy 2-core box two
+    threads ran a step tens of times slower than one.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("OMP_NUM_THREADS", "").strip() or _launched_by_accelerate(env):
+        return None
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable = os.cpu_count() or 1
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False) or usable
+    except ImportError:
+        physical = usable
+    cores = max(1, min(usable, physical))
+    try:
+        busy = round(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        busy = 0
+    return max(1, min(cores, usable - busy))
+
+
+def set_cpu_threads() -> int | None:
+    """Apply :func:`cpu_threads_for_plain_run` (the script's entry point calls this; imports never do)."""
+    threads = cpu_threads_for_plain_run()
+    if threads is not None:
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # and for any worker process started later
+    return threads
 
 
 class UserError(Exception):
@@ -220,12 +269,19 @@ def setup(cfg: Config) -> Run:
 
     accelerator = Accelerator(
         cpu=_cpu_only_multiprocess(),
-        mixed_precision=cfg.train.mixed_precision,
+        # `auto` -> None: accelerate reads the launcher's choice (ACCELERATE_MIXED_PRECISION, its config file).
+        mixed_precision=None if cfg.train.mixed_precision == "auto" else cfg.train.mixed_precision,
         log_with=None if cfg.logging.report_to == "none" else cfg.logging.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         # The LR schedule counts optimiser updates, once per update whatever the number of processes.
         step_scheduler_with_optimizer=False,
     )
+    if accelerator.mixed_precision not in ("no", "bf16", "fp16"):
+        raise UserError(
+            f"mixed precision {accelerator.mixed_precision!r} (from the launcher) is not supported; "
+            "use --mixed_precision no/bf16/fp16 or set train.mixed_precision."
+        )
+    cfg.train.mixed_precision = accelerator.mixed_precision  # config.yaml records what the run used
     _setup_logging(accelerator)
     set_seed(cfg.train.seed)
 
@@ -398,7 +454,10 @@ def _lora_shape(cfg: Config) -> dict[str, Any]:
 def _setup_logging(accelerator: Any) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     # Our own messages at INFO on the main process; libraries only when something is wrong.
-    logger.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
+    _RUN_CLOCK["start"] = time.perf_counter()  # setup calls this first: the summary's wall time starts here
+    level = logging.INFO if accelerator.is_main_process else logging.WARNING
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(level)
     import diffusers
     import transformers
 
@@ -570,12 +629,21 @@ def lora_digest(state_dict: dict[str, torch.Tensor]) -> str:
 
 
 def export_lora(
-    accelerator: Any, transformer: torch.nn.Module, out_dir: str | Path, dtype: torch.dtype = torch.float32
+    accelerator: Any,
+    transformer: torch.nn.Module,
+    out_dir: str | Path,
+    dtype: torch.dtype = torch.float32,
+    base_model: str | None = None,
 ) -> Path:
-    """Gather the full LoRA on every process and write ``pytorch_lora_weights.safetensors`` from the main one."""
+    """Gather the full LoRA on every process and write ``pytorch_lora_weights.safetensors`` from the main one.
+
+    The file gets the umask's mode (safetensors leaves 0600) and records ``base_model`` as a hub id or a
+    folder name, never a local path (``kontext.sharing``).
+    """
     from diffusers import FluxKontextPipeline
 
     from kontext.lora import LORA_WEIGHTS_NAME, adapter_metadata
+    from kontext.sharing import respect_umask
 
     sd = full_lora_state_dict(transformer)
     path = Path(out_dir) / LORA_WEIGHTS_NAME
@@ -584,10 +652,11 @@ def export_lora(
         FluxKontextPipeline.save_lora_weights(
             save_directory=str(out_dir),
             transformer_lora_layers={k: v.to(dtype) for k, v in sd.items()},
-            transformer_lora_adapter_metadata=adapter_metadata(transformer),
+            transformer_lora_adapter_metadata=adapter_metadata(transformer, base_model),
             weight_name=LORA_WEIGHTS_NAME,
             safe_serialization=True,
         )
+        respect_umask(path)
     return path
 
 
@@ -709,6 +778,8 @@ def train(run: Run, pause_at: int | None = None) -> str:
         total=cfg.train.max_steps, initial=step, desc="train", disable=not acc.is_local_main_process, dynamic_ncols=True
     )
     reason = "done"
+    # From the prepared model: FSDP2 replaces the parameters with sharded ones (run.lora_params predates prepare).
+    trainable = [p for p in run.transformer.parameters() if p.requires_grad]
     with StopRequest() as stop:
         while step < cfg.train.max_steps:
             t0 = time.perf_counter()
@@ -716,12 +787,15 @@ def train(run: Run, pause_at: int | None = None) -> str:
             finite = True
             for micro in range(accum):
                 batch = _to_device(next(batches), run)
-                # LoRA dropout draws from the global stream: pin it to the step too.
-                torch.manual_seed(cfg.train.seed + 7919 * step + micro)
+                # LoRA dropout draws from the global stream: pin it to the step, and to the rank so that the
+                # ranks draw different masks (rank 0 keeps the single-process stream).
+                torch.manual_seed(cfg.train.seed + 7919 * step + micro + (acc.process_index << 40))
                 sync = micro == accum - 1
                 ctx = acc.no_sync(run.transformer) if not sync else contextlib.nullcontext()
                 with ctx, acc.autocast():
                     loss, logs = compute_loss(run.transformer, batch, cfg, _step_generator(run, step, micro), run.train_scheduler)
+                # Host-device syncs: each term's finiteness check, and (several processes) one all-reduce, so that
+                # all ranks skip together.
                 bad_terms = [k for k, v in logs.items() if not torch.isfinite(v).all()]
                 if _any_process(acc, bool(bad_terms)):
                     finite = False
@@ -730,27 +804,20 @@ def train(run: Run, pause_at: int | None = None) -> str:
                     )
                     break
                 acc.backward(loss / accum)
-                for k, v in logs.items():
+                for k, v in logs.items():  # float(v): a host-device sync per term (the history records every step)
                     totals[k] = totals.get(k, 0.0) + float(v) / accum
             grad_norm = None
             if finite:
-                grads = [p.grad for p in run.lora_params if p.grad is not None]
-                gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) if grads else torch.zeros(())
-                if not torch.isfinite(gnorm):
-                    finite = False
-                    logger.warning(
-                        "step %d: non-finite gradient in %s; skipping this update", step + 1, _nonfinite_grad_names(run)
-                    )
-                else:
-                    grad_norm = float(gnorm)
-                    if cfg.train.max_grad_norm > 0:
-                        acc.clip_grad_norm_(run.lora_params, cfg.train.max_grad_norm)
-                    run.optimizer.step()
-                    run.lr_scheduler.step()
-                    if not weights_finite(run.lora_params):  # AdamW cannot be undone: stop, never save them
-                        logger.error("step %d: the update made the LoRA weights NaN/inf; stopping without saving them", step + 1)
-                        reason = "nonfinite_weights"
-                        break
+                stepped, grad_norm = optimizer_step(run, step)
+                # Host-device sync (a gather of the shards' norms under FSDP2): AdamW cannot be undone, so
+                # weights made NaN/inf stop the run and are never saved.
+                if stepped and not weights_finite(trainable):
+                    logger.error("step %d: the update made the LoRA weights NaN/inf; stopping without saving them", step + 1)
+                    reason = "nonfinite_weights"
+                    break
+                # An fp16 overflow that the gradient scaler skipped is routine (it lowers its scale): the step
+                # counts, as in diffusers' and transformers' trainers, and is no non-finite failure.
+                finite = stepped or acc.optimizer_step_was_skipped
             run.optimizer.zero_grad(set_to_none=True)
             if not finite:
                 bad_streak += 1
@@ -789,11 +856,60 @@ def train(run: Run, pause_at: int | None = None) -> str:
     return reason
 
 
+def optimizer_step(run: Run, step: int) -> tuple[bool, float | None]:
+    """Apply one update from the accumulated gradients: clip, guard, step. Returns ``(stepped, grad_norm)``.
+
+    ``grad_norm`` is the total norm of the *unscaled* gradients of the prepared model's trainable
+    parameters (whatever their sharding), or None when it is NaN/inf. Without a gradient scaler a NaN/inf
+    norm skips the update (logged; the caller counts it toward ``train.max_nonfinite_steps``). Under fp16
+    accelerate's GradScaler decides instead: ``optimizer.step()`` is always called, the scaler skips it on
+    an overflow and lowers its scale, and ``accelerator.optimizer_step_was_skipped`` tells the caller.
+    The LR schedule advances only with an update.
+    """
+    cfg, acc = run.cfg, run.accelerator
+    # From the prepared model: under FSDP2 these are the sharded parameters that hold the gradients.
+    params = [p for p in run.transformer.parameters() if p.requires_grad]
+    if cfg.train.max_grad_norm > 0:
+        # Unscales the gradients first under fp16; the norm is the global one across shards (a collective
+        # under FSDP2). Clipping with a NaN/inf norm is harmless: the update is skipped below.
+        gnorm = acc.clip_grad_norm_(params, cfg.train.max_grad_norm)
+    else:
+        acc.unscale_gradients()  # fp16 only (else a no-op): the norm and the check see the true gradients
+        grads = [p.grad for p in params if p.grad is not None]
+        gnorm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())  # fused (foreach) norm
+    if hasattr(gnorm, "full_tensor"):  # DTensor shards (FSDP2): a collective that combines the shards' norms
+        gnorm = gnorm.full_tensor()
+    if gnorm is None:  # DeepSpeed clips inside its engine and reports the norm only after its step
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        return True, None
+    # Host-device sync, once per update: the skip decision (and the log) need the norm on the host.
+    norm = float(gnorm)
+    if acc.scaler is not None:
+        run.optimizer.step()  # the scaler's step: skipped on inf/NaN (found while unscaling), scale updated
+        if acc.optimizer_step_was_skipped:
+            # get_scale() is a host-device sync; only on the (rare) skipped updates.
+            logger.info("step %d: fp16 gradient overflow; the gradient scaler skipped this update and lowered its "
+                        "scale to %g", step + 1, acc.scaler.get_scale())
+            return False, None
+        run.lr_scheduler.step()
+        return True, norm
+    if not math.isfinite(norm):
+        logger.warning("step %d: non-finite gradient in %s; skipping this update", step + 1, _nonfinite_grad_names(run))
+        return False, None
+    run.optimizer.step()
+    run.lr_scheduler.step()
+    return True, norm
+
+
 def _nonfinite_grad_names(run: Run, limit: int = 3) -> str:
-    """Names of the first LoRA parameters whose gradient holds a NaN/inf (for the warning)."""
+    """Names of the first LoRA parameters whose gradient holds a NaN/inf (for the warning).
+
+    Only this process's shard of a sharded (DTensor) gradient is looked at: no collective on this path.
+    """
     names = [
         n for n, p in run.accelerator.unwrap_model(run.transformer).named_parameters()
-        if p.grad is not None and not torch.isfinite(p.grad).all()
+        if p.grad is not None and not torch.isfinite(getattr(p.grad, "to_local", lambda: p.grad)()).all()
     ]
     shown = ", ".join(names[:limit]) + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
     return shown or "the gradient on another process"
@@ -897,7 +1013,9 @@ def finish(run: Run, reason: str) -> None:
     transformer = acc.unwrap_model(run.transformer)
     check_replicas_agree(acc, transformer)
     try:
-        path = export_lora(acc, transformer, run.output_dir, DTYPES[cfg.export.save_dtype])
+        path = export_lora(
+            acc, transformer, run.output_dir, DTYPES[cfg.export.save_dtype], cfg.model.pretrained_model_name_or_path
+        )
     except (OSError, RuntimeError) as e:  # a half-written final LoRA must not look like a finished run
         message = save_failure_message(e, run.output_dir, [run.output_dir / FINISHED_MARKER], "the final LoRA")
         if message is None:
@@ -913,9 +1031,36 @@ def finish(run: Run, reason: str) -> None:
 
         write_model_card(run.output_dir, cfg, metrics, run.history)
         acc.print(f"Done: {path}")
+        acc.print(_summary(run, metrics))
     acc.wait_for_everyone()
     acc.end_training()
     unlock_output_dir(run.output_dir)
+
+
+def _summary(run: Run, metrics: dict[str, float]) -> str:
+    """The end-of-run summary (``kontext.summary.run_summary``) for a finished run."""
+    from kontext.summary import run_summary
+
+    out, cfg = run.output_dir, run.cfg
+    names = [FINISHED_MARKER, "lora_comfyui.safetensors", "README.md", "config.yaml", "training_history.json"]
+    files = [n for n in names if (out / n).is_file()]
+    ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]) if p.name.split("-")[1].isdigit() else -1)
+    if ckpts:
+        files.append(f"{ckpts[-1].name}/ (last checkpoint)")
+    if (out / "validation").is_dir():
+        files.append("validation/ (grids)")
+    started = _RUN_CLOCK.get("start")
+    return run_summary(
+        steps=run.start_step,
+        wall_seconds=time.perf_counter() - started if started is not None else sum(h.get("step_time_s", 0.0) for h in run.history),
+        history=run.history,
+        metrics=metrics,
+        output_dir=out,
+        files=files,
+        base_model=cfg.model.pretrained_model_name_or_path,
+        can_resume=bool(ckpts),
+        launcher="accelerate launch" if _launched_by_accelerate() else "python",
+    )
 
 
 def _last_checkpoint_name(run: Run) -> str:
@@ -944,6 +1089,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _error_text(e: Exception) -> str:
+    """The user-error message as ``main`` writes it last: plain, or framed under ``accelerate launch``.
+
+    accelerate answers a non-zero exit with its own ``CalledProcessError`` traceback, printed after the
+    script has ended, so there the message is set off by a rule and a pointer; the error stays the last line.
+    """
+    from kontext.output_dir import is_main_launch_process
+
+    if not _launched_by_accelerate() or not is_main_launch_process():
+        return f"error: {e}\n"
+    return (
+        f"\n{'=' * 72}\n"
+        "The run stopped on the error below. The CalledProcessError traceback that accelerate prints after it only "
+        "says that this script exited with status 2.\n"
+        f"error: {e}\n"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     from kontext.output_dir import unlock_all
 
@@ -952,7 +1115,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         run_training(cfg)
     except (ConfigError, UserError) as e:
-        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.write(_error_text(e))
+        sys.stderr.flush()
         return 2
     finally:
         unlock_all()  # a refused run removes the lock file it made (a killed one's lock dies with it)
@@ -960,4 +1124,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    set_cpu_threads()
     sys.exit(main())

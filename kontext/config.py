@@ -173,8 +173,10 @@ class TrainConfig:
     adam_epsilon: float = _f(1e-8, "Adam epsilon.", exclusive_min=0)
     weight_decay: float = _f(1e-4, "Decoupled weight decay.", min=0.0)
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables clipping).", min=0.0)
-    mixed_precision: Literal["no", "bf16", "fp16"] = _f(
-        "no", "accelerate mixed precision (overridden by `accelerate launch --mixed_precision`)."
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _f(
+        "auto",
+        "accelerate mixed precision. `auto`: what the launcher says (`accelerate launch --mixed_precision`, "
+        "its config file, else `no`); a value here overrides the launcher. config.yaml records the resolved value.",
     )
     weighting_scheme: Literal["none", "logit_normal", "mode", "sigma_sqrt", "cosmap"] = _f(
         "none", "Timestep density / loss weighting, as diffusers' FLUX training scripts."
