@@ -292,7 +292,10 @@ def setup(cfg: Config) -> Run:
         with accelerator.main_process_first():
             if accelerator.is_main_process:
                 s = cfg.data.synthetic
-                generate_dataset(cfg.data.root, num_samples=s.num_samples, size=(s.size, s.size), seed=s.seed)
+                try:
+                    generate_dataset(cfg.data.root, num_samples=s.num_samples, size=(s.size, s.size), seed=s.seed)
+                except FileExistsError as e:  # a folder of real data: nothing was written, say so in one message
+                    raise UserError(f"data.synthetic.enabled is true, but data.root {e}.") from None
     source = open_dataset_source(cfg)
     try:  # batches that fit the data, and a resumed data position that fits them, before any model loads
         check_data_position(source, cfg, accelerator.num_processes, resume_ckpt, state)

@@ -7,6 +7,7 @@ rules are the same everywhere.
 
 from __future__ import annotations
 
+import errno
 import io
 import warnings
 from dataclasses import dataclass
@@ -22,6 +23,11 @@ DEFAULT_MAX_PIXELS = 8192 * 8192
 
 # JPEG chroma subsampling leaves a few levels of colour in a grey mask; more than this is a colour image.
 MASK_COLOUR_TOLERANCE = 16
+
+
+def _is_loop(err: BaseException) -> bool:
+    """Whether an error from listing/opening a path is a symlink loop (ELOOP, or pathlib's RuntimeError)."""
+    return getattr(err, "errno", None) == errno.ELOOP or (isinstance(err, RuntimeError) and "loop" in str(err).lower())
 
 
 class ImageProblem(Exception):
@@ -50,8 +56,10 @@ class ImageRef:
             raise ImageProblem("has neither bytes nor a path; store the image in the dataset")
         try:
             return self.path.read_bytes()
-        except OSError as err:
-            raise ImageProblem(f"cannot be read ({err.strerror or err}); check that the file exists and is readable") from err
+        except (OSError, RuntimeError) as err:
+            if _is_loop(err):
+                raise ImageProblem("is a symlink loop (the link points back at itself); replace it with the image file") from err
+            raise ImageProblem(f"cannot be read ({getattr(err, 'strerror', None) or err}); check that the file exists and is readable") from err
 
 
 def open_header(ref: ImageRef, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -82,7 +90,11 @@ def open_header(ref: ImageRef, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
         ) from err
     except FileNotFoundError as err:
         raise ImageProblem("does not exist; add the file or fix the path") from err
-    except OSError as err:
+    except PermissionError as err:
+        raise ImageProblem(f"cannot be read ({err.strerror or err}); make the file readable") from err
+    except (OSError, RuntimeError) as err:  # RuntimeError: a symlink loop on some Python versions
+        if _is_loop(err):
+            raise ImageProblem("is a symlink loop (the link points back at itself); replace it with the image file") from err
         raise ImageProblem(f"cannot be opened ({err}); re-export it as PNG or JPEG") from err
     w, h = img.size
     if w * h > max_pixels:
@@ -128,10 +140,25 @@ def _load(img: Image.Image) -> None:
         raise ImageProblem(f"is truncated or corrupt ({err}); re-export it as PNG or JPEG") from err
 
 
+# 16-bit greyscale (how Pillow opens 16-bit grey PNGs); full scale is 65535.
+GREY16_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _grey16_to_l(img: Image.Image) -> Image.Image:
+    """A 16-bit greyscale image scaled faithfully (0..65535 -> 0..255) to 8-bit ``L``."""
+    arr = np.asarray(img, dtype=np.float64)
+    return Image.fromarray(np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8), mode="L")
+
+
 def decode_rgb(img: Image.Image) -> Image.Image:
-    """Decode an opened image fully, apply its EXIF orientation, and convert it to RGB (alpha is dropped)."""
+    """Decode an opened image fully, apply its EXIF orientation, and convert it to RGB (alpha is dropped).
+
+    16-bit greyscale is scaled 0..65535 -> 0..255 (not clipped), as for masks.
+    """
     _load(img)
     img = _upright(img)
+    if img.mode in GREY16_MODES:
+        img = _grey16_to_l(img)  # Pillow's own convert clips 0..65535 at 255: a 16-bit photo would be pure white
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
@@ -149,10 +176,8 @@ def decode_mask(img: Image.Image) -> Image.Image:
         return img
     if mode == "1":
         return img.convert("L")
-    if mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
-        # 16-bit greyscale PNGs: full scale is 65535.
-        arr = np.asarray(img, dtype=np.float64)
-        return Image.fromarray(np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8), mode="L")
+    if mode in GREY16_MODES:
+        return _grey16_to_l(img)
     if mode in ("LA", "PA", "P", "RGB", "RGBA"):
         if mode in ("P", "PA"):
             img = img.convert("RGBA")

@@ -26,6 +26,7 @@ from .images import (
     ImageProblem,
     ImageRef,
     decode_mask,
+    _is_loop,
     decode_rgb,
     open_header,
     oriented_size,
@@ -175,8 +176,30 @@ def _inside(path: Path, root_resolved: Path) -> bool:
     try:
         path.resolve().relative_to(root_resolved)
         return True
-    except ValueError:
+    except (ValueError, OSError, RuntimeError):  # unresolvable paths are reported by _unresolvable first
         return False
+
+
+def _unresolvable(path: Path) -> str | None:
+    """Why ``path`` cannot be followed (a symlink loop, an unreadable link), or None if it can be resolved."""
+    try:
+        path.resolve()
+        os.stat(path)  # follows the link: ELOOP / EACCES surface here
+    except FileNotFoundError:
+        return None  # a missing or dangling file is reported where it is opened ("does not exist")
+    except (OSError, RuntimeError) as err:
+        if _is_loop(err):
+            return "is a symlink loop (the link points back at itself); replace it with the file or remove it"
+        return f"cannot be read ({getattr(err, 'strerror', None) or err}); check that it exists and is readable"
+    return None
+
+
+def _listdir(folder: Path) -> list[Path] | str:
+    """The sorted entries of ``folder``, or why it cannot be listed."""
+    try:
+        return sorted(folder.iterdir())
+    except (OSError, RuntimeError) as err:
+        return f"cannot be listed ({getattr(err, 'strerror', None) or err}); check that it is a readable folder"
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -257,9 +280,18 @@ class FolderSource(_SourceBase):
                 f"folder {role}/ is missing in {self.root}; create it with one image per sample ({role}/NAME.png)"
             )
             return found
-        for p in sorted(folder.iterdir()):
+        entries = _listdir(folder)
+        if isinstance(entries, str):
+            self._problems.append(f"folder {role}/ {entries}")
+            return found
+        for p in entries:
             if p.name.startswith("."):
                 continue  # .DS_Store and friends
+            why = _unresolvable(p)
+            if why is not None:
+                self._problems.append(f"{role}/{p.name} {why}")
+                self._rejected.add(p.stem)  # reported here; not again as a missing counterpart
+                continue
             if p.is_dir():
                 self._problems.append(f"{role}/{p.name}/ is a folder; {role}/ must hold image files only, move it out")
                 continue
@@ -287,8 +319,18 @@ class FolderSource(_SourceBase):
         out: dict[str, str] = {}
         if not folder.is_dir():
             return out
-        for p in sorted(folder.iterdir()):
-            if p.name.startswith(".") or p.is_dir():
+        entries = _listdir(folder)
+        if isinstance(entries, str):
+            self._problems.append(f"folder prompts/ {entries}")
+            return out
+        for p in entries:
+            if p.name.startswith("."):
+                continue
+            why = _unresolvable(p)
+            if why is not None:
+                self._problems.append(f"prompts/{p.name} {why}")
+                continue
+            if p.is_dir():
                 continue
             if p.suffix.lower() != ".txt":
                 self._problems.append(f"prompts/{p.name} is not a .txt file; prompts are prompts/NAME.txt, rename or remove it")
@@ -300,6 +342,9 @@ class FolderSource(_SourceBase):
                 text = p.read_text(encoding="utf-8").strip()
             except UnicodeDecodeError:
                 self._problems.append(f"prompts/{p.name} is not UTF-8 text; save it as UTF-8")
+                continue
+            except (OSError, RuntimeError) as err:
+                self._problems.append(f"prompts/{p.name} cannot be read ({getattr(err, 'strerror', None) or err}); make it readable")
                 continue
             if not text:
                 self._problems.append(
@@ -316,6 +361,10 @@ class FolderSource(_SourceBase):
             return None
         p = Path(value)
         p = p if p.is_absolute() else self.root / p
+        why = _unresolvable(p)
+        if why is not None:
+            self._problems.append(f"{where}: '{key}' file {value!r} {why}")
+            return None
         if not _inside(p, root_resolved):
             self._problems.append(
                 f"{where}: '{key}' path {value!r} resolves outside the dataset folder {self.root}; "
@@ -341,6 +390,10 @@ class FolderSource(_SourceBase):
         files: dict[str, dict[str, Path]] = {}
         broken: set[str] = set()
         seen: dict[str, int] = {}
+        why = _unresolvable(path) if path.is_symlink() else None
+        if why is not None:
+            self._problems.append(f"metadata.jsonl {why}")
+            return prompts, files, broken, seen
         if not path.is_file():
             return prompts, files, broken, seen
         if not _inside(path, root_resolved):
@@ -350,6 +403,9 @@ class FolderSource(_SourceBase):
             lines = path.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError:
             self._problems.append("metadata.jsonl is not UTF-8 text; save it as UTF-8")
+            return prompts, files, broken, seen
+        except (OSError, RuntimeError) as err:
+            self._problems.append(f"metadata.jsonl cannot be read ({getattr(err, 'strerror', None) or err}); make it readable")
             return prompts, files, broken, seen
         for lineno, line in enumerate(lines, start=1):
             if not line.strip():
@@ -598,6 +654,20 @@ class HFSource(_SourceBase):
             self._problems.append(f"the dataset {self.describe()} has no rows; check data.split")
         self._names = [str(v) for v in self._ds["name"]] if names_ok else [f"row {i}" for i in range(n)]
         raw_prompts = list(self._ds[self.prompt_column]) if prompt_ok else [None] * n
+        if prompt_ok:
+            feature = ds.features[self.prompt_column]
+            if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+                # Numbers are refused, not converted: a numeric "prompt" is almost always the wrong column.
+                kind = feature.dtype if isinstance(feature, datasets.Value) else type(feature).__name__
+                example = next((v for v in raw_prompts if v is not None), None)
+                shown = f" (e.g. {self._names[0] if n else 'row 0'}: {example!r})" if example is not None else ""
+                self._problems.append(
+                    f"column '{self.prompt_column}' (the prompt) holds {kind} values, not text{shown}; prompts must be "
+                    f"strings: set data.prompt_column to the column with the instructions, convert this one to text "
+                    f"(ds.cast_column('{self.prompt_column}', datasets.Value('string')))"
+                )
+                self._prompts = [None] * n
+                return
         for i, p in enumerate(raw_prompts):
             if isinstance(p, str) and p.strip():
                 self._prompts.append(p.strip())
@@ -639,6 +709,9 @@ class HFSource(_SourceBase):
         p = Path(value)
         if self._base is not None:
             p = p if p.is_absolute() else self._base / p
+            why = _unresolvable(p)
+            if why is not None:
+                return ImageRef(f"{label} ({value})", problem=why)
             if not _inside(p, self._base):
                 return ImageRef(
                     label,

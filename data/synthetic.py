@@ -598,8 +598,9 @@ def generate_dataset(
             return root
         if root.exists() and any(root.iterdir()) and not (root / MANIFEST_NAME).is_file():
             raise FileExistsError(
-                f"{root} exists and is not a synthetic set written by data.synthetic (no {MANIFEST_NAME}); "
-                "pass an empty or new folder as the synthetic data root so real data is never overwritten"
+                f"{root} holds files not written by the synthetic data generator (no {MANIFEST_NAME}), probably real "
+                "data; it was left untouched. To train on it, set data.synthetic.enabled=false; to generate a "
+                "synthetic set, set data.root to a new or empty folder"
             )
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
         try:
