@@ -246,7 +246,10 @@ def open_dataset_source(cfg: Config):
             prompt_column=d.prompt_column,
             max_pixels=d.max_pixels,
         )
-        validate_source(source, max_pixels=d.max_pixels)
+        from data import make_buckets
+
+        # Also warns about masks that vanish at the training size (nothing left for the geometry terms).
+        validate_source(source, max_pixels=d.max_pixels, buckets=make_buckets(d.resolution, d.aspect_buckets))
     except DatasetError as e:
         raise UserError(str(e)) from None
     return source
