@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+from collections import Counter
 import math
 import re
 import shutil
@@ -334,6 +335,19 @@ def check_data_position(
         sampler = BucketBatchSampler(ids, batch_size=batch_size, seed=seed, num_replicas=num_processes, rank=0)
     except ValueError as e:
         raise CheckpointError(f"train.batch_size = {batch_size} does not fit the dataset: {e}.") from None
+    # Batches hold one bucket each and incomplete ones are dropped: a bucket with fewer samples than one
+    # batch across the processes is never drawn. Say so, naming the samples.
+    need = batch_size * num_processes
+    per_bucket = Counter(ids)
+    never = [i for i, b in enumerate(ids) if per_bucket[b] < need]
+    if never:
+        names = [source.names[i] for i in never]
+        shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+        logger.warning(
+            "%d sample(s) are never trained on: their aspect bucket holds fewer than train.batch_size x processes "
+            "= %d samples (%s). Add samples of that shape, lower train.batch_size, or turn data.aspect_buckets off.",
+            len(never), need, shown,
+        )
     if saved:
         try:
             sampler.load_state_dict(saved)

@@ -262,3 +262,32 @@ def test_batches_are_checked_against_the_data_and_the_checkpoint(tiny_dataset_di
     check_data_position(source, cfg, 1, Path("ckpt"), saved)
     with pytest.raises(CheckpointError, match=r"num_batches=5 but this run has num_batches=4"):
         check_data_position(source, cfg, 1, Path("ckpt"), {"data": dict(saved["data"], num_batches=5)})
+
+
+def test_a_sample_alone_in_its_aspect_bucket_is_named(tmp_path, caplog):
+    """With aspect buckets and batch 2, a lone wide sample would never be drawn: the check says which."""
+    import logging
+
+    import numpy as np
+    from PIL import Image
+
+    from data import open_source
+
+    root = tmp_path / "set"
+    for name, (w, h) in {"a": (64, 64), "b": (64, 64), "c": (64, 64), "wide": (192, 48)}.items():
+        img = np.full((h, w, 3), 90, np.uint8)
+        mask = np.zeros((h, w), np.uint8)
+        mask[h // 4 : h // 2, w // 4 : w // 2] = 255
+        for role, arr in (("context", img), ("target", img), ("mask", mask)):
+            (root / role).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(root / role / f"{name}.png")
+    source = open_source("folder", root, default_prompt="insert")
+    cfg = config_from_dict({"data": {"resolution": 64, "aspect_buckets": True}, "train": {"batch_size": 2}})
+    with caplog.at_level(logging.WARNING, logger="kontext.checkpoint"):
+        check_data_position(source, cfg, 1)
+    assert "1 sample(s) are never trained on" in caplog.text and "wide" in caplog.text
+    caplog.clear()
+    cfg.data.aspect_buckets = False
+    with caplog.at_level(logging.WARNING, logger="kontext.checkpoint"):
+        check_data_position(source, cfg, 1)
+    assert "never trained on" not in caplog.text
