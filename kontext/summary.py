@@ -38,6 +38,16 @@ def _duration(seconds: float) -> str:
     return f"{h} h {m:02d} min" if h else f"{m} min {s:02d} s"
 
 
+def _model_argument(base_model: str) -> str:
+    """``tiny`` for the committed tiny model (shorter, and valid on any machine), the reference itself otherwise."""
+    from kontext.tiny import COMMITTED_DIR
+
+    try:
+        return "tiny" if Path(base_model).resolve() == COMMITTED_DIR else base_model
+    except (OSError, ValueError):
+        return base_model
+
+
 def final_losses(history: list[dict[str, float]], last: int = 10) -> dict[str, float]:
     """Mean of each loss term over the last ``last`` logged steps (one step's loss is noisy)."""
     tail = history[-last:]
@@ -96,7 +106,7 @@ def run_summary(
         lines.append("No checkpoint was kept (checkpoint.every_steps = 0), so this run cannot be continued.")
     lines += [
         "Evaluate on a held-out folder:",
-        f"  python -m kontext.evaluate --model {shlex.quote(base_model)} --lora {shlex.quote(str(out))} "
+        f"  python -m kontext.evaluate --model {shlex.quote(_model_argument(base_model))} --lora {shlex.quote(str(out))} "
         f"--data <held-out folder> --out {shlex.quote(str(out / 'eval'))}",
         "=" * 72,
     ]

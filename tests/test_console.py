@@ -135,3 +135,11 @@ def test_accelerate_launch_config_error_is_impossible_to_miss(tmp_path):
     assert "error: " in err[framed:] and "max_stepz" in err[framed:]
     # accelerate's own traceback comes after it; the pointer says what it is
     assert err.index("The run stopped on the error below") < err.rindex("CalledProcessError")
+
+
+def test_summary_names_the_committed_tiny_model_as_tiny(tmp_path):
+    from kontext.tiny import COMMITTED_DIR
+
+    text = run_summary(steps=1, wall_seconds=1, history=[], metrics={}, output_dir=tmp_path, files=[],
+                       base_model=str(COMMITTED_DIR), can_resume=False)
+    assert "python -m kontext.evaluate --model tiny --lora" in text and str(COMMITTED_DIR) not in text
