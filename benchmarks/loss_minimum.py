@@ -32,13 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data.hint import apply_mask_hint  # noqa: E402
 from data.synthetic import scaled_insertions  # noqa: E402
 from kontext.flux import encode_images  # noqa: E402
+from kontext.generation import pil_to_tensor  # noqa: E402
 from losses import LOSS_TERMS, compute_mask_targets, geometry_loss  # noqa: E402
 
 SCALES = (0.6, 0.8, 0.9, 1.0, 1.1, 1.25, 1.4)
-
-
-def _px(img) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1.0
 
 
 def score_samples(vae, n: int, area_range: tuple[float, float], size: int = 128, seed: int = 0, drift: float = 3.0):
@@ -51,12 +48,12 @@ def score_samples(vae, n: int, area_range: tuple[float, float], size: int = 128,
     for i, child in enumerate(rng.spawn(n)):
         t, variants = scaled_insertions(child, size, size, float(areas[i]), SCALES, drift=drift)
         mask = torch.from_numpy(np.asarray(t.mask, dtype=np.float32) / 255.0)[None, None]
-        scene = _px(t.context)
+        scene = pil_to_tensor(t.context)
         with torch.no_grad():
-            z_tgt = encode_images(vae, _px(t.target)).float()
+            z_tgt = encode_images(vae, pil_to_tensor(t.target)).float()
             z_scene = encode_images(vae, scene).float()
             z_hint = encode_images(vae, apply_mask_hint(scene, mask, "fill")).float()
-            preds = {s: encode_images(vae, _px(img)).float() for s, img in variants.items()}
+            preds = {s: encode_images(vae, pil_to_tensor(img)).float() for s, img in variants.items()}
         targets = compute_mask_targets(mask, tuple(z_tgt.shape[-2:]))
         for f, (formulation, hinted) in forms.items():
             z_ctx = z_hint if hinted else z_scene

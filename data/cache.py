@@ -160,6 +160,7 @@ class CacheableDataset(Protocol):
     cache: LatentCache | None
     bucket_ids: list[int]
     buckets: list[tuple[int, int]]
+    mask_hint: str  # "none": the context is the scene; otherwise the scene's latents are cached too
 
     def __len__(self) -> int: ...
 
@@ -212,7 +213,7 @@ def build_cache(
         raise ValueError(f"build_cache: batch_size must be >= 1, got {batch_size}")
     todo: list[tuple[int, int, bool, str]] = []
     reused = 0
-    hinted = getattr(dataset, "mask_hint", "none") != "none"
+    hinted = dataset.mask_hint != "none"
     for i in range(len(dataset)):
         for fl in dataset.orientations():
             key = dataset.cache_key(i, fl)

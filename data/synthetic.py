@@ -202,14 +202,24 @@ def render_product(width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
     d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=_LOGO_DISC)
     d.polygon(_star(cx, cy, 0.8 * r, 0.35 * r), fill=_LOGO_STAR)
 
-    # Box-filter down with premultiplied alpha so edge colours are not darkened by the black outside.
+    return _downsample_supersampled(rgb, alpha, width, height)
+
+
+def _downsample_supersampled(
+    rgb: Image.Image, alpha: Image.Image, width: int, height: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Box-filter a drawing made at ``_SUPERSAMPLE`` x the size down to ``width x height``.
+
+    With premultiplied alpha, so edge colours are not darkened by the black outside the silhouette.
+    Returns uint8 ``[height, width, 3]`` colours and the bool silhouette (pixels at least half covered).
+    """
+    s = _SUPERSAMPLE
     a = np.asarray(alpha, dtype=np.float32) / 255.0
     premul = np.asarray(rgb, dtype=np.float32) * a[..., None]
     premul = premul.reshape(height, s, width, s, 3).mean(axis=(1, 3))
     cover = a.reshape(height, s, width, s).mean(axis=(1, 3))
     colour = premul / np.maximum(cover, 1e-6)[..., None]
-    mask = cover >= 0.5
-    return np.clip(np.round(colour), 0, 255).astype(np.uint8), mask
+    return np.clip(np.round(colour), 0, 255).astype(np.uint8), cover >= 0.5
 
 
 # Share of the product's box height that its orange body spans (below the lid, above the bottom rim).
@@ -343,12 +353,8 @@ def render_object(
         r = 0.3 * min(W, H)
         cx, cy = W * rng.uniform(0.35, 0.6), H * rng.uniform(0.35, 0.65)
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=accent)
-    a = np.asarray(_object_silhouette(shape, W, H), dtype=np.float32) / 255.0
-    premul = np.asarray(rgb, dtype=np.float32) * a[..., None]
-    premul = premul.reshape(height, s, width, s, 3).mean(axis=(1, 3))
-    cover = a.reshape(height, s, width, s).mean(axis=(1, 3))
-    out = premul / np.maximum(cover, 1e-6)[..., None]
-    return np.clip(np.round(out), 0, 255).astype(np.uint8), cover >= 0.5, f"{colour} {shape}"
+    obj, silhouette = _downsample_supersampled(rgb, _object_silhouette(shape, W, H), width, height)
+    return obj, silhouette, f"{colour} {shape}"
 
 
 def make_insertion_sample(

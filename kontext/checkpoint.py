@@ -145,13 +145,21 @@ def verify_checkpoint(checkpoint: str | Path) -> str | None:
     return None
 
 
-def _verify_lora(path: Path) -> str | None:
-    from safetensors import safe_open
-
+def _missing_or_empty(path: Path) -> str | None:
+    """Why ``path`` cannot hold a checkpoint file (missing, or 0 bytes), or None."""
     if not path.is_file():
         return f"{path.name} is missing"
     if path.stat().st_size == 0:
         return f"{path.name} is empty (0 bytes)"
+    return None
+
+
+def _verify_lora(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    problem = _missing_or_empty(path)
+    if problem:
+        return problem
     try:
         with safe_open(str(path), framework="pt") as f:
             tensors = [f.get_tensor(k) for k in f.keys()]
@@ -167,10 +175,9 @@ def _verify_lora(path: Path) -> str | None:
 def _verify_torch_file(path: Path) -> str | None:
     from accelerate.utils import load as accelerate_load  # torch.load with accelerate's allow-list (numpy RNG state)
 
-    if not path.is_file():
-        return f"{path.name} is missing"
-    if path.stat().st_size == 0:
-        return f"{path.name} is empty (0 bytes)"
+    problem = _missing_or_empty(path)
+    if problem:
+        return problem
     try:
         obj = accelerate_load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated zip archive raises RuntimeError, OSError or UnpicklingError

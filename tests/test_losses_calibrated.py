@@ -15,14 +15,11 @@ import torch
 
 from data.synthetic import scaled_insertions
 from kontext.flux import encode_images
+from kontext.generation import pil_to_tensor
 from losses import LOSS_TERMS, compute_mask_targets, geometry_loss
 from losses.combined import calibrated_change_stats
 
 SCALES = (0.7, 0.85, 1.0, 1.15, 1.3)
-
-
-def _px(img) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1.0
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +37,9 @@ def _samples(vae, areas, drift, seed=0):
         t, variants = scaled_insertions(child, 128, 128, area, SCALES, drift=drift)
         mask = torch.from_numpy(np.asarray(t.mask, dtype=np.float32) / 255.0)[None, None]
         with torch.no_grad():
-            z_tgt = encode_images(vae, _px(t.target)).float()
-            z_scene = encode_images(vae, _px(t.context)).float()
-            preds = {s: encode_images(vae, _px(v)).float() for s, v in variants.items()}
+            z_tgt = encode_images(vae, pil_to_tensor(t.target)).float()
+            z_scene = encode_images(vae, pil_to_tensor(t.context)).float()
+            preds = {s: encode_images(vae, pil_to_tensor(v)).float() for s, v in variants.items()}
         out.append((z_tgt, z_scene, preds, compute_mask_targets(mask, tuple(z_tgt.shape[-2:]))))
     return out
 
