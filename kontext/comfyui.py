@@ -1,27 +1,36 @@
-"""Export a diffusers/PEFT FLUX LoRA to the original-FLUX (BFL) layout that ComfyUI and kohya tools load.
+"""Export a diffusers/PEFT FLUX LoRA as a file ComfyUI applies at the trained strength.
 
 Run on a finished output folder or on any diffusers-format FLUX LoRA file::
 
     python -m kontext.comfyui outputs/my-product            # writes outputs/my-product/lora_comfyui.safetensors
     python -m kontext.comfyui some/pytorch_lora_weights.safetensors --out product_comfy.safetensors
+    python -m kontext.comfyui outputs/my-product --layout fused   # original FLUX names, for kohya tools
 
-Key format: kohya's ``lora_unet_<bfl module with dots as underscores>.{lora_down.weight,lora_up.weight,alpha}``,
-e.g. ``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight``. ComfyUI's ``model_lora_keys_unet`` maps
-``lora_unet_`` + every ``diffusion_model.*.weight`` key of the loaded model with dots replaced by underscores,
-so these names reach every FLUX layer; kohya sd-scripts, Forge and diffusers' own kohya reader use the same names.
+Two layouts, both applied exactly by ComfyUI's LoRA loader (``comfy/lora.py``):
 
-Diffusers splits layers that the original FLUX fuses: a double block's ``img_attn.qkv`` is ``to_q``/``to_k``/
-``to_v``, ``txt_attn.qkv`` is ``add_q_proj``/``add_k_proj``/``add_v_proj``, and a single block's ``linear1`` is
-``[to_q; to_k; to_v; proj_mlp]`` stacked on the output axis. A LoRA on the parts becomes one LoRA on the fused
-layer without approximation: ``down`` is the parts' ``lora_A`` stacked on the rank axis and ``up`` is the
-block-diagonal of the parts' ``lora_B``, each multiplied by its own PEFT scale (``alpha / r``, or
-``alpha / sqrt(r)`` with rsLoRA, honouring ``rank_pattern`` / ``alpha_pattern``). Every ``.alpha`` equals the
-rank of its ``down`` matrix, so loaders that apply ``alpha / rank`` multiply by exactly 1 and the delta is
-``up @ down`` = the diffusers delta, part by part (parts without a LoRA contribute zero rows).
+``split`` (the default, smallest): one LoRA per diffusers module, keys
+``transformer.<module>.{lora_A.weight, lora_B.weight, alpha}``. ComfyUI's ``model_lora_keys_unet`` maps, for a FLUX
+model, ``transformer.`` + every diffusers FLUX Linear to its original layer (``comfy.utils.flux_to_diffusers``);
+q/k/v and ``proj_mlp`` map to a *slice* of the fused original weight (``(dim, start, length)``, e.g.
+``attn.to_k`` -> rows ``[d, 2d)`` of ``img_attn.qkv``), the patch is added to ``weight.narrow(dim, start, length)``,
+and ``norm_out.linear`` maps to ``final_layer.adaLN_modulation.1`` with ComfyUI's own [scale; shift] -> [shift; scale]
+swap. Each module's ``.alpha`` is its PEFT alpha (``alpha * sqrt(r)`` with rsLoRA), so ComfyUI's
+``alpha / rank(lora_A)`` is the PEFT scale and ``lora_B`` / ``lora_A`` are the trained factors unchanged, exact in
+any dtype. The file is the diffusers file's tensors plus those alphas: ComfyUI never reads the diffusers file's
+``lora_adapter_metadata``, where diffusers keeps alpha.
 
-The only other rearrangement is the final adaLN: diffusers' ``norm_out.linear`` emits ``[scale; shift]``
-while BFL's ``final_layer.adaLN_modulation.1`` emits ``[shift; scale]``, so the two halves of that ``up``
-matrix's rows are swapped. Q/K/V rows need no permutation (both layouts order heads then head channels).
+``fused``: kohya's ``lora_unet_<original FLUX module>.{lora_down.weight,lora_up.weight,alpha}``, the names kohya
+sd-scripts and diffusers' kohya reader know. Diffusers splits layers that the original FLUX fuses (a double block's
+``img_attn.qkv`` is ``to_q``/``to_k``/``to_v``, ``txt_attn.qkv`` is ``add_q_proj``/``add_k_proj``/``add_v_proj``, a
+single block's ``linear1`` is ``[to_q; to_k; to_v; proj_mlp]`` on the output axis). A LoRA on the parts becomes one
+LoRA on the fused layer without approximation: ``down`` is the parts' ``lora_A`` stacked on the rank axis and ``up``
+the block-diagonal of the parts' ``lora_B`` (parts without a LoRA contribute zero rows), which makes this layout
+1.77 times the split one at rank 16 with the default targets. When every part of a layer has the same PEFT
+scale ``s`` it goes into ``alpha = s * rank`` and ``up`` keeps the trained factors (exact in bf16 too); otherwise
+each part's scale is multiplied into its block of ``up`` and ``alpha`` = rank. ``final_layer`` layers always
+carry their scale in ``up`` (diffusers' kohya reader ignores their alpha), and their adaLN ``up`` rows are swapped
+by halves ([scale; shift] -> [shift; scale]). Q/K/V rows need no permutation (both layouts order heads, then
+head channels).
 """
 
 from __future__ import annotations
@@ -46,6 +55,8 @@ DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
 COMFYUI_LORA_NAME = "lora_comfyui.safetensors"
 KOHYA_PREFIX = "lora_unet_"
 METADATA_KEY = "lora_adapter_metadata"
+SPLIT, FUSED = "split", "fused"
+LAYOUTS = (SPLIT, FUSED)
 
 # Diffusers' FluxSingleTransformerBlock is built with mlp_ratio=4 and the model offers no way to change it.
 SINGLE_MLP_RATIO = 4
@@ -86,6 +97,8 @@ _TOP_PLAIN = {
 }
 # BFL layers whose output rows are ordered differently from diffusers': [shift; scale] vs [scale; shift].
 _SWAP_HALVES = {"final_layer.adaLN_modulation.1"}
+# Layers whose `.alpha` diffusers' kohya reader does not apply (it reads final_layer as if alpha == rank).
+_ALPHA_IGNORED = {"final_layer.linear", "final_layer.adaLN_modulation.1"}
 
 _BLOCK_RE = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
 _LORA_KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
@@ -174,6 +187,21 @@ def module_scale(module: str, rank: int, config: Mapping[str, Any] | None, sourc
     return float(alpha) / rank
 
 
+def module_alpha(module: str, rank: int, config: Mapping[str, Any] | None, source: str = "LoRA") -> float:
+    """The kohya/ComfyUI ``alpha`` for one module: the value whose ``alpha / rank`` is PEFT's scale.
+
+    That is the module's PEFT alpha (``alpha_pattern`` or ``lora_alpha``), ``alpha * sqrt(r)`` with rsLoRA, and
+    ``rank`` (scale 1) without a config. Computed directly rather than as ``scale * rank`` so that the usual
+    integer alphas are stored exactly.
+    """
+    if config is None:
+        return float(rank)
+    module_scale(module, rank, config, source)  # the same rank check
+    alpha_pattern = config.get("alpha_pattern") or {}
+    alpha = float(alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config.get("lora_alpha", rank)))
+    return alpha * math.sqrt(rank) if config.get("use_rslora", False) else alpha
+
+
 def _inner_dim_from_config(transformer_config: Mapping[str, Any] | None) -> int | None:
     if transformer_config is None:
         return None
@@ -206,8 +234,9 @@ def convert_diffusers_lora_to_comfyui(
     transformer_config: Mapping[str, Any] | None = None,
     source: str = "LoRA",
     dtype: torch.dtype | None = None,
+    layout: str = SPLIT,
 ) -> dict[str, torch.Tensor]:
-    """Convert a diffusers/PEFT FLUX transformer LoRA to kohya-named original-FLUX LoRA tensors.
+    """Convert a diffusers/PEFT FLUX transformer LoRA to the tensors of a file ComfyUI applies exactly.
 
     Args:
         state_dict: ``{transformer.<module>.lora_A.weight: [r, in], ...lora_B.weight: [out, r]}`` as written by
@@ -219,15 +248,21 @@ def convert_diffusers_lora_to_comfyui(
             input width is the model width ``d``; q/k/v are ``d`` wide, ``proj_mlp`` ``4 d``).
         source: name used in error messages (the file path).
         dtype: output dtype; defaults to the dtype of the input LoRA weights.
+        layout: ``"split"`` (one LoRA per diffusers module, the smallest file) or ``"fused"`` (one LoRA per
+            original FLUX layer, kohya names); see the module docstring.
 
     Returns:
-        ``{lora_unet_<bfl>.lora_down.weight: [R, in], .lora_up.weight: [out, R], .alpha: 0-d float32 = R}``
-        with ``up @ down`` equal to the PEFT scale times ``lora_B @ lora_A`` on every original layer.
+        split: ``{transformer.<module>.lora_A.weight: [r, in], .lora_B.weight: [out, r], .alpha: 0-d float32}``
+        with ``alpha / r`` the module's PEFT scale. fused: ``{lora_unet_<bfl>.lora_down.weight: [R, in],
+        .lora_up.weight: [out, R], .alpha: 0-d float32}`` with ``alpha / R * up @ down`` equal to the PEFT scale
+        times ``lora_B @ lora_A`` on every original layer (zero rows for parts without a LoRA).
 
     Raises:
         ValueError: a key that is not a transformer LoRA weight of a known FLUX layer, a DoRA/bias adapter,
             a missing A/B half, or widths that contradict the model.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
     config = parse_adapter_metadata(metadata)
     if config is not None:
         if config.get("use_dora"):
@@ -267,45 +302,37 @@ def convert_diffusers_lora_to_comfyui(
     out_dtype = dtype or next(iter(state_dict.values())).dtype
     cfg_inner = _inner_dim_from_config(transformer_config)
     result: dict[str, torch.Tensor] = {}
+    # checked for both layouts: ComfyUI slices the fused weights of the split layout at these same widths
+    part_widths = {bfl: _part_widths(pairs, bfl, t, cfg_inner, source) for bfl, t in sorted(groups.items())}
+    if layout == SPLIT:
+        for module in sorted(pairs):
+            a, b = pairs[module]["A"], pairs[module]["B"]
+            key = f"transformer.{module}"
+            result[f"{key}.lora_A.weight"] = a.to(out_dtype).contiguous()
+            result[f"{key}.lora_B.weight"] = b.to(out_dtype).contiguous()
+            result[f"{key}.alpha"] = torch.tensor(module_alpha(module, a.shape[0], config, source), dtype=torch.float32)
+        return result
     for bfl, t in sorted(groups.items()):
         downs: list[torch.Tensor] = []
-        ups: list[tuple[torch.Tensor, int]] = []  # (scaled up [out_i, r_i], row offset)
-        present = [m for m in t.group if m in pairs]
-        in_features = {pairs[m]["A"].shape[1] for m in present}
-        if len(in_features) != 1:
-            raise ValueError(f"{source}: parts of {bfl} ({present}) disagree on input width {sorted(in_features)}")
-        (in_dim,) = in_features
-        if len(t.group) == 1:
-            widths = [pairs[t.group[0]]["B"].shape[0]]
-        else:
-            # Every part of a fused FLUX layer reads the hidden state, so its input width is the model width.
-            inner = cfg_inner if cfg_inner is not None else in_dim
-            if in_dim != inner:
-                raise ValueError(
-                    f"{source}: {present[0]} reads {in_dim} features but the transformer config has "
-                    f"inner_dim={inner}; the LoRA belongs to another model"
-                )
-            widths = [mult * inner for mult in t.width_mult]
+        ups: list[tuple[torch.Tensor, float, int]] = []  # (up [out_i, r_i], PEFT scale, row offset)
+        widths = part_widths[bfl]
         offset = 0
         for i, module in enumerate(t.group):
             if module in pairs:
                 a = pairs[module]["A"].to(torch.float32)
                 b = pairs[module]["B"].to(torch.float32)
-                if b.shape[0] != widths[i]:
-                    raise ValueError(
-                        f"{source}: {module}.lora_B has {b.shape[0]} output rows but {bfl} needs {widths[i]} there "
-                        f"(part {i} of {len(t.group)}); unsupported FLUX variant"
-                    )
-                scale = module_scale(module, a.shape[0], config, source)
                 downs.append(a)
-                ups.append((b * scale, offset))
+                ups.append((b, module_scale(module, a.shape[0], config, source), offset))
             offset += widths[i]
         rank = sum(d.shape[0] for d in downs)
+        scales = {scale for _, scale, _ in ups}
+        # One scale for the whole layer goes into alpha, leaving the trained factors unrounded; several cannot.
+        shared = scales.pop() if len(scales) == 1 and bfl not in _ALPHA_IGNORED else None
         down = torch.cat(downs, dim=0)
         up = torch.zeros(offset, rank, dtype=torch.float32)
         col = 0
-        for u, row in ups:
-            up[row : row + u.shape[0], col : col + u.shape[1]] = u
+        for u, scale, row in ups:
+            up[row : row + u.shape[0], col : col + u.shape[1]] = u if shared is not None else u * scale
             col += u.shape[1]
         if bfl in _SWAP_HALVES:
             first, second = up.chunk(2, dim=0)
@@ -313,9 +340,39 @@ def convert_diffusers_lora_to_comfyui(
         key = kohya_key(bfl)
         result[f"{key}.lora_down.weight"] = down.to(out_dtype).contiguous()
         result[f"{key}.lora_up.weight"] = up.to(out_dtype).contiguous()
-        # alpha == rank: loaders multiply by alpha / rank = 1, the PEFT scales already live in `up`.
-        result[f"{key}.alpha"] = torch.tensor(float(rank), dtype=torch.float32)
+        # loaders multiply by alpha / rank: the shared scale, or 1 when the scales already live in `up`
+        alpha = shared * rank if shared is not None else float(rank)
+        result[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
     return result
+
+
+def _part_widths(
+    pairs: Mapping[str, Mapping[str, torch.Tensor]], bfl: str, t: _Target, inner: int | None, source: str
+) -> list[int]:
+    """Output rows of each part of the original layer ``bfl``, checked against the LoRA and the model width."""
+    present = [m for m in t.group if m in pairs]
+    in_features = {pairs[m]["A"].shape[1] for m in present}
+    if len(in_features) != 1:
+        raise ValueError(f"{source}: parts of {bfl} ({present}) disagree on input width {sorted(in_features)}")
+    (in_dim,) = in_features
+    if len(t.group) == 1:
+        return [pairs[t.group[0]]["B"].shape[0]]
+    # Every part of a fused FLUX layer reads the hidden state, so its input width is the model width.
+    d = inner if inner is not None else in_dim
+    if in_dim != d:
+        raise ValueError(
+            f"{source}: {present[0]} reads {in_dim} features but the transformer config has "
+            f"inner_dim={d}; the LoRA belongs to another model"
+        )
+    widths = [mult * d for mult in t.width_mult]
+    for i, module in enumerate(t.group):
+        rows = pairs[module]["B"].shape[0] if module in pairs else widths[i]
+        if rows != widths[i]:
+            raise ValueError(
+                f"{source}: {module}.lora_B has {rows} output rows but {bfl} needs {widths[i]} there "
+                f"(part {i} of {len(t.group)}); unsupported FLUX variant"
+            )
+    return widths
 
 
 def _resolve_input(path: Path) -> Path:
@@ -352,6 +409,7 @@ def export_comfyui(
     lora_path_or_output_dir: str | Path,
     out_path: str | Path | None = None,
     transformer_config: Mapping[str, Any] | None = None,
+    layout: str = SPLIT,
 ) -> Path:
     """Read a diffusers FLUX LoRA file (or an output folder holding one) and write its ComfyUI/kohya twin.
 
@@ -359,6 +417,7 @@ def export_comfyui(
         lora_path_or_output_dir: ``pytorch_lora_weights.safetensors`` or the folder that holds it.
         out_path: output file; default ``lora_comfyui.safetensors`` beside the input.
         transformer_config: optional ``FluxTransformer2DModel`` config for width checks.
+        layout: ``"split"`` (default, smallest) or ``"fused"`` (original FLUX names for kohya tools).
 
     Returns:
         The written path. The safetensors header records the format, source file, base model and ranks.
@@ -372,22 +431,33 @@ def export_comfyui(
         config = parse_adapter_metadata(raw_meta)
     except json.JSONDecodeError as e:
         raise ValueError(f"{src}: the {METADATA_KEY} header is not valid JSON ({e})") from None
-    converted = convert_diffusers_lora_to_comfyui(state_dict, config, transformer_config, source=str(src))
+    converted = convert_diffusers_lora_to_comfyui(
+        state_dict, config, transformer_config, source=str(src), layout=layout
+    )
     out = Path(out_path) if out_path is not None else src.parent / COMFYUI_LORA_NAME
     out.parent.mkdir(parents=True, exist_ok=True)
-    ranks = sorted({int(v.item()) for k, v in converted.items() if k.endswith(".alpha")})
+    down_suffix = ".lora_A.weight" if layout == SPLIT else ".lora_down.weight"
+    ranks = sorted({v.shape[0] for k, v in converted.items() if k.endswith(down_suffix)})
     file_meta = {
         "format": "pt",
-        "lora_format": "kohya lora_unet_* (lora_down / lora_up / alpha), original FLUX module names",
-        "ss_network_module": "networks.lora_flux",
         "ss_base_model_version": "flux1",
         "modelspec.architecture": "flux-1-dev/lora",
         "ss_network_dim": str(config.get("r")) if config else str(max(ranks)),
         "ss_network_alpha": str(config.get("lora_alpha")) if config else str(max(ranks)),
-        "alpha_convention": "alpha == rank of each fused layer; the PEFT scales are folded into lora_up",
-        "fused_ranks": ",".join(str(r) for r in ranks),
+        "layout": layout,
         "source_file": src.name,
     }
+    if layout == SPLIT:
+        file_meta["lora_format"] = "transformer.<diffusers FLUX module>.lora_A / lora_B / alpha, one LoRA per module"
+        file_meta["alpha_convention"] = "alpha / rank(lora_A) is the module's PEFT scale; lora_A / lora_B as trained"
+    else:
+        file_meta["lora_format"] = "kohya lora_unet_* (lora_down / lora_up / alpha), original FLUX module names"
+        file_meta["ss_network_module"] = "networks.lora_flux"
+        file_meta["alpha_convention"] = (
+            "alpha / rank(lora_down) is the layer's scale when its parts share one PEFT scale (lora_up as trained); "
+            "otherwise alpha == rank and each part's scale is folded into its block of lora_up"
+        )
+        file_meta["fused_ranks"] = ",".join(str(r) for r in ranks)
     base = _base_model_of(src.parent)
     if base is not None:
         file_meta["base_model"] = shareable_model_name(base)  # a hub id or a folder name, never a local path
@@ -399,18 +469,26 @@ def main(argv: list[str] | None = None) -> int:
     """CLI: ``python -m kontext.comfyui PATH [--out FILE]``."""
     parser = argparse.ArgumentParser(
         prog="python -m kontext.comfyui",
-        description="Convert a diffusers FLUX (Kontext) LoRA to the original-FLUX/kohya layout ComfyUI loads.",
+        description="Convert a diffusers FLUX (Kontext) LoRA to a file ComfyUI applies at the trained strength.",
     )
     parser.add_argument("path", help=f"a training output folder (with {DIFFUSERS_LORA_NAME}) or a LoRA file")
     parser.add_argument("--out", default=None, help=f"output file (default: {COMFYUI_LORA_NAME} beside the input)")
+    parser.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default=SPLIT,
+        help="split (default): one LoRA per diffusers module, the smallest file, read by ComfyUI, Forge and diffusers; "
+        "fused: one LoRA per original FLUX layer (kohya lora_unet_ names, for kohya tools), about 1.8x larger",
+    )
     args = parser.parse_args(argv)
     try:
-        out = export_comfyui(args.path, args.out)
+        out = export_comfyui(args.path, args.out, layout=args.layout)
     except (FileNotFoundError, ValueError) as e:
         parser.exit(2, f"error: {e}\n")
     with safe_open(str(out), framework="pt") as f:
         n_layers = sum(1 for k in f.keys() if k.endswith(".alpha"))
-    print(f"wrote {out} ({n_layers} FLUX layers)")
+    what = "diffusers modules" if args.layout == SPLIT else "original FLUX layers"
+    print(f"wrote {out} ({n_layers} {what}, {args.layout} layout)")
     return 0
 
 

@@ -76,8 +76,9 @@ def write_model_card(output_dir: str | Path, cfg: Any, metrics: dict[str, float]
         "## Which file where",
         "",
         "- diffusers: `pytorch_lora_weights.safetensors` (this folder, as above).",
-        "- ComfyUI, Forge, kohya tools: `lora_comfyui.safetensors` (original FLUX module names; write it with "
-        "`python -m kontext.comfyui <this folder>` if it is missing). ComfyUI ignores the diffusers file's "
+        "- ComfyUI, Forge: `lora_comfyui.safetensors` (original FLUX module names, one LoRA per projection; write "
+        "it with `python -m kontext.comfyui <this folder>` if it is missing; kohya tools need the fused layout, "
+        "`--layout fused`). ComfyUI ignores the diffusers file's "
         "`lora_adapter_metadata`, so the diffusers file loaded there is scaled "
         + (
             f"wrong: this LoRA has alpha {cfg.lora.alpha} != rank {cfg.lora.rank}, and ComfyUI would apply it "
