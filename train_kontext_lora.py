@@ -28,6 +28,7 @@ from typing import Any, Iterator
 
 import torch
 
+from data.dataset import TrainBatch, make_train_batch
 from kontext.config import Config, ConfigError, config_to_dict, dump_config, load_config
 
 logger = logging.getLogger("kontext_lora")
@@ -36,7 +37,7 @@ OWN_LOGGERS = ("kontext_lora", "kontext", "data", "losses")
 _RUN_CLOCK: dict[str, float] = {}
 
 FINISHED_MARKER = "pytorch_lora_weights.safetensors"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from kontext.dtypes import DTYPES  # noqa: E402  (one table for the trainer and the tools)
 
 
 def _launched_by_accelerate(environ: Any = None) -> bool:
@@ -95,16 +96,17 @@ class UserError(Exception):
 
 def compute_loss(
     transformer: torch.nn.Module,
-    batch: dict[str, Any],
+    batch: TrainBatch,
     cfg: Config,
     generator: torch.Generator,
     train_scheduler: Any,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One micro-batch's loss.
 
-    ``batch`` holds ``target_latents`` / ``context_latents`` (hinted, the conditioning) / ``scene_latents``
-    (un-hinted, what the geometry terms compare with) ``[B, 16, h, w]``, ``prompt_embeds [B, L, D]``,
-    ``pooled_prompt_embeds [B, Dp]`` and ``geometry`` (a ``losses.MaskTargets`` ``[B, 1, h, w]`` each).
+    ``batch`` (a ``data.dataset.TrainBatch``) holds ``target_latents`` / ``context_latents`` (hinted, the
+    conditioning) / ``scene_latents`` (un-hinted, what the geometry terms compare with) ``[B, 16, h, w]``,
+    ``prompt_embeds [B, L, D]``, ``pooled_prompt_embeds [B, Dp]`` and ``geometry`` (a ``losses.MaskTargets``
+    ``[B, 1, h, w]`` each).
     ``train_scheduler`` is the base model's ``FlowMatchEulerDiscreteScheduler`` before ``set_timesteps``
     (its training table of timesteps and sigmas). Noise is drawn first, then ``u``, from ``generator``.
     Returns the total loss (float32 scalar) and its detached components for logging.
@@ -113,8 +115,8 @@ def compute_loss(
     from losses import GeometryLossWeights, geometry_loss, noise_level_weight
     from losses import flow_matching as fm
 
-    x0 = batch["target_latents"]
-    ctx = batch["context_latents"]
+    x0 = batch.target_latents
+    ctx = batch.context_latents
     bsz = x0.shape[0]
     device = x0.device
     tc = cfg.train
@@ -139,8 +141,8 @@ def compute_loss(
         x_t.to(x0.dtype),
         ctx,
         (timesteps.to(device) / 1000.0),
-        batch["prompt_embeds"],
-        batch["pooled_prompt_embeds"],
+        batch.prompt_embeds,
+        batch.pooled_prompt_embeds,
         cfg.model.guidance_scale,
     )
     # Losses in float32 whatever the model's dtype.
@@ -148,7 +150,7 @@ def compute_loss(
     target = fm.velocity_target(x0f, noise)
     weighting = fm.loss_weighting(tc.weighting_scheme, sig)
     if cfg.loss.masked.enabled:
-        weighting = weighting * fm.masked_flow_weight(batch["geometry"].mask, cfg.loss.masked.unmasked_weight)
+        weighting = weighting * fm.masked_flow_weight(batch.geometry.mask, cfg.loss.masked.unmasked_weight)
     base = fm.flow_matching_loss(v_pred, target, weighting)
     logs: dict[str, torch.Tensor] = {"loss/flow": base.detach()}
     total = base
@@ -162,8 +164,8 @@ def compute_loss(
         geo_total, parts = geometry_loss(
             z_pred,
             x0f,
-            batch["scene_latents"].float(),
-            batch["geometry"],
+            batch.scene_latents.float(),
+            batch.geometry,
             weights,
             w_in=geo.w_in,
             w_band=geo.w_band,
@@ -201,10 +203,13 @@ class Run:
     sampler: Any
     train_scheduler: Any
     encoders_device: torch.device
+    # Uncached data: pixels -> latents with the VAE (None when the latents are cached).
+    encode_images: Any = None
     start_step: int = 0
     data_state: dict[str, int] = field(default_factory=lambda: {"epoch": 0, "position": 0})
     history: list[dict[str, float]] = field(default_factory=list)
     stop_reason: str = ""
+    validation_dataset: Any = None  # held-out samples (validation.data_root / holdout); None: the training ones
 
 
 def check_output_dir(cfg: Config) -> tuple[Path, Path | None]:
@@ -231,21 +236,11 @@ def resolve_model(name_or_path: str) -> str:
 
 def open_dataset_source(cfg: Config):
     """The configured sample source, validated in full (all problems reported at once)."""
-    from data import DatasetError, open_source, validate_source
+    from data import DatasetError, open_configured_source, validate_source
 
     d = cfg.data
     try:
-        source = open_source(
-            d.source,
-            d.root,
-            split=d.split,
-            default_prompt=d.default_prompt,
-            context_column=d.context_column,
-            target_column=d.target_column,
-            mask_column=d.mask_column,
-            prompt_column=d.prompt_column,
-            max_pixels=d.max_pixels,
-        )
+        source = open_configured_source(d, d.root)
         from data import make_buckets
 
         # Also warns about masks that vanish at the training size (nothing left for the geometry terms).
@@ -300,6 +295,12 @@ def setup(cfg: Config) -> Run:
                 except FileExistsError as e:  # a folder of real data: nothing was written, say so in one message
                     raise UserError(f"data.synthetic.enabled is true, but data.root {e}.") from None
     source = open_dataset_source(cfg)
+    from kontext.validation import validation_dataset, validation_sources
+
+    try:  # validation.holdout withholds samples from training; validation.data_root is checked like data.root
+        source, val_source = validation_sources(cfg, source)
+    except ValueError as e:  # data.DatasetError
+        raise UserError(str(e)) from None
     try:  # batches that fit the data, and a resumed data position that fits them, before any model loads
         check_data_position(source, cfg, accelerator.num_processes, resume_ckpt, state)
         if accelerator.is_main_process:  # a new folder is created (and locked) only now, after the input checks
@@ -321,9 +322,8 @@ def setup(cfg: Config) -> Run:
     pipe = _load_pipeline(cfg, model_path, weight_dtype)
     device = accelerator.device
     transformer = pipe.transformer
-    for m in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
-        m.requires_grad_(False)
-        m.eval()
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        getattr(pipe, name).requires_grad_(False).eval()
     encoders_device = torch.device("cpu") if cfg.model.offload_encoders else device
     if cfg.model.quantization == "none":
         transformer.to(device)
@@ -347,6 +347,10 @@ def setup(cfg: Config) -> Run:
 
     # -- dataset, cache, sampler
     dataset = _build_dataset(cfg, source, pipe, accelerator, encoders_device)
+    val_data = validation_dataset(cfg, val_source) if val_source is not None else None
+    # Validation's prompts are known now: encode the held-out ones, then free CLIP and T5.
+    val_prompts = [val_data.prompt_of(i) for i in range(min(cfg.validation.num_samples, len(val_data)))] if val_data else []
+    _free_text_encoders(pipe, dataset, _prompt_table(pipe, cfg, val_prompts, encoders_device))
     from data import BucketBatchSampler
 
     try:
@@ -392,6 +396,8 @@ def setup(cfg: Config) -> Run:
         sampler=sampler,
         train_scheduler=train_sched,
         encoders_device=encoders_device,
+        encode_images=None if cfg.data.cache_latents else _image_encoder(pipe, encoders_device, to_cpu=False),
+        validation_dataset=val_data,
     )
     if resume_ckpt is not None:
         accelerator.load_state(str(resume_ckpt))
@@ -494,22 +500,17 @@ def _load_pipeline(cfg: Config, model_path: str, weight_dtype: torch.dtype):
 
 
 def _build_dataset(cfg: Config, source: Any, pipe: Any, accelerator: Any, encoders_device: torch.device):
-    """The training dataset; with caching on, latents/embeddings are computed once and the encoders parked."""
-    from data import LatentCache, TripletDataset
-    from kontext.flux import encode_images, encode_prompts
+    """The training dataset, with every prompt's embeddings computed once (cached on disk with
+    ``data.cache_latents``, else held in memory) and, when cached, every sample's latents too.
+
+    With caching the VAE is parked on the CPU until validation.
+    """
+    from data import LatentCache
+    from data.dataset import TripletDataset
 
     d = cfg.data
     g = cfg.loss.geometry
     model_id = f"{cfg.model.pretrained_model_name_or_path}|{cfg.model.dtype}|msl{cfg.model.max_sequence_length}"
-
-    def enc_images(pixels: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return encode_images(pipe.vae, pixels.to(encoders_device)).float().cpu()
-
-    def enc_prompts(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        pe, pooled = encode_prompts(pipe, prompts, cfg.model.max_sequence_length, encoders_device)
-        return pe.float().cpu(), pooled.float().cpu()
-
     cache = None
     if d.cache_latents:
         cache_dir = Path(d.cache_dir).expanduser() if d.cache_dir else _default_cache_dir()
@@ -526,21 +527,89 @@ def _build_dataset(cfg: Config, source: Any, pipe: Any, accelerator: Any, encode
         band_r=g.band_r,
         sdm_normalize=g.sdm_normalize,
         cache=cache,
-        encode_images=enc_images,
-        encode_prompts=enc_prompts,
+        encode_images=_image_encoder(pipe, encoders_device, to_cpu=True),
+        encode_prompts=_prompt_encoder(pipe, cfg, encoders_device),
         # Mask-derived targets (latent mask, band, outside, SDM) are computed once per sample.
         with_geometry=g.enabled or cfg.loss.masked.enabled,
+        decoded_memory_mb=d.decoded_memory_mb,
     )
     if cache is not None:
         # Main process fills the shared cache; the others then read it.
         with accelerator.main_process_first():
-            dataset.build_cache(progress=accelerator.is_local_main_process)
+            dataset.build_cache(progress=accelerator.is_local_main_process, batch_size=d.cache_batch_size)
         if encoders_device.type != "cpu":
-            # The encoders are not needed until validation: give their memory to training.
-            for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
-                m.to("cpu")
-            _empty_cache()
+            # The VAE is not needed until validation: give its memory to training.
+            pipe.vae.to("cpu")
+    else:
+        # Prompts do not change with crops or flips: encode them once, not in every step.
+        dataset.encode_prompt_table(batch_size=d.cache_batch_size)
+    dataset.encode_images = dataset.encode_prompts = None  # the closures must not keep the encoders alive
     return dataset
+
+
+def _prompt_encoder(pipe: Any, cfg: Config, device: torch.device) -> Any:
+    """``prompts -> (prompt_embeds [B, L, D], pooled [B, Dp])`` with the pipeline's CLIP and T5 (float32, CPU)."""
+    from kontext.flux import encode_prompts
+
+    def encode(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        pe, pooled = encode_prompts(pipe, prompts, cfg.model.max_sequence_length, device)
+        return pe.float().cpu(), pooled.float().cpu()
+
+    return encode
+
+
+def _prompt_table(pipe: Any, cfg: Config, prompts: list[str], device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{prompt: (prompt_embeds [L, D], pooled [Dp])}`` of ``prompts``, ``data.cache_batch_size`` per encoder call."""
+    encode, table, todo = _prompt_encoder(pipe, cfg, device), {}, sorted(set(prompts))
+    for s in range(0, len(todo), cfg.data.cache_batch_size):
+        chunk = todo[s : s + cfg.data.cache_batch_size]
+        pe, pooled = encode(chunk)
+        table.update({p: (pe[j], pooled[j]) for j, p in enumerate(chunk)})
+    return table
+
+
+def _image_encoder(pipe: Any, device: torch.device, to_cpu: bool) -> Any:
+    """``pixels [N, 3, H, W] -> latents [N, 16, H/8, W/8]`` with the pipeline's VAE on ``device`` (float32 out)."""
+    from kontext.flux import encode_images
+
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            z = encode_images(pipe.vae, pixels.to(device)).float()
+        return z.cpu() if to_cpu else z
+
+    return encode
+
+
+def _free_text_encoders(pipe: Any, dataset: Any, extra: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Delete CLIP and T5 (for FLUX.1 Kontext [dev] about 9.5 GB in bf16) once every prompt is encoded.
+
+    The pipeline's ``encode_prompt`` then serves stored embeddings: ``extra`` (the held-out validation
+    samples' prompts), else the training set's (validation without held-out data generates for training
+    samples). Any other prompt is an error that says so. Evaluation and inference load their own pipeline.
+    """
+    import types
+
+    def encode_prompt(self, prompt=None, prompt_2=None, device=None, num_images_per_prompt=1, prompt_embeds=None,
+                      pooled_prompt_embeds=None, max_sequence_length=512, lora_scale=None):
+        if prompt_embeds is None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            try:
+                pairs = [extra[p] if p in extra else dataset.prompt_embeddings(p) for p in prompts]
+            except (ValueError, FileNotFoundError) as e:
+                raise RuntimeError(f"the text encoders were freed after the prompts were encoded: {e}") from None
+            prompt_embeds = torch.stack([pe for pe, _ in pairs])
+            pooled_prompt_embeds = torch.stack([pooled for _, pooled in pairs])
+        dtype = self.transformer.dtype
+        n = int(num_images_per_prompt)
+        prompt_embeds = prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(n, dim=0)
+        pooled_prompt_embeds = pooled_prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(n, dim=0)
+        text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype)
+        return prompt_embeds, pooled_prompt_embeds, text_ids
+
+    pipe.text_encoder = None
+    pipe.text_encoder_2 = None
+    pipe.encode_prompt = types.MethodType(encode_prompt, pipe)
+    _empty_cache()  # gc.collect: the modules are unreachable now; their memory goes back
 
 
 def _default_cache_dir() -> Path:
@@ -704,53 +773,60 @@ def _flat_config(cfg: Config) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _batches(run: Run) -> Iterator[dict[str, Any]]:
-    """Micro-batches forever, epoch after epoch, from the saved data position on.
+def _batches(run: Run) -> Iterator[TrainBatch]:
+    """Micro-batches (:class:`TrainBatch`, on the encoders' device) forever, epoch after epoch, from the saved
+    data position on. Uncached samples are VAE-encoded here, the batch's images in one call.
 
-    The position (epoch, batches consumed) is counted here, where batches are used, not in the
-    sampler, so a checkpoint records exactly what training has consumed.
+    With ``data.prefetch`` the next batch is prepared in a background thread while the caller computes on
+    this one (the same batches in the same order). The position (epoch, batches consumed) is counted when a
+    batch is handed out, not when it is prepared, so a checkpoint records exactly what training has consumed.
     """
-    from data import collate_triplets
-
     state = run.data_state
-    while True:
-        run.sampler.set_epoch(state["epoch"])
-        run.sampler.load_state_dict({"epoch": state["epoch"], "position": state["position"]})
+    # The un-hinted scene is read only by the geometry terms: without them it is not encoded.
+    with_scene = run.cfg.loss.geometry.enabled
+
+    def plan() -> Iterator[tuple[int, list[int]]]:
+        epoch, position = state["epoch"], state["position"]
+        while True:
+            run.sampler.set_epoch(epoch)
+            run.sampler.load_state_dict({"epoch": epoch, "position": position})
+            for indices in run.sampler:
+                yield epoch, list(indices)
+            epoch, position = epoch + 1, 0
+
+    def build(epoch: int, indices: list[int]) -> tuple[int, TrainBatch]:
         # Flips (and random crops) are drawn per (seed, epoch, index).
-        run.dataset.set_epoch(state["epoch"])
-        for indices in run.sampler:
-            batch = collate_triplets([run.dataset[i] for i in indices])
-            state["position"] += 1
+        # Uncached with a centre crop, a sample's latents never change: encoded on first use, then kept.
+        items = [run.dataset[(i, epoch)] for i in indices]
+        return epoch, make_train_batch(items, run.encode_images, with_scene, remember=run.dataset.remember_latents)
+
+    def hand_out(epoch: int) -> None:
+        if epoch != state["epoch"]:
+            state["epoch"], state["position"] = epoch, 0
+        state["position"] += 1
+        run.dataset.set_epoch(epoch)
+
+    batches = plan()
+    if not run.cfg.data.prefetch:
+        for epoch, indices in batches:
+            _, batch = build(epoch, indices)
+            hand_out(epoch)
             yield batch
-        state["epoch"] += 1
-        state["position"] = 0
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
+        ahead = pool.submit(build, *next(batches))
+        for nxt in batches:
+            epoch, batch = ahead.result()
+            ahead = pool.submit(build, *nxt)
+            hand_out(epoch)
+            yield batch
 
 
-def _to_device(batch: dict[str, Any], run: Run) -> dict[str, Any]:
-    """Move a collated batch to the device; encode on the fly when latents are not cached."""
-    from kontext.flux import encode_images, encode_prompts
-    from losses import MaskTargets
-
-    device = run.accelerator.device
-    weight_dtype = DTYPES[run.cfg.model.dtype]
-    out = dict(batch)
-    if "target_latents" not in batch:
-        kinds = ["target", "context"] + (["scene"] if "scene_pixels" in batch else [])
-        with torch.no_grad():
-            # One VAE call for every image of the batch.
-            pixels = torch.cat([batch[f"{k}_pixels"] for k in kinds]).to(run.encoders_device)
-            for k, z in zip(kinds, encode_images(run.pipe.vae, pixels).chunk(len(kinds))):
-                out[f"{k}_latents"] = z
-            pe, pooled = encode_prompts(run.pipe, batch["prompt"], run.cfg.model.max_sequence_length, run.encoders_device)
-        out["prompt_embeds"], out["pooled_prompt_embeds"] = pe, pooled
-        # Without a hint drawn the scene is the context itself.
-        out.setdefault("scene_latents", out["context_latents"])
-    for k in ("target_latents", "context_latents", "scene_latents", "prompt_embeds", "pooled_prompt_embeds"):
-        out[k] = out[k].to(device=device, dtype=weight_dtype)
-    geo = batch.get("geometry")
-    if geo is not None:
-        out["geometry"] = (geo if isinstance(geo, MaskTargets) else MaskTargets.from_dict(geo)).to(device)
-    return out
+def _to_device(batch: TrainBatch, run: Run) -> TrainBatch:
+    """The batch on the training device, latents and embeddings in the model's dtype (geometry float32)."""
+    return batch.to(run.accelerator.device, DTYPES[run.cfg.model.dtype])
 
 
 def _step_generator(run: Run, step: int, micro: int) -> torch.Generator:
@@ -786,11 +862,34 @@ def train(run: Run, pause_at: int | None = None) -> str:
     reason = "done"
     # From the prepared model: FSDP2 replaces the parameters with sharded ones (run.lora_params predates prepare).
     trainable = [p for p in run.transformer.parameters() if p.requires_grad]
+    # Logged terms stay on the device until a logging step (or a checkpoint) needs them: one transfer then.
+    pending: list[tuple[dict[str, float], list[str], torch.Tensor]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        values = torch.stack([t for _, _, t in pending])
+        if acc.num_processes > 1:
+            values = acc.reduce(values, reduction="mean")  # all-reduce: the logs are the mean over processes
+        for (host, names, _), row in zip(pending, values.tolist()):  # .tolist(): one host-device sync
+            run.history.append({"step": host.pop("step"), **dict(sorted({**host, **dict(zip(names, row))}.items()))})
+        pending.clear()
+        last = run.history[-1]
+        progress.set_postfix(
+            loss=f"{last['loss/total']:.4f}",
+            flow=f"{last['loss/flow']:.4f}",
+            **({"geo": f"{last['loss/geometry']:.4f}"} if "loss/geometry" in last else {}),
+        )
+
+    def save(at: int) -> None:
+        flush()  # the checkpoint records the whole history
+        save_checkpoint(run, at)
+
     with StopRequest() as stop:
         while step < cfg.train.max_steps:
             t0 = time.perf_counter()
-            totals: dict[str, float] = {}
-            finite = True
+            terms: torch.Tensor | None = None  # this update's logged terms, averaged over micro-batches, on the device
+            names: list[str] = []
             for micro in range(accum):
                 batch = _to_device(next(batches), run)
                 # LoRA dropout draws from the global stream: pin it to the step, and to the rank so that the
@@ -798,20 +897,22 @@ def train(run: Run, pause_at: int | None = None) -> str:
                 torch.manual_seed(cfg.train.seed + 7919 * step + micro + (acc.process_index << 40))
                 sync = micro == accum - 1
                 ctx = acc.no_sync(run.transformer) if not sync else contextlib.nullcontext()
-                with ctx, acc.autocast():
-                    loss, logs = compute_loss(run.transformer, batch, cfg, _step_generator(run, step, micro), run.train_scheduler)
-                # Host-device syncs: each term's finiteness check, and (several processes) one all-reduce, so that
-                # all ranks skip together.
-                bad_terms = [k for k, v in logs.items() if not torch.isfinite(v).all()]
-                if _any_process(acc, bool(bad_terms)):
-                    finite = False
-                    logger.warning(
-                        "step %d: non-finite %s; skipping this update", step + 1, ", ".join(bad_terms) or "loss on another process"
-                    )
-                    break
-                acc.backward(loss / accum)
-                for k, v in logs.items():  # float(v): a host-device sync per term (the history records every step)
-                    totals[k] = totals.get(k, 0.0) + float(v) / accum
+                with ctx:  # gradients are all-reduced only with the last micro-batch's backward
+                    with acc.autocast():
+                        loss, logs = compute_loss(run.transformer, batch, cfg, _step_generator(run, step, micro), run.train_scheduler)
+                    # A NaN/inf loss gives NaN/inf gradients: the check below discards them with the update.
+                    acc.backward(loss / accum)
+                names = list(logs)
+                row = torch.stack([v.float() for v in logs.values()]) / accum
+                terms = row if terms is None else terms + row
+            # One fused check per update: a host-device sync (and, with several processes, one all-reduce, so that
+            # all ranks skip together).
+            finite = _all_finite(acc, terms)
+            if not finite:
+                bad = [n for n, v in zip(names, terms.tolist()) if not math.isfinite(v)]  # failure path only
+                logger.warning(
+                    "step %d: non-finite %s; skipping this update", step + 1, ", ".join(bad) or "loss on another process"
+                )
             grad_norm = None
             if finite:
                 stepped, grad_norm = optimizer_step(run, step)
@@ -833,30 +934,32 @@ def train(run: Run, pause_at: int | None = None) -> str:
                 continue  # the same step number is retried with the next batch
             bad_streak = 0
             step += 1
-            totals["lr"] = run.lr_scheduler.get_last_lr()[0]
-            totals["grad_norm"] = grad_norm if grad_norm is not None else 0.0
-            totals["step_time_s"] = time.perf_counter() - t0
-            run.history.append({"step": step, **{k: totals[k] for k in sorted(totals)}})
-            if step % cfg.logging.log_every == 0:
-                acc.log(totals, step=step)
+            host = {
+                "step": step,
+                "lr": run.lr_scheduler.get_last_lr()[0],  # a host float: no sync
+                "grad_norm": grad_norm if grad_norm is not None else 0.0,
+                # On a GPU this is the host's time; the finiteness check and the norm above wait for the kernels.
+                "step_time_s": time.perf_counter() - t0,
+            }
+            pending.append((host, names, terms.detach()))
             progress.update(1)
-            progress.set_postfix(
-                loss=f"{totals['loss/total']:.4f}",
-                flow=f"{totals['loss/flow']:.4f}",
-                **({"geo": f"{totals['loss/geometry']:.4f}"} if "loss/geometry" in totals else {}),
-            )
+            if step % cfg.logging.log_every == 0:
+                flush()
+                acc.log({k: v for k, v in run.history[-1].items() if k != "step"}, step=step)
 
-            # Collective: a signal may reach only some processes, and all must save (and stop) together.
+            # Collective (one all-reduce per update with several processes): a signal may reach only some
+            # processes, and all must save (and stop) together.
             signalled = _any_process(acc, stop.requested is not None)
             if signalled or step == pause_at:
-                save_checkpoint(run, step)
+                save(step)
                 reason = "signal" if signalled else "paused"
                 break
             if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < cfg.train.max_steps:
-                save_checkpoint(run, step)
+                save(step)
             v_every = cfg.validation.every_steps
             if v_every > 0 and step % v_every == 0 and step < cfg.train.max_steps:
                 validate(run, step)
+    flush()
     progress.close()
     run.start_step = step
     return reason
@@ -921,6 +1024,15 @@ def _nonfinite_grad_names(run: Run, limit: int = 3) -> str:
     return shown or "the gradient on another process"
 
 
+def _all_finite(acc: Any, terms: torch.Tensor) -> bool:
+    """True if every logged term is finite on every process: one fused reduction on the device, one all-reduce
+    with several processes, and one host-device sync (``.item()``) for the decision."""
+    bad = (~torch.isfinite(terms)).any().float().reshape(1)
+    if acc.num_processes > 1:
+        bad = acc.reduce(bad, reduction="sum")
+    return not bool(bad.item())
+
+
 def _any_process(acc: Any, flag: bool) -> bool:
     """True if ``flag`` is true on any process (all processes must skip an update together under DDP)."""
     if acc.num_processes == 1:
@@ -976,7 +1088,8 @@ def validate(run: Run, step: int) -> dict[str, float]:
         was_training = transformer.training
         transformer.eval()
         try:
-            metrics = run_validation(run.pipe, transformer, run.dataset, run.cfg, step, run.output_dir, acc)
+            data = run.validation_dataset if run.validation_dataset is not None else run.dataset
+            metrics = run_validation(run.pipe, transformer, data, run.cfg, step, run.output_dir, acc)
         finally:
             transformer.train(was_training)
     acc.wait_for_everyone()

@@ -1,9 +1,11 @@
 """Triplet data for FLUX.1 Kontext LoRA training: (context, target, mask, prompt).
 
-    from data import open_source, validate_source, make_buckets, TripletDataset, BucketBatchSampler
+    from data import BucketBatchSampler, TripletDataset, collate_triplets, open_source, validate_source
     src = open_source("folder", "datasets/my_product", default_prompt="insert the bottle")
     validate_source(src)                      # every problem at once, before anything expensive
-    ds = TripletDataset(src, make_buckets(512, aspect_buckets=True), mask_hint="fill", flip=True, seed=0)
+    ds = TripletDataset(src, resolution=512, aspect_buckets=True, mask_hint="fill", random_flip=True, seed=0)
+    sampler = BucketBatchSampler(ds.bucket_ids, batch_size=2, seed=0)
+    batch = collate_triplets([ds[i] for i in next(iter(sampler))])   # one bucket per batch
 
 See docs/data.md for the folder layout, metadata.jsonl, Hugging Face columns, hints and caching.
 """
@@ -17,7 +19,7 @@ from .errors import DatasetError
 from .hint import MASK_HINT_MODES, apply_mask_hint, apply_mask_hint_pil, hint_region
 from .images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
 from .sampler import BucketBatchSampler
-from .sources import FolderSource, HFSource, RawSample, open_source
+from .sources import FolderSource, HFSource, RawSample, open_configured_source, open_source
 from .transforms import area_resize, crop_box, flip_decision, prepare_sample, sample_rng
 from .validate import validate_source
 
@@ -43,6 +45,7 @@ __all__ = [
     "hint_region",
     "make_buckets",
     "nearest_bucket",
+    "open_configured_source",
     "open_source",
     "prepare_sample",
     "sample_rng",

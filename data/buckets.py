@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import math
 
-BUCKET_MULTIPLE = 16
+# FLUX's VAE downsamples 8x (the one definition of the factor); the transformer packs 2x2 latent patches into
+# one token, so training sizes are multiples of 16.
+VAE_SCALE_FACTOR = 8
+BUCKET_MULTIPLE = 2 * VAE_SCALE_FACTOR
 KONTEXT_BASE_RESOLUTION = 1024
 
 

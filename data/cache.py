@@ -2,7 +2,7 @@
 
 Layout under ``cache_dir``::
 
-    samples/ab/<key>.safetensors   context_latents, target_latents, [scene_latents], mask_px, geometry.{mask,band,outside,sdm}
+    samples/ab/<key>.safetensors   context_latents, target_latents, [scene_latents], geometry.{mask,band,outside,sdm}
     prompts/cd/<key>.safetensors   prompt_embeds [L,D], pooled_prompt_embeds [Dp]
 
 A sample key is the SHA-256 of the sample's content fingerprint (the bytes of its three image
@@ -29,10 +29,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .buckets import VAE_SCALE_FACTOR
+
 # 2: entries of hinted samples also hold the un-hinted scene's latents (what the geometry terms compare with).
-CACHE_FORMAT = 2
+# 3: no pixel mask (training reads only the latent-resolution geometry).
+CACHE_FORMAT = 3
 GEOMETRY_FIELDS = ("mask", "band", "outside", "sdm")
-SAMPLE_TENSORS = ("context_latents", "target_latents", "mask_px", *(f"geometry.{f}" for f in GEOMETRY_FIELDS))
+SAMPLE_TENSORS = ("context_latents", "target_latents", *(f"geometry.{f}" for f in GEOMETRY_FIELDS))
 PROMPT_TENSORS = ("prompt_embeds", "pooled_prompt_embeds")
 
 EncodeImages = Callable[[torch.Tensor], torch.Tensor]
@@ -192,15 +195,18 @@ def build_cache(
     dataset: CacheableDataset,
     encode_images: EncodeImages,
     encode_prompts: EncodePrompts,
-    batch_size: int = 4,
+    batch_size: int = 2,
     progress: bool = True,
 ) -> dict[str, int]:
     """Fill ``dataset.cache`` with every entry the dataset will read; entries already present are reused.
 
     encode_images: pixels [B,3,H,W] float32 in [-1,1] (mask hint already drawn on contexts) ->
-    latents [B,C,H/8,W/8] (e.g. ``(vae.encode(x).latent_dist.mode() - shift) * scale``). Context, target
-    and (for hinted samples) scene pixels of a chunk go through one call.
+    latents [B,C,H/8,W/8] (e.g. ``(vae.encode(x).latent_dist.mode() - shift) * scale``).
     encode_prompts: list of B prompts -> (prompt_embeds [B,L,D], pooled [B,Dp]).
+    batch_size: the most images per ``encode_images`` call and prompts per ``encode_prompts`` call (the
+    activations of these calls are the memory peak of the cache build). The context, target and (for
+    hinted samples) scene images of a sample always go through one call, so a call holds
+    ``max(1, batch_size // images per sample)`` samples.
     With flips on, both orientations of every sample are cached. Returns counts
     ``{"samples_built", "samples_reused", "prompts_built", "prompts_reused"}``.
     """
@@ -223,11 +229,13 @@ def build_cache(
                 todo.append((dataset.bucket_ids[i], i, fl, key))
     todo.sort()  # by bucket, so a batch has one size
     gp = dataset.geometry_params()
+    kinds = ["context_pixels", "target_pixels"] + (["scene_pixels"] if hinted else [])
+    per_call = max(1, batch_size // len(kinds))
     bar = tqdm(total=len(todo), desc="Caching latents", unit="image", disable=not progress or not todo)
     k = 0
     while k < len(todo):
         bucket = todo[k][0]
-        chunk = [t for t in todo[k : k + batch_size] if t[0] == bucket]
+        chunk = [t for t in todo[k : k + per_call] if t[0] == bucket]
         k += len(chunk)
         raws: dict[int, Any] = {}
         prepared = []
@@ -236,10 +244,9 @@ def build_cache(
                 raws[i] = dataset.load_raw(i)
             prepared.append(dataset.prepared_pixels(i, fl, raws[i]))
         n = len(chunk)
-        kinds = ["context_pixels", "target_pixels"] + (["scene_pixels"] if hinted else [])
         pixels = torch.stack([p[kind] for kind in kinds for p in prepared])
         latents = encode_images(pixels)
-        h, w = pixels.shape[-2] // 8, pixels.shape[-1] // 8
+        h, w = pixels.shape[-2] // VAE_SCALE_FACTOR, pixels.shape[-1] // VAE_SCALE_FACTOR
         if latents.dim() != 4 or latents.shape[0] != len(kinds) * n or tuple(latents.shape[-2:]) != (h, w):
             raise ValueError(
                 f"encode_images returned {tuple(latents.shape)} for pixels {tuple(pixels.shape)}; expected "
@@ -252,7 +259,6 @@ def build_cache(
                 "context_latents": latents[j].clone(),
                 "target_latents": latents[n + j].clone(),
                 **({"scene_latents": latents[2 * n + j].clone()} if hinted else {}),
-                "mask_px": masks[j].to(torch.float16),
                 **{f"geometry.{f}": geo[f][j].clone() for f in GEOMETRY_FIELDS},
             }
             cache.save_sample(key, tensors, dataset.cache_describe(i, fl))

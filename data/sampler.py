@@ -19,9 +19,8 @@ class BucketBatchSampler:
 
     Resuming: ``state_dict()`` records the epoch and how many of this rank's batches were handed
     out; after ``load_state_dict`` the next iteration yields exactly the remaining ones (none if
-    the saved epoch was complete; then ``set_epoch(epoch + 1)`` as usual). A
-    DataLoader with workers asks for batches ahead of the training loop, so a trainer that uses
-    workers should pass the number of batches it actually consumed: ``state_dict(consumed=k)``.
+    the saved epoch was complete; then ``set_epoch(epoch + 1)`` as usual). A trainer that counts
+    the batches it has used passes that count instead: ``state_dict(consumed=k)``.
     """
 
     def __init__(

@@ -752,3 +752,20 @@ def open_source(
             max_pixels=max_pixels,
         )
     raise ValueError(f"data.kind must be 'folder' or 'hf', got {kind!r}")
+
+
+def open_configured_source(data_cfg: Any, root: str | os.PathLike[str]) -> FolderSource | HFSource:
+    """:func:`open_source` with the options of a ``data`` config section (``kontext.config.DataConfig``) at ``root``:
+    the training data (``data.root``) and a held-out set (``validation.data_root``) are read the same way."""
+    d = data_cfg
+    return open_source(
+        d.source,
+        root,
+        split=d.split,
+        default_prompt=d.default_prompt,
+        context_column=d.context_column,
+        target_column=d.target_column,
+        mask_column=d.mask_column,
+        prompt_column=d.prompt_column,
+        max_pixels=d.max_pixels,
+    )

@@ -22,17 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm.auto import tqdm
-from .locking import exclusive_lock
+from .locking import atomic_folder, exclusive_lock
 
 # Bump when drawing changes, so manifests written by an older generator are regenerated.
 GENERATOR_VERSION = 1
@@ -608,8 +605,7 @@ def generate_dataset(
                 "data; it was left untouched. To train on it, set data.synthetic.enabled=false; to generate a "
                 "synthetic set, set data.root to a new or empty folder"
             )
-        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-        try:
+        with atomic_folder(root) as tmp:
             for sub in _SUBDIRS:
                 (tmp / sub).mkdir()
             rng = np.random.default_rng(seed)
@@ -629,12 +625,6 @@ def generate_dataset(
                 files += [f"context/{name}.png", f"target/{name}.png", f"mask/{name}.png", f"prompts/{name}.txt"]
             manifest["files"] = files
             (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
-            if root.exists():
-                shutil.rmtree(root)
-            os.replace(tmp, root)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return root
 
 

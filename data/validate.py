@@ -9,25 +9,100 @@ and the fix.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .buckets import nearest_bucket
+from .buckets import VAE_SCALE_FACTOR, nearest_bucket
 from .errors import DatasetError
 from .images import ImageProblem, decode_mask, decode_rgb, mask_coverage_problem, open_header, oriented_size
 from .sources import ROLES, TripletSource
 from .transforms import area_resize, crop_box
 
-LATENT_DOWNSAMPLE = 8  # as data.dataset: the geometry terms see the mask at 1/8 of the bucket
 SHOWN_NAMES = 10
+# Outside the mask, target and context should be the same scene (the background loss assumes it). A pixel
+# "differs" when some channel differs by more than this many levels (0..255): smaller differences are codec noise.
+BACKGROUND_TOLERANCE = 8
+# Warn about a sample when more than this share of its outside pixels differ.
+BACKGROUND_WARN_SHARE = 0.01
+
+logger = logging.getLogger(__name__)
 
 
 class DatasetWarning(UserWarning):
     """A dataset is usable, but something in it will not train as the user expects."""
+
+
+@dataclass(frozen=True)
+class BackgroundMismatch:
+    """How much target and context disagree outside the mask, for one sample.
+
+    ``share``: the fraction of the outside pixels (mask < 128) where some RGB channel differs by more than the
+    tolerance; ``max_diff``: the largest channel difference there, in levels (0..255); ``outside``: how many
+    pixels are outside the mask.
+    """
+
+    name: str
+    share: float
+    max_diff: int
+    outside: int
+
+
+def background_mismatch(
+    name: str,
+    context: Image.Image | np.ndarray,
+    target: Image.Image | np.ndarray,
+    mask: Image.Image | np.ndarray,
+    tolerance: int = BACKGROUND_TOLERANCE,
+) -> BackgroundMismatch:
+    """Compare decoded RGB ``context`` and ``target`` outside the ``L`` ``mask`` (same sizes; PIL or uint8 arrays)."""
+    outside = np.asarray(mask) < 128
+    c = np.asarray(context.convert("RGB") if isinstance(context, Image.Image) else context, dtype=np.int16)
+    t = np.asarray(target.convert("RGB") if isinstance(target, Image.Image) else target, dtype=np.int16)
+    if c.shape != t.shape or c.shape[:2] != outside.shape:
+        raise ValueError(f"sizes differ: context {c.shape[:2]}, target {t.shape[:2]}, mask {outside.shape}")
+    diff = np.abs(c - t).max(axis=2)[outside]
+    n = int(outside.sum())
+    if n == 0:
+        return BackgroundMismatch(name, 0.0, 0, 0)
+    return BackgroundMismatch(name, float((diff > tolerance).mean()), int(diff.max()), n)
+
+
+def _background_note(
+    found: Sequence[BackgroundMismatch], n: int, tolerance: int, warn_share: float
+) -> tuple[str | None, str]:
+    """(the warning, or None when no sample is above ``warn_share``; the one-line summary)."""
+    worst = max(found, key=lambda b: (b.share, b.max_diff))
+    shares = sorted(b.share for b in found)
+    median = shares[len(shares) // 2]
+    what = f"background check of {len(found)} sample{'s' if len(found) != 1 else ''}: outside the mask, target and context"
+    if worst.share == 0.0:
+        largest = max(b.max_diff for b in found)
+        summary = f"{what} agree in every sample (largest difference {largest} levels, tolerance {tolerance})"
+    else:
+        summary = (
+            f"{what} differ by more than {tolerance} levels on {median:.2%} of the pixels (median), at most "
+            f"{worst.share:.2%} ({worst.name}, up to {worst.max_diff} levels)"
+        )
+    bad = sorted((b for b in found if b.share > warn_share), key=lambda b: -b.share)
+    if not bad:
+        return None, summary
+    shown = ", ".join(f"{b.name} ({b.share:.1%} differ, up to {b.max_diff} levels)" for b in bad[:SHOWN_NAMES])
+    if len(bad) > SHOWN_NAMES:
+        shown += f" and {len(bad) - SHOWN_NAMES} more"
+    warning = (
+        f"{len(bad)} of {n} samples have a target that differs from its context outside the mask on more than "
+        f"{warn_share:.0%} of the outside pixels (by more than {tolerance} levels): {shown}. The background-"
+        "preservation loss assumes the two agree there, so these differences are trained as the model's error; "
+        "export target and context from the same source without lossy re-encoding (PNG), or widen the masks to "
+        "cover every change"
+    )
+    return warning, summary
 
 
 def mask_vanishes(mask: Image.Image, buckets: Sequence[tuple[int, int]]) -> bool:
@@ -40,17 +115,24 @@ def mask_vanishes(mask: Image.Image, buckets: Sequence[tuple[int, int]]) -> bool
     bw, bh = bucket
     m = np.asarray(mask, dtype=np.float64) / 255.0
     px = area_resize(m, bucket, crop_box(mask.size, bucket, "center"))
-    lh, lw = bh // LATENT_DOWNSAMPLE, bw // LATENT_DOWNSAMPLE
-    lat = px[: lh * LATENT_DOWNSAMPLE, : lw * LATENT_DOWNSAMPLE].reshape(lh, LATENT_DOWNSAMPLE, lw, LATENT_DOWNSAMPLE)
+    lh, lw = bh // VAE_SCALE_FACTOR, bw // VAE_SCALE_FACTOR
+    lat = px[: lh * VAE_SCALE_FACTOR, : lw * VAE_SCALE_FACTOR].reshape(lh, VAE_SCALE_FACTOR, lw, VAE_SCALE_FACTOR)
     return not bool((lat.mean(axis=(1, 3)) > 0.5).any())
 
 
 def _check_sample(
-    source: TripletSource, i: int, max_pixels: int, buckets: Sequence[tuple[int, int]] | None = None, vanished: list[str] | None = None
+    source: TripletSource,
+    i: int,
+    max_pixels: int,
+    buckets: Sequence[tuple[int, int]] | None = None,
+    vanished: list[str] | None = None,
+    background: list[BackgroundMismatch] | None = None,
+    tolerance: int = BACKGROUND_TOLERANCE,
 ) -> list[str]:
     problems: list[str] = []
     refs = source.image_refs(i)
     sizes: dict[str, tuple[int, int]] = {}
+    decoded: dict[str, np.ndarray] = {}  # copies: the images are closed below
     for role in ROLES:
         ref = refs[role]
         try:
@@ -65,10 +147,12 @@ def _check_sample(
                 why = mask_coverage_problem(mask)
                 if why is not None:
                     problems.append(f"{ref.label}: mask {why}")
-                elif buckets and vanished is not None and mask_vanishes(mask, buckets):
-                    vanished.append(ref.label)
+                else:
+                    decoded[role] = np.array(mask)
+                    if buckets and vanished is not None and mask_vanishes(mask, buckets):
+                        vanished.append(ref.label)
             else:
-                decode_rgb(img)
+                decoded[role] = np.array(decode_rgb(img))
         except ImageProblem as err:
             problems.append(f"{ref.label}: {err}")
         finally:
@@ -79,6 +163,10 @@ def _check_sample(
             f"sample '{source.names[i]}': sizes differ ({detail}); context, target and mask must have the same "
             "size, resize them to match the target"
         )
+    elif background is not None and len(decoded) == len(ROLES):
+        background.append(
+            background_mismatch(source.names[i], decoded["context"], decoded["target"], decoded["mask"], tolerance)
+        )
     return problems
 
 
@@ -87,6 +175,9 @@ def validate_source(
     max_pixels: int | None = None,
     progress: bool = True,
     buckets: Sequence[tuple[int, int]] | None = None,
+    background: list[BackgroundMismatch] | None = None,
+    background_tolerance: int = BACKGROUND_TOLERANCE,
+    background_warn_share: float = BACKGROUND_WARN_SHARE,
 ) -> list[str]:
     """Check every sample of ``source`` and raise :class:`DatasetError` listing all problems at once.
 
@@ -102,6 +193,12 @@ def validate_source(
     masks vanishing is a warning naming them; all of them vanishing is an error. (A random crop can
     move the window; the check uses the centre crop.)
 
+    Background agreement: per sample, the share of the pixels outside the mask where target and context differ
+    by more than ``background_tolerance`` levels in some channel, and the largest difference there
+    (:class:`BackgroundMismatch`; appended to ``background`` when a list is given). Samples above
+    ``background_warn_share`` are named in a warning (the background-preservation and change-mask losses assume
+    the two agree outside the mask); a one-line summary over all samples is logged at INFO (``data.validate``).
+
     Returns the warnings (each also issued as a :class:`DatasetWarning`); an empty list when there are none.
     """
     limit = source.max_pixels if max_pixels is None else max_pixels
@@ -110,8 +207,11 @@ def validate_source(
     if n == 0 and not problems:
         problems.append("the dataset has no samples; add some (see docs/data.md)")
     vanished: list[str] = []
+    found: list[BackgroundMismatch] = []
     for i in tqdm(range(n), desc="Validating dataset", unit="sample", disable=not progress or n == 0):
-        problems.extend(_check_sample(source, i, limit, buckets, vanished))
+        problems.extend(_check_sample(source, i, limit, buckets, vanished, found, background_tolerance))
+    if background is not None:
+        background.extend(found)
     notes: list[str] = []
     if vanished:
         shown = ", ".join(vanished[:SHOWN_NAMES]) + (f" and {len(vanished) - SHOWN_NAMES} more" if len(vanished) > SHOWN_NAMES else "")
@@ -127,6 +227,11 @@ def validate_source(
             notes.append(f"{len(vanished)} of {n} masks {what}")
     if problems:
         raise DatasetError(source.describe(), problems)
+    if found:
+        warning, summary = _background_note(found, n, background_tolerance, background_warn_share)
+        logger.info("Dataset %s: %s", source.describe(), summary)
+        if warning is not None:
+            notes.append(warning)
     for note in notes:
         warnings.warn(f"Dataset {source.describe()}: {note}", DatasetWarning, stacklevel=2)
     return notes

@@ -135,6 +135,15 @@ class DataConfig:
     cache_dir: Optional[str] = _f(
         None, "Latent cache folder (default: `$KONTEXT_LORA_CACHE/latents`); recorded as an absolute path."
     )
+    cache_batch_size: int = _f(
+        2, "Most images per VAE call (never fewer than one sample's 2-3) and prompts per text-encoder call while caching or encoding prompts: bounds that phase's memory peak.",
+        min=1,
+    )
+    decoded_memory_mb: int = _f(
+        2048, "Without `cache_latents`: MiB of decoded, resized images kept in memory instead of decoding files every step.",
+        min=0,
+    )
+    prefetch: bool = _f(True, "Prepare the next batch (read, hint, and without `cache_latents` VAE-encode) in a background thread while the model computes.")
     max_pixels: int = _f(64_000_000, "Reject images with more pixels than this (decompression-bomb guard).", min=1)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -264,6 +273,17 @@ class ValidationConfig:
     num_inference_steps: int = _f(28, "Sampler steps per validation image.", min=1)
     guidance_scale: float = _f(2.5, "Guidance at validation (FLUX.1 Kontext default 2.5).", min=0.0)
     seed: int = _f(0, "Seed of the validation generator (sample i uses seed + i).", min=0, max=MAX_SEED)
+    data_root: Optional[str] = _f(
+        None,
+        "Held-out dataset to validate on (read as `data.root` is: same `data.source`, split and columns). "
+        "null: `validation.holdout` samples, else the first training samples.",
+    )
+    holdout: int = _f(
+        0, "Withhold the last N samples (in name order) of `data.root` from training and validate on them.", min=0
+    )
+    grid_max_side: int = _f(
+        2048, "Longest side in pixels of a validation grid; larger grids are downscaled cell by cell.", min=64
+    )
 
 
 @dataclass
@@ -279,7 +299,7 @@ class LoggingConfig:
 class ExportConfig:
     """Artifacts written at the end of training."""
 
-    comfyui: bool = _f(False, "Also write `lora_comfyui.safetensors` with original FLUX module names.")
+    comfyui: bool = _f(False, "Also write `lora_comfyui.safetensors` for ComfyUI/Forge (original FLUX names, one LoRA per projection).")
     save_dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "dtype of the exported LoRA tensors.")
 
 
@@ -636,6 +656,11 @@ def _check_cross_field(cfg: Config) -> None:
             "`data.cache_latents: false` or `data.random_crop: false`.",
             ("data.random_crop", "data.cache_latents"),
         )
+    if cfg.validation.data_root and cfg.validation.holdout:
+        raise ConfigError(
+            "`validation.data_root` and `validation.holdout` both choose the validation samples; set only one.",
+            ("validation.data_root", "validation.holdout"),
+        )
     if not cfg.lora.target_modules:
         raise ConfigError(
             "`lora.target_modules` is empty; list at least one module-name suffix (e.g. attn.to_q).",
@@ -688,7 +713,24 @@ def reference_markdown() -> str:
             lines.append(f"| `{prefix}{f.name}` | {tname} | `{shown}` | {f.metadata.get('help', '')} |")
 
     walk(Config, "")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", *DEFAULT_NOTES]) + "\n"
+
+
+# Why some defaults are what they are; appended to the generated reference.
+DEFAULT_NOTES = [
+    "## Why these defaults",
+    "",
+    "**`model.guidance_scale: 1.0` (training) and `validation.guidance_scale: 2.5` (sampling).** FLUX.1 Kontext",
+    "[dev] is guidance-distilled: the guidance value is an input of the transformer (an embedding), trained so",
+    "that the output at value `g` imitates classifier-free guidance at scale `g`. The rectified-flow target",
+    "`noise - x0` is the plain conditional velocity, with no guidance in it, and guidance 1 is exactly \"no",
+    "guidance\". Training at 1.0 therefore asks the embedding for what it already means, and leaves the distilled",
+    "behaviour at the values users sample with (2.5, the Kontext pipeline's default) to the base model. Training",
+    "at 3.5, as diffusers' Kontext LoRA example and kohya's sd-scripts do by default, teaches the model to give",
+    "the unguided velocity when told 3.5, which erodes the distillation the LoRA is later sampled with; SimpleTuner",
+    "defaults to 1.0 for the same reason. Set `model.guidance_scale` to the value you will sample at if you want",
+    "the LoRA to learn the guided appearance instead; the value is recorded in the run's `config.yaml`.",
+]
 
 
 if __name__ == "__main__":

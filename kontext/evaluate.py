@@ -36,8 +36,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from data.hint import MASK_HINT_MODES
 from kontext.generation import generate, image_latents, mask_array, mask_to_pil, quiet_progress, to_pil
 from kontext.grid import change_mask_image, draw_mask_outline, make_grid
+from kontext.dtypes import DTYPES
 from kontext.infer import (
-    DTYPES,
     InferenceError,
     LoraSpec,
     load_loras,
@@ -74,6 +74,8 @@ HEADLINE = (
     ("latent_boundary_f", "higher"),
 )
 SAMPLE_COLUMNS = ("context", "target")
+# Longest side of grid.png by default (32 rows of 1024 px samples would be 32 k pixels tall).
+GRID_MAX_SIDE = 8192
 VARIANT_COLUMNS = ("result", "outline", "change")
 
 
@@ -134,6 +136,20 @@ def load_samples(
             EvalSample(raw.name, raw.prompt, to_pil(p["context"])[0], to_pil(p["target"])[0], mask_to_pil(p["mask"]))
         )
     return out
+
+
+def evaluation_buckets(
+    resolution: int | None, aspect_buckets: bool | None, trained: dict[str, Any]
+) -> tuple[int | None, bool]:
+    """``(resolution, aspect_buckets)`` of an evaluation: each given value, else the LoRA run's (``trained``).
+
+    ``--resolution`` changes only the size: the aspect buckets stay as the run trained (``data.aspect_buckets``),
+    so a portrait sample is evaluated in a portrait bucket unless ``--no-aspect-buckets`` says otherwise.
+    Without any resolution, samples keep their own size and the buckets do not apply.
+    """
+    res = resolution if resolution is not None else trained.get("resolution")
+    aspect = aspect_buckets if aspect_buckets is not None else bool(trained.get("aspect_buckets", False))
+    return res, aspect
 
 
 def _clean(x: float) -> float | None:
@@ -208,6 +224,7 @@ def write_report(
     pictures: dict[str, list[list[Image.Image]]],
     settings: dict[str, Any],
     grid_limit: int,
+    grid_max_side: int | None = GRID_MAX_SIDE,
 ) -> dict[str, Path]:
     """Write metrics.csv, metrics.json, grid.png, area_ratio.png and report.md into ``out``; returns their paths."""
     from kontext.plot import bar_chart
@@ -253,7 +270,7 @@ def write_report(
             row += pictures[v.label][i]
         rows.append(row)
     labels = list(SAMPLE_COLUMNS) + [f"{v.label}: {c}" for v in variants for c in VARIANT_COLUMNS]
-    make_grid(rows, labels).save(paths["grid"])
+    make_grid(rows, labels, max_side=grid_max_side).save(paths["grid"])
 
     chart, _ = bar_chart(
         [s.name for s in samples],
@@ -333,12 +350,23 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--outline-width", type=int, help="band width in pixels of the `outline` hint")
     ap.add_argument("--resolution", type=int, help="evaluation bucket size (default: the LoRA run's data.resolution; "
                     "without one, each sample's own size floored to 16)")
+    ap.add_argument(
+        "--aspect-buckets",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bucket by aspect ratio at --resolution, as training does (default: the LoRA run's data.aspect_buckets, "
+        "also when --resolution is given; off without a config.yaml)",
+    )
     ap.add_argument("--composite", action="store_true", help="composite results inside the mask before measuring")
     ap.add_argument("--steps", type=int, default=28, help="sampler steps")
     ap.add_argument("--guidance", type=float, default=2.5, help="guidance embedding value")
     ap.add_argument("--seed", type=int, default=0, help="sample i uses seed + i (the same for every variant)")
     ap.add_argument("--limit", type=int, help="evaluate only the first N samples")
     ap.add_argument("--grid-limit", type=int, default=32, help="rows of grid.png at most")
+    ap.add_argument(
+        "--grid-max-side", type=int, default=GRID_MAX_SIDE,
+        help=f"longest side of grid.png in pixels; larger grids are downscaled cell by cell (default {GRID_MAX_SIDE})",
+    )
     ap.add_argument("--max-sequence-length", type=int, default=512, help="T5 prompt length")
     ap.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: bfloat16 on cuda, float32 on cpu)")
@@ -360,6 +388,8 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
         v = getattr(args, opt)
         if v is not None and v < 1:
             raise InferenceError(f"--{opt.replace('_', '-')} must be >= 1; got {v}")
+    if args.grid_max_side < 64:
+        raise InferenceError(f"--grid-max-side must be >= 64 (pixels); got {args.grid_max_side}")
     variants: list[Variant] = []
     if args.lora is not None:
         variants.append(Variant(args.label_a, parse_lora_spec(args.lora, "--lora")))
@@ -371,8 +401,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     trained = trained_settings(first) if first is not None else {}
     mask_hint = args.mask_hint or str(trained.get("mask_hint", "fill"))
     outline_width = args.outline_width if args.outline_width is not None else trained.get("outline_width")
-    resolution = args.resolution if args.resolution is not None else trained.get("resolution")
-    aspect = bool(trained.get("aspect_buckets", False)) if args.resolution is None else False
+    resolution, aspect = evaluation_buckets(args.resolution, args.aspect_buckets, trained)
     samples = load_samples(args.data, resolution, aspect, args.prompt or trained.get("default_prompt"), args.limit)
 
     model = resolve_model(args.model)
@@ -408,12 +437,15 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
         "samples": len(samples),
         "mask_hint": mask_hint,
         "resolution": resolution if resolution is not None else "own size",
+        "aspect_buckets": aspect if resolution is not None else None,
         "composite": bool(args.composite),
         "steps": args.steps,
         "guidance": args.guidance,
         "seed": args.seed,
     }
-    return write_report(Path(args.out).expanduser(), samples, variants, hinted, pictures, settings, args.grid_limit)
+    return write_report(
+        Path(args.out).expanduser(), samples, variants, hinted, pictures, settings, args.grid_limit, args.grid_max_side
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 from diffusers import FluxKontextPipeline
 
-# FLUX's VAE downsamples 8x; the transformer packs 2x2 latent patches into one token.
-VAE_SCALE_FACTOR = 8
+from data.buckets import VAE_SCALE_FACTOR
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -54,12 +55,35 @@ def change_mask_image(changed: np.ndarray, insertion_mask: np.ndarray | None = N
     return draw_mask_outline(img, insertion_mask) if insertion_mask is not None else img
 
 
-def make_grid(rows: Sequence[Sequence[Image.Image]], labels: Sequence[str] | None = None) -> Image.Image:
+def grid_cell_size(
+    cell: tuple[int, int], nrows: int, ncols: int, header: int = 0, max_side: int | None = None
+) -> tuple[int, int]:
+    """The (W, H) of each cell of an ``nrows`` x ``ncols`` grid of ``cell``-sized images under ``max_side``.
+
+    Without ``max_side``, or when the grid fits, the cell keeps its size. Otherwise both sides shrink by the same
+    factor (floored, at least 1 px) so that neither ``ncols * W`` nor ``header + nrows * H`` exceeds ``max_side``.
+    """
+    cw, ch = cell
+    if max_side is None or (ncols * cw <= max_side and header + nrows * ch <= max_side):
+        return cw, ch
+    if max_side <= header + nrows:
+        raise ValueError(f"a grid of {nrows} rows does not fit in {max_side} px (header {header} px)")
+    scale = min(max_side / (ncols * cw), (max_side - header) / (nrows * ch))
+    return max(1, math.floor(cw * scale)), max(1, math.floor(ch * scale))
+
+
+def make_grid(
+    rows: Sequence[Sequence[Image.Image]], labels: Sequence[str] | None = None, max_side: int | None = None
+) -> Image.Image:
     """Tile images: ``rows[r][c]`` goes to row r, column c.
 
     Every cell is as large as the largest image (smaller ones are placed top-left on white), so a grid of
     R rows and C columns of (W, H) images is exactly ``(C * W, R * H)``, plus ``HEADER_HEIGHT`` pixels on
     top when ``labels`` (one per column) are given.
+
+    ``max_side`` (optional) bounds the grid's longer side: when the grid would be larger, every image is
+    downscaled (Lanczos, aspect kept) by one factor so that the cells (see :func:`grid_cell_size`) and the
+    header fit. The header keeps its height, so labels stay readable.
     """
     if not rows or not rows[0]:
         raise ValueError("make_grid needs at least one row with one image")
@@ -68,13 +92,20 @@ def make_grid(rows: Sequence[Sequence[Image.Image]], labels: Sequence[str] | Non
         raise ValueError(f"make_grid: every row must have {ncols} images; got {[len(r) for r in rows]}")
     if labels is not None and len(labels) != ncols:
         raise ValueError(f"make_grid: {len(labels)} labels for {ncols} columns")
-    cw = max(im.size[0] for r in rows for im in r)
-    ch = max(im.size[1] for r in rows for im in r)
+    full_w = max(im.size[0] for r in rows for im in r)
+    full_h = max(im.size[1] for r in rows for im in r)
     top = HEADER_HEIGHT if labels is not None else 0
+    cw, ch = grid_cell_size((full_w, full_h), len(rows), ncols, top, max_side)
     grid = Image.new("RGB", (ncols * cw, top + len(rows) * ch), BACKGROUND)
     for r, row in enumerate(rows):
         for c, im in enumerate(row):
-            grid.paste(im.convert("RGB"), (c * cw, top + r * ch))
+            im = im.convert("RGB")
+            if (cw, ch) != (full_w, full_h):
+                w, h = im.size
+                im = im.resize(
+                    (max(1, round(w * cw / full_w)), max(1, round(h * ch / full_h))), Image.Resampling.LANCZOS
+                )
+            grid.paste(im, (c * cw, top + r * ch))
     if labels is not None:
         draw = ImageDraw.Draw(grid)
         f = font(11)

@@ -29,13 +29,13 @@ import yaml
 from PIL import Image, UnidentifiedImageError
 
 from data.hint import MASK_HINT_MODES
+from kontext.dtypes import DTYPES
 from kontext.generation import DEFAULT_MAX_AREA, generate
 from kontext.lora import LORA_WEIGHTS_NAME
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class InferenceError(ValueError):

@@ -27,16 +27,16 @@ import json
 import logging
 import math
 import os
-import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from data.locking import exclusive_lock
+from data.buckets import VAE_SCALE_FACTOR
+from data.locking import atomic_folder, exclusive_lock
 
 logger = logging.getLogger(__name__)
 
@@ -395,8 +395,9 @@ def _train_vae(vae: Any, cfg: dict[str, Any], seed: int, progress: bool) -> dict
         for group in opt.param_groups:
             group["lr"] = lr
         idx = torch.randint(0, images.shape[0], (cfg["batch_size"],), generator=gen)
-        # Crops on the 8-pixel grid keep the latent grid aligned with the full-image one.
-        ox, oy = (int(v) for v in torch.randint(0, (size - crop) // 8 + 1, (2,), generator=gen) * 8)
+        # Crops on the VAE's 8-pixel grid keep the latent grid aligned with the full-image one.
+        grid = VAE_SCALE_FACTOR
+        ox, oy = (int(v) * grid for v in torch.randint(0, (size - crop) // grid + 1, (2,), generator=gen))
         x = images[idx, :, oy : oy + crop, ox : ox + crop]
         if bool(torch.rand((), generator=gen) < 0.5):
             x = x.flip(-1)
@@ -607,16 +608,10 @@ def tiny_model_path(
     with exclusive_lock(cache / f".{name}.lock"):
         if (final / "build_info.json").is_file():  # another process finished while we waited
             return final
-        if final.exists():  # an interrupted build from an older, non-atomic layout: start over
-            shutil.rmtree(final)
         logger.info("building the tiny FLUX.1 Kontext into %s (once; about a minute on 2 CPU cores)", final)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=cache))
-        try:
+        # A folder without build_info.json (an interrupted build of an older, non-atomic layout) is replaced.
+        with atomic_folder(final) as tmp:
             build_tiny_pipeline(tmp, definition=definition, progress=progress)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return final
 
 

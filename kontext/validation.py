@@ -1,7 +1,10 @@
 """Validation during training: generate for fixed samples with the current LoRA, save a grid, log mask metrics.
 
 The trainer calls :func:`run_validation` on the main process every ``validation.every_steps`` updates and at the
-end. The first ``validation.num_samples`` samples of the training set are used un-flipped and centre-cropped at
+end. Which samples (:func:`validation_sources`): with ``validation.data_root`` the first ``validation.num_samples``
+of that held-out dataset; with ``validation.holdout: N`` the last N samples (in name order) of ``data.root``, which
+are then withheld from training; with neither (the default) the first ``validation.num_samples`` TRAINING samples,
+which shows what the LoRA learned but not how it generalises. They are used un-flipped and centre-cropped at
 their bucket size, each with its own fixed seed (``validation.seed + index``), so the grids of successive steps
 differ only by the LoRA. The metrics (``kontext.metrics``) compare the result with the ORIGINAL context (the
 hint is not part of the scene), in pixel space and in latent space (``val/latent_*``; meaningful even when the
@@ -19,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from data.errors import DatasetError
 from data.transforms import prepare_sample
 from kontext.generation import components_on, generate, image_latents, mask_array, mask_to_pil, quiet_progress, to_pil
 from kontext.grid import draw_mask_outline, make_grid
@@ -27,9 +31,127 @@ from kontext.signals import busy
 
 logger = logging.getLogger(__name__)
 
-GRID_COLUMNS = ("context (with hint)", "generated", "target", "mask outline")
+# Column labels of the grid: the context with the mask hint drawn (what the model sees), the generated result, the
+# target, and the overlay (the result with the insertion mask's contour in red).
+GRID_COLUMNS = ("context", "result", "target", "overlay")
 # Diagnostics that do not belong on a metric curve.
 _NOT_LOGGED = ("boundary_tol_px", "count")
+
+
+class SubsetSource:
+    """Samples ``indices`` of a source, re-indexed from 0: the training part, or the held-out part, of one dataset.
+
+    Answers the same questions as ``data.sources.TripletSource`` (the fingerprint is the underlying sample's, so a
+    latent cache built on the whole dataset stays valid); ``what`` says which part it is in messages.
+    """
+
+    def __init__(self, source: Any, indices: list[int], what: str) -> None:
+        if any(not 0 <= i < len(source) for i in indices):
+            raise IndexError(f"indices out of range for a dataset of {len(source)} samples")
+        self.source = source
+        self.indices = list(indices)
+        self.what = what
+        self.max_pixels = source.max_pixels
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def names(self) -> list[str]:
+        names = self.source.names
+        return [names[i] for i in self.indices]
+
+    def describe(self) -> str:
+        return f"{self.source.describe()} ({self.what})"
+
+    def scan_problems(self) -> list[str]:
+        return self.source.scan_problems()
+
+    def image_refs(self, i: int) -> Any:
+        return self.source.image_refs(self.indices[i])
+
+    def prompt(self, i: int) -> str:
+        return self.source.prompt(self.indices[i])
+
+    def size(self, i: int) -> tuple[int, int]:
+        return self.source.size(self.indices[i])
+
+    def fingerprint(self, i: int) -> str:
+        return self.source.fingerprint(self.indices[i])
+
+    def load(self, i: int) -> Any:
+        return self.source.load(self.indices[i])
+
+
+def validation_sources(cfg: Any, source: Any) -> tuple[Any, Any | None]:
+    """Split off the validation samples: ``(training source, validation source or None)``.
+
+    - ``validation.holdout: N``: the last N samples in name order are withheld from training and validated on.
+    - ``validation.data_root``: that dataset (opened as ``data.root`` is: same ``data.source``, split, columns,
+      default prompt and pixel limit), checked in full like the training data; samples found in both (same
+      image bytes) are named in a warning, since they are not held out.
+    - neither: ``(source, None)``; validation then uses the first training samples.
+
+    Raises:
+        DatasetError: the holdout leaves nothing to train on, or the validation dataset has problems.
+    """
+    v, d = cfg.validation, cfg.data
+    if v.holdout:
+        n = len(source)
+        if v.holdout >= n:
+            raise DatasetError(
+                source.describe(),
+                [f"validation.holdout is {v.holdout} but the dataset has {n} sample{'s' if n != 1 else ''}; "
+                 "hold out fewer, or give a separate held-out set as validation.data_root"],
+            )
+        keep = n - v.holdout
+        train = SubsetSource(source, list(range(keep)), f"training part: {keep} of {n} samples")
+        held = SubsetSource(source, list(range(keep, n)), f"held-out part: the last {v.holdout} of {n} samples")
+        logger.info("validation.holdout: %d of %d samples held out for validation (%s)", v.holdout, n,
+                    _shown(held.names))
+        return train, held
+    if not v.data_root:
+        return source, None
+    from data import make_buckets, open_configured_source, validate_source
+
+    held = open_configured_source(d, v.data_root)
+    validate_source(held, max_pixels=d.max_pixels, progress=False, buckets=make_buckets(d.resolution, d.aspect_buckets))
+    shown = range(min(v.num_samples, len(held)))
+    # Same files have the same size: only training samples of a validation sample's size are hashed.
+    sizes = {held.size(i) for i in shown}
+    training = {source.fingerprint(i) for i in range(len(source)) if source.size(i) in sizes}
+    both = [held.names[i] for i in shown if held.fingerprint(i) in training]
+    if both:
+        logger.warning(
+            "validation.data_root: %d of the %d validation samples are also training samples (same files: %s); "
+            "their metrics do not measure held-out quality", len(both), len(shown), _shown(both)
+        )
+    return source, held
+
+
+def _shown(names: list[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def validation_dataset(cfg: Any, source: Any) -> Any:
+    """The held-out samples as a ``data.TripletDataset`` with the training buckets and hint (no cache, no geometry)."""
+    from data import TripletDataset
+
+    d = cfg.data
+    return TripletDataset(
+        source,
+        resolution=d.resolution,
+        aspect_buckets=d.aspect_buckets,
+        mask_hint=d.mask_hint,
+        outline_width=d.outline_width,
+        seed=cfg.train.seed,
+        with_geometry=False,
+    )
+
+
+def held_out(cfg: Any) -> bool:
+    """Whether this run validates on samples it does not train on (``validation.data_root`` or ``holdout``)."""
+    return bool(cfg.validation.data_root or cfg.validation.holdout)
 
 
 def validation_samples(dataset: Any, num_samples: int) -> list[dict[str, Any]]:
@@ -110,7 +232,8 @@ def run_validation(
             sit on another device than the transformer; they are moved to the transformer's device for the call
             and back afterwards.
         transformer: the (unwrapped) transformer being trained; used in place of ``pipe.transformer`` for the call.
-        dataset: the training ``data.TripletDataset``.
+        dataset: the ``data.TripletDataset`` to validate on: the held-out one of :func:`validation_dataset` when
+            the run has one (:func:`held_out`), else the training dataset.
         cfg: the run's ``Config`` (``validation.*``, ``model.max_sequence_length``).
         step: the optimiser step, used in the file name and as the tracker step.
         output_dir: the run's output folder.
@@ -121,7 +244,9 @@ def run_validation(
         Mean metrics over the samples: the pixel metrics of ``kontext.metrics.SampleMetrics`` as ``val/<name>``,
         the latent ones as ``val/latent_<name>``, and ``val/count``.
 
-    The grid has one row per sample and the columns of :data:`GRID_COLUMNS`; each cell is the sample's size.
+    The grid has a header row naming the columns of :data:`GRID_COLUMNS`, then one row per sample; each cell is the
+    sample's size, downscaled so that the grid's longer side is at most ``validation.grid_max_side`` pixels (the
+    same picture goes to the PNG and the trackers).
     """
     v = cfg.validation
     samples = validation_samples(dataset, v.num_samples)
@@ -159,15 +284,19 @@ def run_validation(
     metrics = {f"val/{k}": _finite_or_nan(x) for k, x in aggregate(pixel).items() if k not in _NOT_LOGGED}
     metrics |= {f"val/latent_{k}": _finite_or_nan(x) for k, x in aggregate(latent).items() if k not in _NOT_LOGGED}
     metrics["val/count"] = float(len(samples))
-    grid = make_grid(rows)
+    grid = make_grid(rows, GRID_COLUMNS, max_side=v.grid_max_side)
     path = Path(output_dir) / "validation" / f"step-{step}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
     if accelerator is not None:
         log_to_trackers(accelerator, metrics, {"val/grid": grid}, step)
+    which = "held-out" if held_out(cfg) else "training"
     logger.info(
-        "validation at step %d: IoU %.3f, area ratio %.3f, PSNR outside %.2f dB, latent IoU %.3f -> %s",
+        "validation at step %d on %d %s sample%s: IoU %.4g, area ratio %.4g, PSNR outside %.4g dB, latent IoU %.4g -> %s",
         step,
+        len(samples),
+        which,
+        "s" if len(samples) != 1 else "",
         metrics.get("val/iou", float("nan")),
         metrics.get("val/area_ratio", float("nan")),
         metrics.get("val/psnr_outside", float("nan")),

@@ -20,7 +20,6 @@ __all__ = [
     "area_ratio_loss",
     "background_preservation_mse_latent",
     "boundary_loss",
-    "change_mask_from_distance",
     "change_stats_from_background",
     "area_ratio_per_sample",
     "dice_loss",
@@ -203,13 +202,6 @@ def change_stats_from_background(
     tau = torch.where(has_bg, mean + k_sigma * std, torch.zeros_like(mean))
     s = torch.where(has_bg, std, torch.full_like(std, min_s))
     return ChangeMaskStats(tau=tau, s=s)
-
-
-def change_mask_from_distance(D: Tensor, tau: Tensor | float, s: Tensor | float, min_s: float = 1e-3) -> Tensor:
-    """``sigmoid((D - tau) / max(s, min_s))``; shapes broadcast (``D`` ``[B, 1, H, W]``)."""
-    s_t = torch.as_tensor(s, dtype=D.dtype, device=D.device).clamp_min(min_s)
-    tau_t = torch.as_tensor(tau, dtype=D.dtype, device=D.device)
-    return torch.sigmoid((D - tau_t) / s_t)
 
 
 def soft_change_mask_from_latents(

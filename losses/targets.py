@@ -96,8 +96,6 @@ class MaskTargets:
             )
         return cls(**{n: torch.cat([getattr(t, n) for t in items], dim=0) for n in _FIELDS})
 
-    cat = stack
-
     def __getitem__(self, index: int | slice | Tensor) -> MaskTargets:
         """Select samples (keeps the batch dimension for integer indices)."""
         if isinstance(index, int):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -51,6 +52,66 @@ def test_every_shipped_config_loads_and_starts_with_its_launch_command(path: Pat
                 assert got == v or (isinstance(got, float) and got == pytest.approx(float(v))), f"{where}{k}"
 
     check(raw, cfg, "")
+
+
+def _leaves(node: dict, where: str = ""):
+    for k, v in node.items():
+        if isinstance(v, dict):
+            yield from _leaves(v, f"{where}{k}.")
+        else:
+            yield f"{where}{k}", v
+
+
+def _other_values(dotted: str, value):
+    """Values other than ``value`` for the key, plausible for its type (the first valid one is used)."""
+    _, tp = _schema_fields()[dotted]
+    choices = [a for a in typing.get_args(tp) if isinstance(a, str)] if typing.get_origin(tp) is typing.Literal else []
+    if isinstance(value, bool):
+        return [not value]
+    if isinstance(value, int):
+        return [value + 1, value * 2 if value else 2, value - 1]
+    if isinstance(value, float):
+        return [value / 2, value * 2, value + 1] if value else [0.5, 1.0]
+    if isinstance(value, str):
+        return [c for c in choices if c != value] or [value + "-other"]
+    if isinstance(value, list):
+        return [value[:1] if len(value) > 1 else value + ["attn.to_q"]]
+    raise AssertionError(f"{dotted}: no other value known for {value!r}")
+
+
+def _set(node: dict, dotted: str, value) -> dict:
+    out = copy.deepcopy(node)
+    *parents, last = dotted.split(".")
+    d = out
+    for part in parents:
+        d = d[part]
+    d[last] = value
+    return out
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_key_a_shipped_config_sets_to_its_default_is_read(path: Path, tmp_path: Path):
+    """The check above cannot see a key dropped while its value equals the default: give each such key another
+    value in a copy of the file, and that value must arrive."""
+    raw = yaml.safe_load(path.read_text())
+    defaults = Config()
+    at_default = [(k, v) for k, v in _leaves(raw) if _get(defaults, k) == v]
+    assert at_default, "no key at its default: this test would check nothing"
+    for dotted, value in at_default:
+        errors = []
+        for other in _other_values(dotted, value):
+            copy_path = tmp_path / path.name
+            copy_path.write_text(yaml.safe_dump(_set(raw, dotted, other)))
+            try:
+                cfg = load_config(copy_path)
+            except ConfigError as e:  # not valid for this key; try the next value
+                errors.append(str(e))
+                continue
+            got = _get(cfg, dotted)
+            assert got == other or (isinstance(got, float) and got == pytest.approx(float(other))), (dotted, other, got)
+            break
+        else:
+            raise AssertionError(f"{dotted}: no other valid value to try: {errors}")
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)

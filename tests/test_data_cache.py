@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import losses
+from data.dataset import TrainBatch, make_train_batch
 from data import (
     BucketBatchSampler,
     FolderSource,
@@ -159,7 +160,7 @@ def test_cached_items_equal_fresh_computation_and_are_reused(tmp_path: Path, enc
         for i in range(len(fresh)):
             c, f = cached[i], fresh[i]
             assert c["name"] == f["name"] and c["prompt"] == f["prompt"]
-            torch.testing.assert_close(c["mask_px"], f["mask_px"], atol=1e-3, rtol=0)  # stored as float16
+            assert "mask_px" not in c  # training reads the latent-resolution geometry only
             h, w = f["mask_px"].shape[-2] // 8, f["mask_px"].shape[-1] // 8
             assert c["target_latents"].shape == c["context_latents"].shape == (16, h, w)
             lat = encode_images(torch.stack([f["context_pixels"], f["target_pixels"], f["scene_pixels"]]))
@@ -213,7 +214,6 @@ def test_batches_through_sampler_and_collate(tmp_path: Path, encoders) -> None:
         n += 1
         b, c, h, w = batch["target_latents"].shape
         assert (b, c) == (2, 16) and batch["context_latents"].shape == (2, 16, h, w)
-        assert batch["mask_px"].shape == (2, 1, 8 * h, 8 * w)
         assert batch["prompt_embeds"].shape == (2, 10, 12) and batch["pooled_prompt_embeds"].shape == (2, 6)
         assert {k: v.shape for k, v in batch["geometry"].items()} == {g: (2, 1, h, w) for g in ("mask", "band", "outside", "sdm")}
         assert len(batch["name"]) == 2 and all(isinstance(p, str) for p in batch["prompt"])
@@ -266,3 +266,115 @@ def test_cache_misuse_is_explained(tmp_path: Path) -> None:
         _dataset(root, cache).build_cache(progress=False)
     with pytest.raises(FileNotFoundError, match="build the cache first"):
         _dataset(root, cache)[0]
+
+
+def test_cache_build_bounds_the_images_per_encoder_call(tmp_path: Path, encoders) -> None:
+    encode_images, encode_prompts = encoders
+    root = tmp_path / "set"
+    _write(root, n=8)
+    sizes: list[int] = []
+
+    def recording(x: torch.Tensor) -> torch.Tensor:
+        sizes.append(x.shape[0])
+        return encode_images(x)
+
+    ds = _dataset(root, LatentCache(tmp_path / "cache", model_id="tiny"))
+    assert build_cache(ds, recording, encode_prompts, batch_size=6, progress=False)["samples_built"] == 16
+    assert max(sizes) == 6 and sum(sizes) == 16 * 3  # two hinted samples (context, target, scene) per call
+    sizes.clear()
+    ds2 = _dataset(root, LatentCache(tmp_path / "cache2", model_id="tiny"))
+    build_cache(ds2, recording, encode_prompts, batch_size=1, progress=False)
+    assert set(sizes) == {3}  # never fewer than one sample's images
+
+
+def test_uncached_batches_equal_cached_ones_and_reuse_decoded_images(tmp_path: Path, encoders, monkeypatch) -> None:
+    """One batch contract: a TrainBatch from pixel items (one VAE call) equals the one read from the cache."""
+    encode_images, encode_prompts = encoders
+    root = tmp_path / "set"
+    _write(root, n=8)
+    cached = _dataset(root, LatentCache(tmp_path / "cache", model_id="tiny"))
+    build_cache(cached, encode_images, encode_prompts, progress=False)
+    fresh = _dataset(root, None, encode_prompts=encode_prompts)
+    with pytest.raises(ValueError, match="encode_prompt_table"):
+        make_train_batch([fresh[0]], encode_images)
+    prompt_calls = encode_prompts.calls
+    assert fresh.encode_prompt_table(batch_size=1) == 2  # two distinct prompts, encoded once for the run
+    assert encode_prompts.calls == prompt_calls + 2
+    loads: list[int] = []
+    real_load = fresh.source.load
+    monkeypatch.setattr(fresh.source, "load", lambda i: loads.append(i) or real_load(i))
+    sampler = BucketBatchSampler(fresh.bucket_ids, batch_size=2, seed=0)
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        cached.set_epoch(epoch)
+        fresh.set_epoch(epoch)
+        for indices in sampler:
+            calls = encode_images.calls
+            a = make_train_batch([fresh[i] for i in indices], encode_images)
+            assert encode_images.calls == calls + 3 * len(indices)
+            b = make_train_batch([cached[i] for i in indices])
+            assert isinstance(a, TrainBatch) and a.names == b.names and a.prompts == b.prompts
+            for name in ("target_latents", "context_latents", "scene_latents", "prompt_embeds", "pooled_prompt_embeds"):
+                torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-5, rtol=1e-5)
+            for g in ("mask", "band", "outside", "sdm"):
+                torch.testing.assert_close(getattr(a.geometry, g), getattr(b.geometry, g))
+            assert a.geometry.mask.shape == (len(indices), 1, *a.target_latents.shape[-2:])
+    # Each (sample, orientation) was decoded once (one of them before the count began, for the error above);
+    # later epochs read the images kept in memory.
+    assert len(loads) + 1 == len(fresh._decoded) <= 16
+    assert len(set(loads)) <= 8 and len(loads) < 3 * 8
+    # Kept images give the very pixels a decode gives.
+    plain = _dataset(root, None, decoded_memory_mb=0)
+    for key in list(fresh._decoded)[:4]:
+        i, flip = key
+        e = next(e for e in range(8) if fresh._rng_and_flip(i, e)[1] == flip)
+        for k in ("context_pixels", "target_pixels", "scene_pixels", "mask_px"):
+            assert torch.equal(fresh[(i, e)][k], plain[(i, e)][k]), k
+    assert not plain._decoded
+
+
+def test_train_batch_to_device_keeps_the_geometry_float32(tmp_path: Path, encoders) -> None:
+    root = tmp_path / "set"
+    _write(root, n=4)
+    ds = _dataset(root, LatentCache(tmp_path / "cache", model_id="tiny"), mask_hint="none")
+    build_cache(ds, *encoders, progress=False)
+    batch = make_train_batch([ds[2]]).to("cpu", torch.bfloat16)
+    assert batch.target_latents.dtype == batch.prompt_embeds.dtype == torch.bfloat16
+    assert batch.scene_latents is batch.context_latents  # no hint: the scene is the context
+    assert batch.geometry.sdm.dtype == torch.float32
+
+
+def test_centre_cropped_uncached_latents_are_encoded_once_and_equal_fresh_ones(tmp_path: Path, encoders) -> None:
+    encode_images, encode_prompts = encoders
+    root = tmp_path / "set"
+    _write(root, n=8)
+    ds = _dataset(root, None, encode_prompts=encode_prompts)
+    ds.encode_prompt_table()
+    sampler = BucketBatchSampler(ds.bucket_ids, batch_size=2, seed=0)
+    encoded_per_epoch = []
+    for epoch in range(4):
+        sampler.set_epoch(epoch)
+        calls = encode_images.calls
+        for indices in sampler:
+            items = [ds[(i, epoch)] for i in indices]
+            got = make_train_batch(items, encode_images, with_scene=epoch % 2 == 0, remember=ds.remember_latents)
+            fresh = [ds.prepared_pixels(i, ds._rng_and_flip(i, epoch)[1]) for i in indices]
+            want = encode_images(torch.stack([f[k] for k in ("target_pixels", "context_pixels", "scene_pixels") for f in fresh]))
+            n = len(indices)
+            torch.testing.assert_close(got.target_latents, want[:n])
+            torch.testing.assert_close(got.context_latents, want[n : 2 * n])
+            if epoch % 2 == 0:
+                torch.testing.assert_close(got.scene_latents, want[2 * n :])
+            else:
+                assert got.scene_latents is got.context_latents  # geometry off: the scene is not read
+        encoded_per_epoch.append(encode_images.calls - calls - 3 * 8)  # minus the reference encodes above
+    # 16 (sample, orientation) pairs: each encoded (3 images) on its first use only.
+    assert sum(encoded_per_epoch) == 3 * len(ds._latents) and len(ds._latents) <= 16
+    assert encoded_per_epoch[0] > 0 and encoded_per_epoch[-1] < encoded_per_epoch[0]
+    assert not any(key in ds._decoded for key in ds._latents)  # the latents replaced the kept pixels
+    # Random crops change every epoch: nothing is kept.
+    rc = _dataset(root, None, random_crop=True, encode_prompts=encode_prompts)
+    rc.encode_prompt_table()
+    make_train_batch([rc[(0, 0)], rc[(4, 0)]] if rc.bucket_ids[0] == rc.bucket_ids[4] else [rc[(0, 0)]], encode_images,
+                     remember=rc.remember_latents)
+    assert not rc._latents

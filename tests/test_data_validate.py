@@ -256,3 +256,91 @@ def test_dataset_error_survives_pickling_for_dataloader_workers() -> None:
     back = pickle.loads(pickle.dumps(err))
     assert str(back) == str(err) and back.problems == err.problems and back.where == "folder /x"
     assert str(DatasetError("whole message")) == "whole message"
+
+
+# ---------------------------------------------------------------- background agreement outside the mask
+
+
+def test_background_mismatch_counts_outside_pixels_beyond_the_tolerance() -> None:
+    from data.validate import BACKGROUND_TOLERANCE, background_mismatch
+
+    ctx = np.full((10, 20, 3), 100, np.uint8)
+    mask = np.zeros((10, 20), np.uint8)
+    mask[:, :10] = 255  # 100 pixels inside, 100 outside
+    tgt = ctx.copy()
+    tgt[:, :10] = 0  # inside: ignored however different
+    tgt[0, 10:15, 1] = 100 + BACKGROUND_TOLERANCE  # at the tolerance: agrees
+    tgt[1, 10:14, 2] = 100 + BACKGROUND_TOLERANCE + 1  # 4 pixels just beyond it
+    tgt[2, 19] = (40, 100, 100)  # one pixel 60 levels off
+    b = background_mismatch("x", ctx, tgt, mask)
+    assert (b.name, b.outside, b.max_diff) == ("x", 100, 60)
+    assert b.share == pytest.approx(5 / 100)
+    # the same numbers from PIL images, and a stricter tolerance counts the near-equal ones too
+    pil = background_mismatch("x", Image.fromarray(ctx), Image.fromarray(tgt), Image.fromarray(mask), tolerance=0)
+    assert pil.share == pytest.approx(10 / 100) and pil.max_diff == 60
+
+
+def _jpeg_target(root: Path, name: str) -> None:
+    """Re-save the sample's target as a (decoded) JPEG: its background now differs from the context."""
+    path = root / "target" / f"{name}.png"
+    buf = io.BytesIO()
+    Image.open(path).convert("RGB").save(buf, format="JPEG", quality=60)
+    Image.open(buf).save(path)
+
+
+def test_dataset_check_names_samples_whose_background_differs(tmp_path: Path, caplog) -> None:
+    import logging
+
+    from data.validate import BACKGROUND_WARN_SHARE, DatasetWarning, background_mismatch
+
+    for k in range(4):
+        _triplet(tmp_path, f"s{k}", seed=k)
+    _jpeg_target(tmp_path, "s2")
+    # s3: a few outside pixels differ, under the warning share
+    tgt = np.asarray(Image.open(tmp_path / "target" / "s3.png")).copy()
+    tgt[31, 47] = 255 - tgt[31, 47]
+    Image.fromarray(tgt).save(tmp_path / "target" / "s3.png")
+    src = FolderSource(tmp_path, default_prompt="p")
+    report: list = []
+    with pytest.warns(DatasetWarning) as rec, caplog.at_level(logging.INFO, logger="data.validate"):
+        notes = validate_source(src, progress=False, background=report)
+    (note,) = notes
+    assert str(rec[0].message).endswith(note)
+    assert note.startswith("1 of 4 samples have a target that differs from its context outside the mask")
+    assert "s2 (" in note and "s3" not in note and "s0" not in note
+
+    # per sample: what background_mismatch says about the decoded files
+    assert [b.name for b in report] == ["s0", "s1", "s2", "s3"]
+    for b in report:
+        raw = src.load(src.names.index(b.name))
+        assert b == background_mismatch(b.name, raw.context, raw.target, raw.mask)
+    s0, _, s2, s3 = report
+    assert s0.share == 0.0 and s0.max_diff == 0
+    assert s2.share > BACKGROUND_WARN_SHARE and f"{s2.share:.1%} differ, up to {s2.max_diff} levels" in note
+    assert 0 < s3.share <= BACKGROUND_WARN_SHARE and s3.max_diff > 100
+
+    # the summary line of the check
+    (summary,) = [r.getMessage() for r in caplog.records if "background check of 4 samples" in r.getMessage()]
+    assert f"at most {s2.share:.2%} (s2, up to {s2.max_diff} levels)" in summary
+
+    # a stricter share names s3 too; a looser tolerance lets the JPEG noise pass
+    with pytest.warns(DatasetWarning):
+        (strict,) = validate_source(src, progress=False, background_warn_share=1e-6)
+    assert strict.startswith("2 of 4 samples") and "s3 (" in strict
+    assert validate_source(src, progress=False, background_tolerance=255) == []
+
+
+def test_clean_dataset_has_no_background_warning(tmp_path: Path, caplog) -> None:
+    import logging
+    import warnings
+
+    from data.synthetic import generate_dataset
+
+    root = generate_dataset(tmp_path / "syn", num_samples=4, size=(64, 64), seed=3, progress=False)
+    report: list = []
+    with warnings.catch_warnings(), caplog.at_level(logging.INFO, logger="data.validate"):
+        warnings.simplefilter("error")
+        assert validate_source(open_source("folder", root), progress=False, background=report) == []
+    assert len(report) == 4 and all(b.share == 0.0 and b.max_diff == 0 for b in report)
+    (summary,) = [r.getMessage() for r in caplog.records if "background check of 4 samples" in r.getMessage()]
+    assert summary.endswith("target and context agree in every sample (largest difference 0 levels, tolerance 8)")

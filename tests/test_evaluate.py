@@ -125,6 +125,7 @@ def test_evaluate_base_equals_zero_strength_lora(tiny_model_dir, tiny_dataset_di
         (["--lora-b", "{geo}"], "--lora-b is the second of two LoRAs; give --lora PATH as well"),
         (["--lora", "{geo}", "--lora-b", "{geo}", "--label-b", "A"], "--label-a and --label-b are both 'A'"),
         (["--lora", "{geo}:big"], "the strength 'big' after ':' is not a number"),
+        (["--base", "--grid-max-side", "32"], "--grid-max-side must be >= 64 (pixels); got 32"),
     ],
 )
 def test_evaluate_usage_errors(tiny_dataset_dir, loras, tmp_path, capsys, extra, needle):
@@ -187,3 +188,57 @@ def test_evaluate_shows_one_progress_bar_over_samples_and_variants(tiny_dataset_
 
     means = [line for line in capsys.readouterr().out.splitlines() if "IoU" in line]
     assert len(means) == 2 and not any(re.search(r"[1-9]\d{4}", line) for line in means), means
+
+
+def test_resolution_keeps_the_runs_aspect_buckets():
+    from kontext.evaluate import build_parser, evaluation_buckets
+
+    trained = {"resolution": 128, "aspect_buckets": True}
+    assert evaluation_buckets(None, None, trained) == (128, True)
+    assert evaluation_buckets(64, None, trained) == (64, True)  # --resolution changes the size, not the bucketing
+    assert evaluation_buckets(64, False, trained) == (64, False)
+    assert evaluation_buckets(64, None, {}) == (64, False)
+    assert evaluation_buckets(None, None, {}) == (None, False)
+    ap = build_parser()
+    base = ["--data", "d", "--out", "o"]
+    assert ap.parse_args(base).aspect_buckets is None
+    assert ap.parse_args(base + ["--aspect-buckets"]).aspect_buckets is True
+    assert ap.parse_args(base + ["--no-aspect-buckets"]).aspect_buckets is False
+
+
+def test_evaluate_at_a_resolution_uses_the_trained_aspect_buckets(tiny_model_dir, tmp_path):
+    import json
+
+    import yaml
+
+    from data.synthetic import generate_dataset
+
+    lora = make_lora(tiny_model_dir, tmp_path / "lora", 3)
+    (lora / "config.yaml").write_text(yaml.safe_dump({"data": {"resolution": 128, "aspect_buckets": True}}))
+    wide = generate_dataset(tmp_path / "wide", num_samples=1, size=(128, 64), seed=5, progress=False)
+    common = ["--model", "tiny", "--data", str(wide), "--steps", "1", "--max-sequence-length", "64",
+              "--lora", str(lora), "--resolution", "64"]
+    assert main(common + ["--out", str(tmp_path / "a")]) == 0
+    settings = json.loads((tmp_path / "a" / "metrics.json").read_text())["settings"]
+    assert settings["resolution"] == 64 and settings["aspect_buckets"] is True
+    (sample,) = load_samples(str(wide), 64, True, None, None)
+    assert sample.context.size == (96, 48)  # the wide bucket of 64 px, as training makes it
+    ncols = len(SAMPLE_COLUMNS) + len(VARIANT_COLUMNS)
+    assert Image.open(tmp_path / "a" / "grid.png").size == (ncols * 96, HEADER_HEIGHT + 48)
+    # switched off explicitly: the square bucket
+    assert main(common + ["--no-aspect-buckets", "--out", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["settings"]["aspect_buckets"] is False
+    assert Image.open(tmp_path / "b" / "grid.png").size == (ncols * 64, HEADER_HEIGHT + 64)
+
+
+def test_evaluate_grid_is_capped_by_grid_max_side(tiny_dataset_dir, tmp_path):
+    from kontext.grid import grid_cell_size
+
+    out = tmp_path / "r"
+    args = ["--model", "tiny", "--data", str(tiny_dataset_dir), "--steps", "1", "--max-sequence-length", "64",
+            "--limit", "2", "--base", "--grid-max-side", "160", "--out", str(out)]
+    assert main(args) == 0
+    ncols = len(SAMPLE_COLUMNS) + len(VARIANT_COLUMNS)  # 5 columns of 64 px: 320 px wide uncapped
+    cw, ch = grid_cell_size((SIZE, SIZE), 2, ncols, HEADER_HEIGHT, 160)
+    assert (cw, ch) == (32, 32)
+    assert Image.open(out / "grid.png").size == (ncols * cw, HEADER_HEIGHT + 2 * ch)

@@ -88,11 +88,19 @@ def test_noising_matches_scheduler_scale_noise_and_inverts():
     timesteps, sigmas = timesteps_and_sigmas_from_density(u, sched)
     x_t = add_noise(x0, noise, sigmas)
     torch.testing.assert_close(x_t, sched.scale_noise(x0, timesteps, noise), rtol=0, atol=1e-6)
-    s4 = sigmas.view(4, 1, 1, 1)
-    assert torch.equal(x_t, (1.0 - s4) * x0 + s4 * noise)
+    # The path runs from the clean latents (sigma 0) to pure noise (sigma 1).
+    torch.testing.assert_close(add_noise(x0, noise, torch.zeros(4)), x0)
+    torch.testing.assert_close(add_noise(x0, noise, torch.ones(4)), noise)
+    # The velocity target is the path's derivative d x_t / d sigma: a central difference of the noising along sigma.
     v = velocity_target(x0, noise)
-    assert torch.equal(v, noise - x0)
+    x64, n64, s64 = x0.double(), noise.double(), sigmas.double()
+    h = 1e-4
+    slope = (add_noise(x64, n64, s64 + h) - add_noise(x64, n64, s64 - h)) / (2 * h)
+    torch.testing.assert_close(v.double(), slope, rtol=1e-6, atol=1e-6)
+    # The same velocity from any point of the path gives the same clean latents back.
     torch.testing.assert_close(predicted_clean_latents(x_t, v, sigmas), x0, rtol=0, atol=1e-5)
+    later = add_noise(x0, noise, (sigmas + 0.3).clamp(max=1.0))
+    torch.testing.assert_close(predicted_clean_latents(later, v, (sigmas + 0.3).clamp(max=1.0)), x0, rtol=0, atol=1e-5)
 
 
 def test_flow_matching_loss_matches_training_script_formula():

@@ -94,10 +94,10 @@ def _backward(run, scale: float = 1.0) -> torch.Tensor:
 def test_optimizer_step_reads_the_prepared_models_gradients(max_grad_norm):
     run = _tiny_linear_run(max_grad_norm)
     true_norm = float(_backward(run))
-    before = [p.detach().clone() for p in run.transformer.parameters()]
+    before = {n: p.detach().clone() for n, p in run.transformer.named_parameters()}
     stepped, norm = tk.optimizer_step(run, 0)
     assert stepped and norm == pytest.approx(true_norm, rel=1e-6) and true_norm > 1.0
-    assert all(not torch.equal(a, p) for a, p in zip(before, run.transformer.parameters()))
+    assert all(not torch.equal(before[n], p) for n, p in run.transformer.named_parameters())
     if max_grad_norm:  # clipped before the step
         total = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in run.transformer.parameters()]))
         assert float(total) == pytest.approx(max_grad_norm, rel=1e-5)
@@ -107,9 +107,9 @@ def test_optimizer_step_reads_the_prepared_models_gradients(max_grad_norm):
 def test_nonfinite_gradient_without_scaler_skips_the_update(caplog):
     run = _tiny_linear_run(1.0)
     _backward(run, scale=float("inf"))
-    before = [p.detach().clone() for p in run.transformer.parameters()]
+    before = {n: p.detach().clone() for n, p in run.transformer.named_parameters()}
     assert tk.optimizer_step(run, 0) == (False, None)
-    assert all(torch.equal(a, p) for a, p in zip(before, run.transformer.parameters()))
+    assert all(torch.equal(before[n], p) for n, p in run.transformer.named_parameters())
     assert run.lr_scheduler.get_last_lr()[0] == pytest.approx(0.1)  # the schedule did not advance
     assert not run.accelerator.optimizer_step_was_skipped  # a trainer skip, counted as a failure by the loop
 
@@ -122,12 +122,12 @@ def test_fp16_overflow_lets_the_scaler_skip_and_lower_its_scale(monkeypatch, max
     hook = weight.register_hook(lambda g: torch.full_like(g, float("inf")))  # an injected fp16 overflow
     _backward(run)
     hook.remove()
-    before = [p.detach().clone() for p in run.transformer.parameters()]
+    before = {n: p.detach().clone() for n, p in run.transformer.named_parameters()}
     assert tk.optimizer_step(run, 0) == (False, None)
     # The scaler saw the step, skipped it and halved its scale: the run can recover (the old check never let it).
     assert run.accelerator.optimizer_step_was_skipped
     assert scaler.get_scale() == 2.0**15
-    assert all(torch.equal(a, p) for a, p in zip(before, run.transformer.parameters()))
+    assert all(torch.equal(before[n], p) for n, p in run.transformer.named_parameters())
     assert run.lr_scheduler.get_last_lr()[0] == pytest.approx(0.1)
 
     # The next, finite update goes through, and the norm logged is that of the unscaled gradient.
@@ -136,7 +136,7 @@ def test_fp16_overflow_lets_the_scaler_skip_and_lower_its_scale(monkeypatch, max
     stepped, norm = tk.optimizer_step(run, 1)
     assert stepped and not run.accelerator.optimizer_step_was_skipped
     assert norm == pytest.approx(scaled_norm / 2.0**15, rel=1e-6)
-    assert all(not torch.equal(a, p) for a, p in zip(before, run.transformer.parameters()))
+    assert all(not torch.equal(before[n], p) for n, p in run.transformer.named_parameters())
     assert run.lr_scheduler.get_last_lr()[0] == pytest.approx(0.05)
 
 

@@ -14,35 +14,43 @@ HAS_CUDA = torch.cuda.is_available()
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 
 
-def test_nf4_kwargs():
-    kw = bnb_kwargs("nf4", torch.bfloat16)
-    assert kw == {
-        "load_in_4bit": True,
-        "bnb_4bit_quant_type": "nf4",
-        "bnb_4bit_compute_dtype": torch.bfloat16,
-        "bnb_4bit_use_double_quant": True,
-    }
+def _bnb_config(mode: str, monkeypatch: pytest.MonkeyPatch):
+    """What diffusers makes of ``bnb_kwargs(mode, bf16)``; without bitsandbytes installed, its 4-bit version check
+    is told a supported version (the config object itself needs no kernels)."""
+    import importlib.metadata
+
+    from diffusers import BitsAndBytesConfig
+
+    if not HAS_BNB:
+        real = importlib.metadata.version
+        monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.45.0" if name == "bitsandbytes" else real(name))
+    return BitsAndBytesConfig(**bnb_kwargs(mode, torch.bfloat16))
 
 
-def test_int8_kwargs():
-    assert bnb_kwargs("int8", torch.float16) == {"load_in_8bit": True}
+def test_nf4_config_is_double_quantized_nf4_computing_in_the_weight_dtype(monkeypatch):
+    cfg = _bnb_config("nf4", monkeypatch)
+    assert cfg.load_in_4bit and not cfg.load_in_8bit
+    assert cfg.quantization_method() == "nf4"
+    # Computing in the base's dtype (not bnb's float32 default), and the quantization constants quantized too.
+    assert cfg.bnb_4bit_compute_dtype == torch.bfloat16
+    assert cfg.to_dict()["bnb_4bit_use_double_quant"] is True
+    assert bnb_kwargs("nf4", torch.float16)["bnb_4bit_compute_dtype"] == torch.float16
+
+
+def test_int8_config_builds_without_a_gpu(monkeypatch):
+    # diffusers checks the bitsandbytes version only for 4-bit, so the 8-bit config builds anywhere.
+    cfg = _bnb_config("int8", monkeypatch)
+    assert cfg.load_in_8bit and not cfg.load_in_4bit
+    assert cfg.quantization_method() == "llm_int8"
 
 
 def test_kwargs_are_bitsandbytes_config_parameters():
+    # BitsAndBytesConfig takes **kwargs: a misspelt key would be kept as an attribute and silently ignored.
     from diffusers import BitsAndBytesConfig
 
     accepted = set(inspect.signature(BitsAndBytesConfig.__init__).parameters)
     for mode in ("nf4", "int8"):
         assert set(bnb_kwargs(mode, torch.bfloat16)) <= accepted
-
-
-def test_int8_config_builds_without_a_gpu():
-    # diffusers checks the bitsandbytes version only for 4-bit, so the 8-bit config builds anywhere.
-    from diffusers import BitsAndBytesConfig
-
-    cfg = BitsAndBytesConfig(**bnb_kwargs("int8", torch.bfloat16))
-    assert cfg.load_in_8bit and not cfg.load_in_4bit
-    assert cfg.quantization_method() == "llm_int8"
 
 
 def test_unknown_mode_names_the_key():
@@ -91,13 +99,46 @@ def test_trainer_refuses_gpu_only_options_before_loading(tmp_path, override, mes
 @pytest.mark.skipif(not HAS_BNB, reason="needs bitsandbytes: pip install -e '.[quantization]'")
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (bitsandbytes kernels); none on this machine")
 def test_nf4_transformer_loads_and_trains_lora_on_cuda(tiny_model_dir):
+    """The NF4 base runs forward and backward: the LoRA gets finite gradients, an update lowers the loss on the
+    batch it was computed on, and the 4-bit base weights stay frozen and unchanged."""
+    from kontext.flux import predict_velocity
     from kontext.lora import attach_lora, make_lora_config
     from kontext.quantization import quantized_transformer
 
     tr = quantized_transformer(str(tiny_model_dir), "nf4", torch.bfloat16, {})
-    assert any(type(m).__name__ == "Linear4bit" for m in tr.modules())
+    quantized = [m for m in tr.modules() if type(m).__name__ == "Linear4bit"]
+    assert quantized
     params = attach_lora(tr, make_lora_config(4, 4, 0.0, "gaussian", ["to_q", "to_k", "to_v"]))
     assert params and all(p.dtype == torch.float32 for p in params)
+    # Loaded onto the GPU by the quantizer (the trainer does not move a quantized base); the LoRA follows it.
+    device = params[0].device
+    assert device.type == "cuda" and all(p.device == device for p in params)
+    base_before = [m.weight.detach().clone() for m in quantized]
+
+    g = torch.Generator().manual_seed(0)
+    c = tr.config
+    x_t = torch.randn(2, 16, 8, 8, generator=g).to(device, torch.bfloat16)
+    ctx = torch.randn(2, 16, 8, 8, generator=g).to(device, torch.bfloat16)
+    target = torch.randn(2, 16, 8, 8, generator=g).to(device)
+    prompt = torch.randn(2, 8, c.joint_attention_dim, generator=g).to(device, torch.bfloat16)
+    pooled = torch.randn(2, c.pooled_projection_dim, generator=g).to(device, torch.bfloat16)
+    t = torch.full((2,), 0.5, device=device)
+
+    def loss() -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            v = predict_velocity(tr, x_t, ctx, t, prompt, pooled, 1.0)
+        return (v.float() - target).square().mean()
+
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    first = loss()
+    first.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
+    assert any(float(p.grad.abs().sum()) > 0 for p in params)
+    assert all(not m.weight.requires_grad for m in quantized)
+    opt.step()
+    with torch.no_grad():
+        assert float(loss()) < float(first)
+    assert all(torch.equal(b, m.weight) for b, m in zip(base_before, quantized))
 
 
 # ---------------------------------------------------------------- other memory options of the trainer
@@ -114,9 +155,10 @@ def _loss_and_lora_grads(tmp_path, model_dir, data_dir, checkpointing: bool):
     torch.manual_seed(0)
     loss, _ = compute_loss(run.transformer, batch, cfg, _step_generator(run, 0, 0), run.train_scheduler)
     loss.backward()
-    names = [n for n, p in run.transformer.named_parameters() if p.requires_grad]
-    grads = {n: p.grad.detach().clone() for n, p in zip(names, run.lora_params)}
-    assert len(names) == len(run.lora_params)
+    grads = {n: p.grad.detach().clone() for n, p in run.transformer.named_parameters() if p.requires_grad}
+    # The trainable parameters are exactly the run's LoRA parameters (by identity, not by order).
+    assert {id(p) for n, p in run.transformer.named_parameters() if p.requires_grad} == {id(p) for p in run.lora_params}
+    assert grads and all("lora_" in n for n in grads)
     return float(loss.detach()), grads
 
 

@@ -789,12 +789,6 @@ def test_resume_loads_checkpoints_with_weights_only(tmp_path, tiny_model_dir, ti
     assert list((finished["root"] / "cache").rglob("*.safetensors")), "the latent cache must be safetensors"
 
 
-def test_dataset_path_confinement_is_tested_in_data_tests():
-    """Confinement of dataset paths (symlinks, ``..`` in metadata) is proven in tests/test_data_sources.py."""
-    text = (REPO / "tests" / "test_data_sources.py").read_text(encoding="utf-8")
-    assert re.search(r"outside the dataset folder", text)
-
-
 # ---------------------------------------------------------------------------------------------
 # 8. The output folder: a finished run is never touched by a resume; a live run is locked
 # ---------------------------------------------------------------------------------------------

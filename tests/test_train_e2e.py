@@ -166,3 +166,35 @@ def test_uncached_path_trains_and_encodes_on_the_fly(tmp_path, tiny_model_dir, t
     assert len(run.history) == 2
     assert (Path(cfg.output_dir) / "pytorch_lora_weights.safetensors").is_file()
     assert not list(Path(cfg.output_dir).glob("checkpoint-*"))
+
+
+@pytest.mark.slow
+def test_cached_and_uncached_runs_agree_and_free_the_text_encoders(tmp_path, tiny_model_dir, tiny_dataset_dir, monkeypatch):
+    """Both data paths build the same batches (same losses step by step); each encodes the prompts once, frees CLIP
+    and T5 before training, and validation still generates from the stored prompt embeddings."""
+    import kontext.flux
+
+    calls: list[int] = []
+    real = kontext.flux.encode_prompts
+
+    def counting(pipe, prompts, *a, **k):
+        calls.append(len(prompts))
+        return real(pipe, prompts, *a, **k)
+
+    monkeypatch.setattr(kontext.flux, "encode_prompts", counting)
+    histories = {}
+    for cached in (True, False):
+        calls.clear()
+        cfg = tiny_cfg(tmp_path / str(cached), tiny_model_dir, tiny_dataset_dir, data={"cache_latents": cached},
+                       train={"max_steps": 3}, checkpoint={"every_steps": 0},
+                       validation={"every_steps": 0, "num_samples": 1, "num_inference_steps": 1})
+        run = run_training(cfg)
+        assert run.stop_reason == "done"
+        assert run.pipe.text_encoder is None and run.pipe.text_encoder_2 is None
+        assert list((Path(cfg.output_dir) / "validation").glob("step-*.png"))
+        distinct = len({run.dataset.prompt_of(i) for i in range(len(run.dataset))})
+        assert sum(calls) == distinct  # once per prompt, never per step
+        histories[cached] = run.history
+    for a, b in zip(histories[True], histories[False], strict=True):
+        for k in ("loss/flow", "loss/geometry", "loss/total", "grad_norm"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k

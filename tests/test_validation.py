@@ -13,7 +13,7 @@ from PIL import Image
 from data import TripletDataset, open_source
 from kontext.config import config_from_dict
 from kontext.generation import to_pil
-from kontext.grid import mask_outline, outline_width_for
+from kontext.grid import HEADER_HEIGHT, mask_outline, outline_width_for
 from kontext.metrics import sample_metrics
 from kontext.validation import GRID_COLUMNS, run_validation
 
@@ -52,9 +52,9 @@ def _cfg(tmp_path: Path):
     )
 
 
-def _cells(grid: Image.Image, rows: int, cols: int, w: int, h: int) -> list[list[np.ndarray]]:
+def _cells(grid: Image.Image, rows: int, cols: int, w: int, h: int, top: int = HEADER_HEIGHT) -> list[list[np.ndarray]]:
     a = np.asarray(grid)
-    return [[a[r * h : (r + 1) * h, c * w : (c + 1) * w] for c in range(cols)] for r in range(rows)]
+    return [[a[top + r * h : top + (r + 1) * h, c * w : (c + 1) * w] for c in range(cols)] for r in range(rows)]
 
 
 def test_validation_grid_metrics_and_tensorboard(lora_pipe, dataset, tmp_path):
@@ -74,10 +74,14 @@ def test_validation_grid_metrics_and_tensorboard(lora_pipe, dataset, tmp_path):
     acc.end_training()
     assert lora_pipe.transformer is transformer
 
-    # grid: N rows of 64 px, 4 columns
+    # grid: a header naming the 4 columns, then N rows of 64 px
+    assert GRID_COLUMNS == ("context", "result", "target", "overlay")
     path = tmp_path / "validation" / "step-5.png"
     grid = Image.open(path).convert("RGB")
-    assert grid.size == (len(GRID_COLUMNS) * SIZE, N * SIZE)
+    assert grid.size == (len(GRID_COLUMNS) * SIZE, HEADER_HEIGHT + N * SIZE)
+    header = np.asarray(grid)[:HEADER_HEIGHT]
+    for c in range(len(GRID_COLUMNS)):  # every column has its label (dark text on white)
+        assert (header[:, c * SIZE : (c + 1) * SIZE] < 128).any(), GRID_COLUMNS[c]
     cells = _cells(grid, N, len(GRID_COLUMNS), SIZE, SIZE)
 
     per_sample = []
@@ -142,4 +146,192 @@ def test_validation_is_repeatable_and_sees_the_lora(lora_pipe, dataset, tmp_path
         t.enable_adapters()
     c = np.asarray(Image.open(tmp_path / "validation" / "step-3.png"))
     assert not np.array_equal(a[:, SIZE : 2 * SIZE], c[:, SIZE : 2 * SIZE])
-    assert np.array_equal(a[:, :SIZE], c[:, :SIZE])  # same hinted context
+    assert np.array_equal(a[:, :SIZE], c[:, :SIZE])  # same hinted context (and header)
+
+
+# ---------------------------------------------------------------- grid size cap
+
+
+def test_grid_is_downscaled_to_the_cap_and_keeps_its_layout():
+    from kontext.grid import grid_cell_size, make_grid
+
+    rng = np.random.default_rng(0)
+    big = [[Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)) for _ in range(4)] for _ in range(3)]
+    full = make_grid(big, GRID_COLUMNS)
+    assert full.size == (4 * 128, HEADER_HEIGHT + 3 * 96)
+    capped = make_grid(big, GRID_COLUMNS, max_side=256)
+    assert max(capped.size) <= 256
+    cw, ch = grid_cell_size((128, 96), 3, 4, HEADER_HEIGHT, 256)
+    assert (cw, ch) == (64, 48)  # the wide side decides: 4 * 128 -> 256
+    assert capped.size == (4 * cw, HEADER_HEIGHT + 3 * ch)
+    # each cell is its image downscaled (Lanczos), in the same place
+    cell = np.asarray(capped)[HEADER_HEIGHT + ch : HEADER_HEIGHT + 2 * ch, 2 * cw : 3 * cw]
+    expect = np.asarray(big[1][2].resize((cw, ch), Image.Resampling.LANCZOS))
+    assert np.array_equal(cell, expect)
+    # a grid that fits is untouched; a tall grid is bounded by its height (header included)
+    assert np.array_equal(np.asarray(make_grid(big, GRID_COLUMNS, max_side=4096)), np.asarray(full))
+    tall = make_grid([[im] for im in (big[0][0],) * 6], ["x"], max_side=200)
+    assert tall.size[1] <= 200 and tall.size[1] > 190
+    with pytest.raises(ValueError, match="does not fit"):
+        make_grid(big, GRID_COLUMNS, max_side=HEADER_HEIGHT + 2)
+
+
+def test_validation_grid_respects_grid_max_side(lora_pipe, dataset, tmp_path):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = Accelerator(
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(tmp_path), logging_dir=str(tmp_path / "logs")),
+    )
+    acc.init_trackers("val-cap")
+    cfg = _cfg(tmp_path)
+    cfg.validation.num_samples = 2
+    cfg.validation.grid_max_side = 128  # 4 x 64 px columns -> 32 px cells
+    run_validation(lora_pipe, lora_pipe.transformer, dataset, cfg, 1, tmp_path, acc)
+    acc.end_training()
+    grid = Image.open(tmp_path / "validation" / "step-1.png")
+    assert grid.size == (128, HEADER_HEIGHT + 2 * 32)
+    logs = list((tmp_path / "logs").rglob("events.out.tfevents.*"))
+    ea = EventAccumulator(str(logs[0].parent), size_guidance={"images": 0})
+    ea.Reload()
+    (img_event,) = ea.Images("val/grid")
+    assert (img_event.width, img_event.height) == grid.size
+
+
+# ---------------------------------------------------------------- held-out samples
+
+
+def test_holdout_withholds_the_last_samples_from_training(tiny_dataset_dir):
+    from kontext.validation import held_out, validation_dataset, validation_sources
+
+    source = open_source("folder", tiny_dataset_dir)
+    cfg = config_from_dict({"data": {"root": str(tiny_dataset_dir), "resolution": SIZE}, "validation": {"holdout": 3}})
+    assert held_out(cfg)
+    train, held = validation_sources(cfg, source)
+    n = len(source)
+    assert len(train) == n - 3 and len(held) == 3
+    assert train.names == source.names[: n - 3] and held.names == source.names[n - 3 :]
+    assert not set(train.names) & set(held.names)
+    # the parts answer for the underlying samples (same bytes, same cache fingerprints)
+    assert held.fingerprint(0) == source.fingerprint(n - 3)
+    assert held.load(2).name == source.names[-1] and held.prompt(1) == source.prompt(n - 2)
+    assert train.size(0) == source.size(0) and "held-out" in held.describe()
+    ds = validation_dataset(cfg, held)
+    assert len(ds) == 3 and ds.mask_hint == cfg.data.mask_hint and ds.buckets == [(SIZE, SIZE)]
+    assert ds.load_raw(0).name == source.names[n - 3]
+
+
+def test_holdout_must_leave_training_samples(tiny_dataset_dir):
+    from data import DatasetError
+    from kontext.validation import validation_sources
+
+    source = open_source("folder", tiny_dataset_dir)
+    cfg = config_from_dict({"data": {"root": str(tiny_dataset_dir)}, "validation": {"holdout": len(source)}})
+    with pytest.raises(DatasetError, match=f"validation.holdout is {len(source)} but the dataset has {len(source)}"):
+        validation_sources(cfg, source)
+
+
+def test_without_holdout_or_data_root_validation_uses_training_samples(tiny_dataset_dir):
+    from kontext.validation import held_out, validation_sources
+
+    source = open_source("folder", tiny_dataset_dir)
+    cfg = config_from_dict({"data": {"root": str(tiny_dataset_dir)}})
+    assert not held_out(cfg)
+    assert validation_sources(cfg, source) == (source, None)
+
+
+def test_data_root_is_a_separate_checked_set_and_overlap_is_named(tiny_dataset_dir, tmp_path, caplog):
+    import logging
+    import shutil
+
+    from data import DatasetError
+    from data.synthetic import generate_dataset
+    from kontext.validation import validation_sources
+
+    source = open_source("folder", tiny_dataset_dir)
+    other = generate_dataset(tmp_path / "heldout", num_samples=3, size=(SIZE, SIZE), seed=11)
+    cfg = config_from_dict({"data": {"root": str(tiny_dataset_dir)}, "validation": {"data_root": str(other)}})
+    with caplog.at_level(logging.WARNING, logger="kontext.validation"):
+        train, held = validation_sources(cfg, source)
+    assert train is source and len(held) == 3 and not caplog.records
+    assert {held.fingerprint(i) for i in range(3)}.isdisjoint({source.fingerprint(i) for i in range(len(source))})
+
+    # a validation folder that copies a training sample: named in a warning
+    dup = tmp_path / "dup"
+    shutil.copytree(other, dup)
+    name = source.names[0]
+    assert name in open_source("folder", dup).names  # both sets name their samples 00000, 00001, ...
+    for role in ("context", "target", "mask"):
+        (path,) = [p for p in (Path(tiny_dataset_dir) / role).iterdir() if p.stem == name]
+        shutil.copy(path, dup / role / path.name)  # replaces the held-out sample of the same name
+    cfg.validation.data_root = str(dup)
+    with caplog.at_level(logging.WARNING, logger="kontext.validation"):
+        validation_sources(cfg, source)
+    assert any(name in r.getMessage() and "also training samples" in r.getMessage() for r in caplog.records)
+
+    # a broken validation folder is reported like training data
+    broken = tmp_path / "broken"
+    shutil.copytree(other, broken)
+    next((broken / "mask").iterdir()).unlink()
+    cfg.validation.data_root = str(broken)
+    with pytest.raises(DatasetError):
+        validation_sources(cfg, source)
+
+
+def test_data_root_and_holdout_together_are_a_config_error():
+    from kontext.config import ConfigError
+
+    with pytest.raises(ConfigError, match="set only one") as info:
+        config_from_dict({"validation": {"data_root": "heldout", "holdout": 2}})
+    assert set(info.value.keys) == {"validation.data_root", "validation.holdout"}
+
+
+def test_validation_log_line_is_rounded_and_says_which_samples(lora_pipe, dataset, tmp_path, caplog):
+    import logging
+    import re
+
+    cfg = _cfg(tmp_path)
+    cfg.validation.num_samples = 1
+    with caplog.at_level(logging.INFO, logger="kontext.validation"):
+        run_validation(lora_pipe, lora_pipe.transformer, dataset, cfg, 4, tmp_path, None)
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("validation at step 4")]
+    assert "on 1 training sample:" in line
+    numbers = re.findall(r"-?\d+\.\d+", line.split("->")[0])
+    assert numbers and all(len(x.lstrip("-").replace(".", "").lstrip("0")) <= 4 for x in numbers), line
+
+
+@pytest.mark.slow
+def test_training_with_holdout_validates_on_held_out_samples(tmp_path, tiny_model_dir, tiny_dataset_dir, caplog):
+    import logging
+
+    from conftest import tiny_run_dict
+    from train_kontext_lora import run_training
+
+    d = tiny_run_dict(
+        tmp_path / "out", tiny_model_dir, tiny_dataset_dir, tmp_path / "cache",
+        train={"max_steps": 1, "batch_size": 2, "learning_rate": 1e-3, "lr_warmup_steps": 0},
+        checkpoint={"every_steps": 0},
+        validation={"every_steps": 0, "holdout": 2, "num_samples": 2, "num_inference_steps": 1},
+    )
+    cfg = config_from_dict(d)
+    with caplog.at_level(logging.INFO, logger="kontext.validation"):
+        run = run_training(cfg)
+    names = open_source("folder", tiny_dataset_dir).names
+    assert run.dataset.source.names == names[:-2]  # the held-out samples were never trained on
+    assert run.validation_dataset.source.names == names[-2:]
+    assert any("on 2 held-out samples" in r.getMessage() for r in caplog.records)
+    grid = Image.open(Path(cfg.output_dir) / "validation" / "step-1.png")
+    assert grid.size == (len(GRID_COLUMNS) * SIZE, HEADER_HEIGHT + 2 * SIZE)
+
+
+def test_trainer_refuses_a_holdout_that_leaves_nothing_to_train(tmp_path, tiny_model_dir, tiny_dataset_dir):
+    from conftest import tiny_run_dict
+    from train_kontext_lora import UserError, setup
+
+    n = len(open_source("folder", tiny_dataset_dir))
+    d = tiny_run_dict(tmp_path / "out", tiny_model_dir, tiny_dataset_dir, tmp_path / "cache", validation={"holdout": n})
+    with pytest.raises(UserError, match=f"validation.holdout is {n}"):
+        setup(config_from_dict(d))
+    assert not (tmp_path / "out" / "config.yaml").exists()  # refused before anything was written
