@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -287,13 +287,14 @@ def setup(cfg: Config) -> Run:
     if cfg.data.synthetic.enabled:
         from data.synthetic import generate_dataset
 
-        with accelerator.main_process_first():
-            if accelerator.is_main_process:
-                s = cfg.data.synthetic
-                try:
-                    generate_dataset(cfg.data.root, num_samples=s.num_samples, size=(s.size, s.size), seed=s.seed)
-                except FileExistsError as e:  # a folder of real data: nothing was written, say so in one message
-                    raise UserError(f"data.synthetic.enabled is true, but data.root {e}.") from None
+        def generate() -> None:
+            s = cfg.data.synthetic
+            try:
+                generate_dataset(cfg.data.root, num_samples=s.num_samples, size=(s.size, s.size), seed=s.seed)
+            except FileExistsError as e:  # a folder of real data: nothing was written, say so in one message
+                raise UserError(f"data.synthetic.enabled is true, but data.root {e}.") from None
+
+        main_process_first(accelerator, generate, everyone=False)
     source = open_dataset_source(cfg)
     from kontext.validation import validation_dataset, validation_sources
 
@@ -309,8 +310,7 @@ def setup(cfg: Config) -> Run:
         raise UserError(str(e)) from None
 
     # -- model
-    with accelerator.main_process_first():
-        model_path = resolve_model(cfg.model.pretrained_model_name_or_path)
+    model_path = main_process_first(accelerator, lambda: resolve_model(cfg.model.pretrained_model_name_or_path))
     cfg.model.pretrained_model_name_or_path = model_path
     if accelerator.is_main_process:
         remove_incomplete(output_dir)
@@ -414,6 +414,42 @@ def setup(cfg: Config) -> Run:
     if accelerator.is_main_process and cfg.logging.report_to != "none":
         accelerator.init_trackers(cfg.logging.project_name, config=_flat_config(cfg))
     return run
+
+
+def main_process_first(acc: Any, fn: Callable[[], Any], everyone: bool = True) -> Any:
+    """``fn()`` on the main process, then (``everyone``) on the others; returns this process's result.
+
+    Unlike ``accelerator.main_process_first()``, an error on the main process does not leave the other ranks
+    waiting at its barrier: the main process re-raises it, every other rank raises a :class:`UserError` with
+    its message. The broadcast of the outcome is the barrier (one collective, several processes only).
+    """
+    failure: str | None = None
+    result = None
+    if acc.is_main_process:
+        try:
+            result = fn()
+        except BaseException as e:
+            failure = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+            if acc.num_processes == 1:
+                raise
+            _share_outcome(failure)
+            raise
+    if acc.num_processes > 1:
+        failure = _share_outcome(failure)
+    if failure is not None:
+        raise UserError(f"the main process failed: {failure}")
+    if everyone and not acc.is_main_process:
+        result = fn()
+    return result
+
+
+def _share_outcome(failure: str | None) -> str | None:
+    """The main process's failure message (or None) on every rank."""
+    from accelerate.utils import broadcast_object_list
+
+    box = [failure]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
 
 
 def _cpu_only_multiprocess() -> bool:
@@ -1043,33 +1079,54 @@ def _any_process(acc: Any, flag: bool) -> bool:
 
 def save_checkpoint(run: Run, step: int) -> Path:
     """Atomically write ``checkpoint-<step>`` (see ``kontext.checkpoint``), on every process as accelerate needs."""
-    from kontext.checkpoint import finalize, save_failure_message, schedule_of, temp_path
+    from kontext.checkpoint import finalize, schedule_of, temp_path
 
     acc = run.accelerator
     tmp = temp_path(run.output_dir, step)
+    final = run.output_dir / f"checkpoint-{step}"
     acc.wait_for_everyone()
-    try:
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()
-        final = run.output_dir / f"checkpoint-{step}"
-        if acc.is_main_process:
-            state = {
-                "step": step,
-                "data": run.sampler.state_dict(consumed=run.data_state["position"]) | {"epoch": run.data_state["epoch"]},
-                "lora": _lora_shape(run.cfg),
-                "schedule": schedule_of(run.cfg.train),
-                "history": run.history,
-                "num_processes": acc.num_processes,
-            }
-            final = finalize(run.output_dir, step, state, run.cfg.checkpoint.total_limit)
+    # Two agreements (all-reduces), on every rank whatever happened locally: a write that fails on one rank (a
+    # full disk is often one node's) stops every rank together, none is left waiting at a barrier.
+    failure = _try_save(lambda: acc.save_state(str(tmp)))  # each process writes its RNG state, the main one the rest
+    _stop_if_any_failed(run, failure, tmp, step)
+    if acc.is_main_process:
+        state = {
+            "step": step,
+            "data": run.sampler.state_dict(consumed=run.data_state["position"]) | {"epoch": run.data_state["epoch"]},
+            "lora": _lora_shape(run.cfg),
+            "schedule": schedule_of(run.cfg.train),
+            "history": run.history,
+            "num_processes": acc.num_processes,
+        }
+        failure = _try_save(lambda: finalize(run.output_dir, step, state, run.cfg.checkpoint.total_limit))
+        if failure is None:
             logger.info("saved %s", final)
-    except (OSError, RuntimeError) as e:  # torch and safetensors report a full disk as a RuntimeError
-        message = save_failure_message(e, run.output_dir, [tmp], f"checkpoint-{step}")
-        if message is None:
-            raise
-        raise UserError(message) from None
-    acc.wait_for_everyone()
+    _stop_if_any_failed(run, failure, tmp, step)
     return final
+
+
+def _try_save(write: Callable[[], Any]) -> Exception | None:
+    """Run ``write``; the error it raised (torch and safetensors report a full disk as a RuntimeError), or None."""
+    try:
+        write()
+    except (OSError, RuntimeError) as e:
+        return e
+    return None
+
+
+def _stop_if_any_failed(run: Run, failure: Exception | None, tmp: Path, step: int) -> None:
+    """Raise on every rank if the checkpoint write failed on any (one all-reduce); the partial folder is removed."""
+    from kontext.checkpoint import CheckpointWriteError, save_failure_message
+
+    if not _any_process(run.accelerator, failure is not None):
+        return
+    what = f"checkpoint-{step}"
+    if failure is None:  # this rank's part was fine; another's was not
+        failure = CheckpointWriteError("another process could not write its part")
+    message = save_failure_message(failure, run.output_dir, [tmp], what)
+    if message is None:
+        raise failure
+    raise UserError(message) from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -202,3 +202,72 @@ def test_fsdp2_export_gathers_the_sharded_lora(tmp_path, tiny_model_dir):
     assert sorted(k.removeprefix("transformer.") for k in exported) == sorted(whole)
     for k, v in exported.items():
         torch.testing.assert_close(v, whole[k.removeprefix("transformer.")], rtol=0, atol=0)
+
+
+def test_an_error_on_the_main_process_stops_every_rank(tmp_path, tiny_model_dir, tiny_dataset_dir):
+    """data.synthetic over a folder of real data fails on the main process (the generator's check), inside the
+    main-process-first section: the other rank must stop with the same message, not wait at the barrier."""
+    import shutil
+
+    from data.synthetic import MANIFEST_NAME
+
+    real = tmp_path / "real"  # the same files, without the generator's manifest: a user's data
+    shutil.copytree(tiny_dataset_dir, real, ignore=shutil.ignore_patterns(MANIFEST_NAME))
+    cmd = accelerate_cmd() + [
+        "launch", "--config_file", "configs/accelerate/cpu_2proc.yaml", "--main_process_port", str(_free_port()),
+        "train_kontext_lora.py", "--config", "configs/example_tiny.yaml",
+        *tiny_overrides(tiny_model_dir, real, tmp_path, **{"data.synthetic.enabled": "true"}),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert "data.synthetic.enabled is true, but data.root" in out, out[-3000:]
+    assert "the main process failed: data.synthetic.enabled is true" in out, out[-3000:]  # rank 1's own message
+    assert not (tmp_path / "out").exists()
+
+
+SAVE_FAILURE_WORKER = textwrap.dedent(
+    """
+    import errno, json, sys, types
+    from pathlib import Path
+
+    from accelerate import Accelerator
+
+    import train_kontext_lora as tk
+
+    out = Path(sys.argv[1])
+    acc = Accelerator(cpu=True)
+    run = types.SimpleNamespace(accelerator=acc, output_dir=out)
+    tmp = out / "checkpoint-4.tmp"
+    if acc.is_main_process:
+        tmp.mkdir(exist_ok=True)
+        (tmp / "random_states_0.pkl").write_bytes(b"partial")
+    acc.wait_for_everyone()
+    # Only rank 1's disk is full.
+    failure = OSError(errno.ENOSPC, "No space left on device") if acc.process_index == 1 else None
+    try:
+        tk._stop_if_any_failed(run, failure, tmp, 4)
+        outcome = "went on"
+    except tk.UserError as e:
+        outcome = str(e)
+    (out / f"rank{acc.process_index}.json").write_text(json.dumps(outcome))
+    """
+)
+
+
+def test_a_checkpoint_write_failing_on_one_rank_stops_every_rank(tmp_path):
+    """A full disk on rank 1 only: both ranks stop with a message (rank 0 was fine and would otherwise wait
+    at the next barrier for ever), and the partial folder is removed."""
+    worker = tmp_path / "save_failure_worker.py"
+    worker.write_text(SAVE_FAILURE_WORKER)
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(PROCS), "--master_port", str(_free_port())]
+    cmd += [str(worker), str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    rank0 = json.loads((out / "rank0.json").read_text())
+    rank1 = json.loads((out / "rank1.json").read_text())
+    assert rank1.startswith("no space left on device while writing checkpoint-4"), rank1
+    assert "checkpoint-4" in rank0 and "another process could not write its part" in rank0, rank0
+    assert not (out / "checkpoint-4.tmp").exists()
