@@ -1216,6 +1216,7 @@ def finish(run: Run, reason: str) -> None:
 def _summary(run: Run, metrics: dict[str, float]) -> str:
     """The end-of-run summary (``kontext.summary.run_summary``) for a finished run."""
     from kontext.summary import run_summary
+    from kontext.validation import held_out
 
     out, cfg = run.output_dir, run.cfg
     names = [FINISHED_MARKER, "lora_comfyui.safetensors", "README.md", "config.yaml", "training_history.json"]
@@ -1236,6 +1237,7 @@ def _summary(run: Run, metrics: dict[str, float]) -> str:
         base_model=cfg.model.pretrained_model_name_or_path,
         can_resume=bool(ckpts),
         launcher="accelerate launch" if _launched_by_accelerate() else "python",
+        validated_on="held-out" if held_out(cfg) else "training",
     )
 
 

@@ -70,7 +70,7 @@ def predict_velocity(
     timestep: torch.Tensor,
     prompt_embeds: torch.Tensor,
     pooled_prompt_embeds: torch.Tensor,
-    guidance_scale: float | None,
+    guidance_scale: float,
 ) -> torch.Tensor:
     """Run the Kontext transformer on ``x_t`` with the context appended; return ``v_pred [B, C, h, w]``.
 
@@ -80,7 +80,7 @@ def predict_velocity(
         timestep: ``[B]`` in [0, 1]: the scheduler timestep / 1000, as the pipeline passes it (the
             transformer multiplies by 1000 inside).
         prompt_embeds: ``[B, L, D]``; pooled_prompt_embeds: ``[B, Dp]``.
-        guidance_scale: value of the guidance embedding, or None for a model without one.
+        guidance_scale: value of the guidance embedding (FLUX.1 Kontext [dev] is guidance-distilled: it has one).
     """
     b, _, h, w = noisy_latents.shape
     hc, wc = context_latents.shape[-2:]
@@ -92,9 +92,7 @@ def predict_velocity(
         [latent_image_ids(h, w, device, dtype), latent_image_ids(hc, wc, device, dtype, context=True)], dim=0
     )
     txt_ids = torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype)
-    guidance = None
-    if guidance_scale is not None:
-        guidance = torch.full((b,), float(guidance_scale), device=device, dtype=torch.float32)
+    guidance = torch.full((b,), float(guidance_scale), device=device, dtype=torch.float32)
     out = transformer(
         hidden_states=tokens,
         timestep=timestep.to(dtype),

@@ -70,6 +70,7 @@ def run_summary(
     base_model: str,
     can_resume: bool,
     launcher: str = "accelerate launch",
+    validated_on: str = "training",
 ) -> str:
     """The end-of-run summary as lines of text.
 
@@ -78,6 +79,7 @@ def run_summary(
         wall_seconds: wall time of this process's run (setup, training, export).
         history: ``[{"step": int, "loss/total": float, ...}, ...]`` as in ``training_history.json``.
         metrics: final validation metrics (``val/iou`` ...); may be empty.
+        validated_on: ``"held-out"`` or ``"training"``: which samples the metrics come from.
         output_dir: the run's folder; ``files`` are the artefacts written there (names relative to it).
         base_model: the base model as ``kontext.evaluate --model`` takes it.
         can_resume: whether a final checkpoint exists (``checkpoint.every_steps`` > 0).
@@ -93,7 +95,7 @@ def run_summary(
     if metrics:
         keys = [k for k in _METRIC_KEYS if k in metrics] or sorted(k for k in metrics if k != "val/count")
         shown = ", ".join(f"{k.split('/', 1)[-1]} {round_sig(metrics[k])}" for k in keys)
-        lines.append(f"Validation: {shown}")
+        lines.append(f"Validation ({validated_on} samples): {shown}")
     lines.append(f"Files in {out}:")
     lines += [f"  {f}" for f in files]
     cfg = shlex.quote(str(out / "config.yaml"))

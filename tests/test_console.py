@@ -61,11 +61,18 @@ def test_summary_has_steps_time_rounded_losses_metrics_files_and_commands(tmp_pa
     # mean of the last 10 steps, 4 significant digits
     assert "total 15.62" in text and "flow 0.1" in text
     assert "iou 0.007512" in text and "area_ratio 1.235" in text and "count" not in text
+    assert "Validation (training samples):" in text  # the default: validated on samples it trained on
     assert "0.0075123" not in text
     assert "pytorch_lora_weights.safetensors" in text and str(tmp_path / "run") in text
     assert "  checkpoint-20/ (last checkpoint)" in text
     assert f"--config {tmp_path / 'run' / 'config.yaml'} checkpoint.resume_from=latest train.max_steps=40" in text
     assert "python -m kontext.evaluate --model black-forest-labs/FLUX.1-Kontext-dev --lora" in text
+
+    held = run_summary(
+        steps=3, wall_seconds=2, history=[], metrics={"val/iou": 0.5}, output_dir=tmp_path, files=[], base_model="m",
+        can_resume=False, validated_on="held-out",
+    )
+    assert "Validation (held-out samples): iou 0.5" in held
 
     no_ckpt = run_summary(
         steps=3, wall_seconds=2, history=[], metrics={}, output_dir=tmp_path, files=[], base_model="m", can_resume=False
