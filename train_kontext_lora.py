@@ -396,7 +396,9 @@ def setup(cfg: Config) -> Run:
         sampler=sampler,
         train_scheduler=train_sched,
         encoders_device=encoders_device,
-        encode_images=None if cfg.data.cache_latents else _image_encoder(pipe, encoders_device, to_cpu=False),
+        encode_images=None
+        if cfg.data.cache_latents
+        else _image_encoder(pipe, encoders_device, to_cpu=False, max_images=cfg.data.cache_batch_size),
         validation_dataset=val_data,
     )
     if resume_ckpt is not None:
@@ -604,13 +606,16 @@ def _prompt_table(pipe: Any, cfg: Config, prompts: list[str], device: torch.devi
     return table
 
 
-def _image_encoder(pipe: Any, device: torch.device, to_cpu: bool) -> Any:
-    """``pixels [N, 3, H, W] -> latents [N, 16, H/8, W/8]`` with the pipeline's VAE on ``device`` (float32 out)."""
+def _image_encoder(pipe: Any, device: torch.device, to_cpu: bool, max_images: int | None = None) -> Any:
+    """``pixels [N, 3, H, W] -> latents [N, 16, H/8, W/8]`` with the pipeline's VAE on ``device`` (float32 out),
+    at most ``max_images`` per VAE call: the encoder's activations, not the latents, are what costs memory, and on
+    the uncached path they would add to the training step's own peak while the next batch is prepared."""
     from kontext.flux import encode_images
 
     def encode(pixels: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            z = encode_images(pipe.vae, pixels.to(device)).float()
+            parts = pixels.split(max_images or pixels.shape[0])
+            z = torch.cat([encode_images(pipe.vae, p.to(device)).float() for p in parts])
         return z.cpu() if to_cpu else z
 
     return encode

@@ -136,7 +136,7 @@ class DataConfig:
         None, "Latent cache folder (default: `$KONTEXT_LORA_CACHE/latents`); recorded as an absolute path."
     )
     cache_batch_size: int = _f(
-        2, "Most images per VAE call (never fewer than one sample's 2-3) and prompts per text-encoder call while caching or encoding prompts: bounds that phase's memory peak.",
+        2, "Most images per VAE call (while caching: never fewer than one sample's 2-3; without `cache_latents`: per step) and prompts per text-encoder call: bounds the encoders' memory peak.",
         min=1,
     )
     decoded_memory_mb: int = _f(
