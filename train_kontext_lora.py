@@ -425,19 +425,16 @@ def main_process_first(acc: Any, fn: Callable[[], Any], everyone: bool = True) -
     waiting at its barrier: the main process re-raises it, every other rank raises a :class:`UserError` with
     its message. The broadcast of the outcome is the barrier (one collective, several processes only).
     """
-    failure: str | None = None
     result = None
     if acc.is_main_process:
         try:
             result = fn()
         except BaseException as e:
-            failure = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
-            if acc.num_processes == 1:
-                raise
-            _share_outcome(failure)
+            if acc.num_processes > 1:
+                _share_outcome(str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}")
             raise
-    if acc.num_processes > 1:
-        failure = _share_outcome(failure)
+    # Reached by the main process only when fn() succeeded; the others learn here how it went.
+    failure = _share_outcome(None) if acc.num_processes > 1 else None
     if failure is not None:
         raise UserError(f"the main process failed: {failure}")
     if everyone and not acc.is_main_process:

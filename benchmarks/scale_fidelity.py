@@ -128,7 +128,6 @@ def train_lora(cfg_dict: dict) -> float:
 def evaluate(pipe: Any, samples: list, prompt: str, s: Settings) -> list[dict[str, float]]:
     """Generate once per held-out sample and measure the product's box and the change mask."""
     from kontext.generation import generate, quiet_progress
-    from kontext.metrics import sample_metrics
 
     rows = []
     with quiet_progress(pipe):
@@ -137,15 +136,7 @@ def evaluate(pipe: Any, samples: list, prompt: str, s: Settings) -> list[dict[st
                 pipe, smp.context, prompt, smp.mask, mask_hint="fill", seed=1000 + k,
                 num_inference_steps=s.inference_steps, guidance_scale=s.guidance, max_sequence_length=32,
             )
-            res = np.asarray(g.images[0])
-            ctx = np.asarray(smp.context.convert("RGB"))
-            mask = np.asarray(smp.mask.convert("L")) >= 128
-            cm = sample_metrics(res / 255.0, ctx / 255.0, mask)
-            rows.append(
-                footprint_row(res, ctx, mask)
-                | {"mask_area": float(mask.mean()), "psnr_outside": cm.psnr_outside, "change_iou": cm.iou,
-                   "boundary_f": cm.boundary_f}
-            )
+            rows.append(measure(np.asarray(g.images[0]), smp))
     return rows
 
 
@@ -155,18 +146,25 @@ def vae_oracle(pipe: Any, samples: list) -> list[dict[str, float]]:
     VAE (its blur and colour shifts reach the product detector and the change mask as well)."""
     from kontext.flux import decode_latents, encode_images
     from kontext.generation import pil_to_tensor, to_pil
+
+    return [
+        measure(np.asarray(to_pil(decode_latents(pipe.vae, encode_images(pipe.vae, pil_to_tensor(smp.target))))[0]), smp)
+        for smp in samples
+    ]
+
+
+def measure(result: np.ndarray, smp: Any) -> dict[str, float]:
+    """One result ``[H, W, 3]`` (0..255) for held-out sample ``smp``: the product's box (:func:`footprint_row`),
+    the mask's area share and the change-mask metrics of :mod:`kontext.metrics` against the sample's context."""
     from kontext.metrics import sample_metrics
 
-    rows = []
-    for smp in samples:
-        x = pil_to_tensor(smp.target)
-        res = np.asarray(to_pil(decode_latents(pipe.vae, encode_images(pipe.vae, x)))[0])
-        ctx = np.asarray(smp.context.convert("RGB"))
-        mask = np.asarray(smp.mask.convert("L")) >= 128
-        cm = sample_metrics(res / 255.0, ctx / 255.0, mask)
-        rows.append(footprint_row(res, ctx, mask) | {"mask_area": float(mask.mean()), "psnr_outside": cm.psnr_outside,
-                                                     "change_iou": cm.iou, "boundary_f": cm.boundary_f})
-    return rows
+    ctx = np.asarray(smp.context.convert("RGB"))
+    mask = np.asarray(smp.mask.convert("L")) >= 128
+    cm = sample_metrics(result / 255.0, ctx / 255.0, mask)
+    return footprint_row(result, ctx, mask) | {
+        "mask_area": float(mask.mean()), "psnr_outside": cm.psnr_outside, "change_iou": cm.iou,
+        "boundary_f": cm.boundary_f,
+    }
 
 
 def _box_area(b: tuple[float, float, float, float]) -> float:

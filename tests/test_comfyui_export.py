@@ -57,6 +57,18 @@ ALL_TARGETS = [
 ]  # fmt: skip
 
 
+# diffusers name -> original FLUX (BFL) name of the top-level Linear layers (norm_out.linear, whose halves swap,
+# is handled on its own), written out here from ComfyUI's key map rather than taken from kontext.comfyui.
+_TE = "time_text_embed"
+TOP_LEVEL_NAMES = {
+    "x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
+    f"{_TE}.timestep_embedder.linear_1": "time_in.in_layer", f"{_TE}.timestep_embedder.linear_2": "time_in.out_layer",
+    f"{_TE}.text_embedder.linear_1": "vector_in.in_layer", f"{_TE}.text_embedder.linear_2": "vector_in.out_layer",
+    f"{_TE}.guidance_embedder.linear_1": "guidance_in.in_layer",
+    f"{_TE}.guidance_embedder.linear_2": "guidance_in.out_layer",
+}  # fmt: skip
+
+
 def bfl_weight_names(num_double: int, num_single: int) -> list[str]:
     """Every Linear weight of BFL's original Flux model (flux/model.py), written out by hand."""
     names = ["img_in", "txt_in", "final_layer.linear", "final_layer.adaLN_modulation.1"]
@@ -113,14 +125,7 @@ def comfyui_targets(num_double: int, num_single: int, hidden: int) -> dict[str, 
         slices([f"{p}.attn.to_{x}" for x in "qkv"] + [f"{p}.proj_mlp"], f"{q}.linear1", [d, d, d, 4 * d])
         out[f"transformer.{p}.proj_out"] = (f"{q}.linear2", None, None)
         out[f"transformer.{p}.norm.linear"] = (f"{q}.modulation.lin", None, None)
-    te = "time_text_embed"
-    for src, dst in {
-        "x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
-        f"{te}.timestep_embedder.linear_1": "time_in.in_layer", f"{te}.timestep_embedder.linear_2": "time_in.out_layer",
-        f"{te}.text_embedder.linear_1": "vector_in.in_layer", f"{te}.text_embedder.linear_2": "vector_in.out_layer",
-        f"{te}.guidance_embedder.linear_1": "guidance_in.in_layer",
-        f"{te}.guidance_embedder.linear_2": "guidance_in.out_layer",
-    }.items():  # fmt: skip
+    for src, dst in TOP_LEVEL_NAMES.items():
         out[f"transformer.{src}"] = (dst, None, None)
     out["transformer.norm_out.linear"] = ("final_layer.adaLN_modulation.1", None, _swap_halves)
     return out
@@ -234,14 +239,7 @@ def expected_bfl_deltas(transformer: FluxTransformer2DModel, keep_zero: bool = F
         )
         out[f"single_blocks.{i}.linear2"] = part(f"{p}.proj_out")
         out[f"single_blocks.{i}.modulation.lin"] = part(f"{p}.norm.linear")
-    te = "time_text_embed"
-    for src, dst in {
-        "x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
-        f"{te}.timestep_embedder.linear_1": "time_in.in_layer", f"{te}.timestep_embedder.linear_2": "time_in.out_layer",
-        f"{te}.text_embedder.linear_1": "vector_in.in_layer", f"{te}.text_embedder.linear_2": "vector_in.out_layer",
-        f"{te}.guidance_embedder.linear_1": "guidance_in.in_layer",
-        f"{te}.guidance_embedder.linear_2": "guidance_in.out_layer",
-    }.items():  # fmt: skip
+    for src, dst in TOP_LEVEL_NAMES.items():
         out[dst] = part(src)
     # BFL's final adaLN emits [shift; scale], diffusers' norm_out [scale; shift].
     scale, shift = part("norm_out.linear").chunk(2, dim=0)

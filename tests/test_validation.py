@@ -57,17 +57,23 @@ def _cells(grid: Image.Image, rows: int, cols: int, w: int, h: int, top: int = H
     return [[a[top + r * h : top + (r + 1) * h, c * w : (c + 1) * w] for c in range(cols)] for r in range(rows)]
 
 
-def test_validation_grid_metrics_and_tensorboard(lora_pipe, dataset, tmp_path):
+def _tensorboard_accelerator(tmp_path, run_name: str):
+    """An accelerator logging to TensorBoard under ``tmp_path/logs``, its trackers started as ``run_name``."""
     from accelerate import Accelerator
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     from accelerate.utils import ProjectConfiguration
 
     acc = Accelerator(
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(tmp_path), logging_dir=str(tmp_path / "logs")),
     )
-    acc.init_trackers("val-test")
+    acc.init_trackers(run_name)
+    return acc
+
+
+def test_validation_grid_metrics_and_tensorboard(lora_pipe, dataset, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = _tensorboard_accelerator(tmp_path, "val-test")
     cfg = _cfg(tmp_path)
     transformer = lora_pipe.transformer
     metrics = run_validation(lora_pipe, transformer, dataset, cfg, 5, tmp_path, acc)
@@ -177,15 +183,9 @@ def test_grid_is_downscaled_to_the_cap_and_keeps_its_layout():
 
 
 def test_validation_grid_respects_grid_max_side(lora_pipe, dataset, tmp_path):
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = Accelerator(
-        log_with="tensorboard",
-        project_config=ProjectConfiguration(project_dir=str(tmp_path), logging_dir=str(tmp_path / "logs")),
-    )
-    acc.init_trackers("val-cap")
+    acc = _tensorboard_accelerator(tmp_path, "val-cap")
     cfg = _cfg(tmp_path)
     cfg.validation.num_samples = 2
     cfg.validation.grid_max_side = 128  # 4 x 64 px columns -> 32 px cells
