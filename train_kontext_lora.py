@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from data.dataset import TrainBatch, make_train_batch
-from kontext.config import Config, ConfigError, config_to_dict, dump_config, load_config
+from kontext.training.config import Config, ConfigError, config_to_dict, dump_config, load_config
 
 logger = logging.getLogger("kontext_lora")
 # The loggers of this project's packages; libraries (diffusers, transformers, ...) stay at WARNING.
@@ -37,7 +37,7 @@ OWN_LOGGERS = ("kontext_lora", "kontext", "data", "losses")
 _RUN_CLOCK: dict[str, float] = {}
 
 FINISHED_MARKER = "pytorch_lora_weights.safetensors"
-from kontext.dtypes import DTYPES  # noqa: E402  (one table for the trainer and the tools)
+from kontext.runtime.dtypes import DTYPES  # noqa: E402  (one table for the trainer and the tools)
 
 
 def _launched_by_accelerate(environ: Any = None) -> bool:
@@ -111,7 +111,7 @@ def compute_loss(
     (its training table of timesteps and sigmas). Noise is drawn first, then ``u``, from ``generator``.
     Returns the total loss (float32 scalar) and its detached components for logging.
     """
-    from kontext.flux import predict_velocity
+    from kontext.runtime.flux import predict_velocity
     from losses import GeometryLossWeights, geometry_loss, noise_level_weight
     from losses import flow_matching as fm
 
@@ -214,9 +214,9 @@ class Run:
 
 def check_output_dir(cfg: Config) -> tuple[Path, Path | None]:
     """The output folder and the verified checkpoint to resume (or None), after the checks (and the lock) of
-    ``kontext.output_dir.open_output_dir``: nothing is written before them, and nothing of others' is touched."""
-    from kontext.checkpoint import CheckpointError
-    from kontext.output_dir import OutputDirError, is_main_launch_process, open_output_dir
+    ``kontext.training.output_dir.open_output_dir``: nothing is written before them, and nothing of others' is touched."""
+    from kontext.training.checkpoint import CheckpointError
+    from kontext.training.output_dir import OutputDirError, is_main_launch_process, open_output_dir
 
     try:
         return open_output_dir(cfg, main=is_main_launch_process())
@@ -226,7 +226,7 @@ def check_output_dir(cfg: Config) -> tuple[Path, Path | None]:
 
 def resolve_model(name_or_path: str) -> str:
     """``tiny`` -> the cached tiny model folder (built on first use); a folder -> absolute; a hub id unchanged."""
-    from kontext.model_path import ModelPathError, resolve_model_path
+    from kontext.runtime.model_path import ModelPathError, resolve_model_path
 
     try:
         return resolve_model_path(name_or_path)
@@ -256,9 +256,9 @@ def setup(cfg: Config) -> Run:
     from accelerate.utils import ProjectConfiguration, set_seed
 
     output_dir, resume_ckpt = check_output_dir(cfg)
-    from kontext.checkpoint import CheckpointError, apply_schedule, check_data_position, read_trainer_state
-    from kontext.checkpoint import remove_checkpoints, remove_incomplete
-    from kontext.output_dir import OutputDirError, lock_output_dir
+    from kontext.training.checkpoint import CheckpointError, apply_schedule, check_data_position, read_trainer_state
+    from kontext.training.checkpoint import remove_checkpoints, remove_incomplete
+    from kontext.training.output_dir import OutputDirError, lock_output_dir
 
     state = read_trainer_state(resume_ckpt) if resume_ckpt is not None else None
     if resume_ckpt is not None:  # fail on a mismatched LoRA before any model is loaded
@@ -296,7 +296,7 @@ def setup(cfg: Config) -> Run:
 
         main_process_first(accelerator, generate, everyone=False)
     source = open_dataset_source(cfg)
-    from kontext.validation import validation_dataset, validation_sources
+    from kontext.training.validation import validation_dataset, validation_sources
 
     try:  # validation.holdout withholds samples from training; validation.data_root is checked like data.root
         source, val_source = validation_sources(cfg, source)
@@ -331,7 +331,7 @@ def setup(cfg: Config) -> Run:
     pipe.text_encoder.to(encoders_device)
     pipe.text_encoder_2.to(encoders_device)
 
-    from kontext.lora import attach_lora, make_lora_config
+    from kontext.runtime.lora import attach_lora, make_lora_config
 
     lc = cfg.lora
     torch.manual_seed(cfg.train.seed)  # LoRA init is part of the run's seed
@@ -465,7 +465,7 @@ def _cpu_only_multiprocess() -> bool:
 
 def _check_optional_features(cfg: Config) -> None:
     """GPU-only options fail here, before any data or model is touched."""
-    from kontext.quantization import QuantizationUnavailable, check_available
+    from kontext.runtime.quantization import QuantizationUnavailable, check_available
 
     try:
         check_available(cfg.model.quantization)
@@ -486,7 +486,7 @@ def _check_optional_features(cfg: Config) -> None:
 
 
 def _check_resume_shape(cfg: Config, ckpt: Path, state: dict[str, Any]) -> None:
-    from kontext.checkpoint import CheckpointError, check_compatible
+    from kontext.training.checkpoint import CheckpointError, check_compatible
 
     try:
         check_compatible(ckpt, state, _lora_shape(cfg))
@@ -521,7 +521,7 @@ def _load_pipeline(cfg: Config, model_path: str, weight_dtype: torch.dtype):
     if cfg.model.variant:
         kwargs["variant"] = cfg.model.variant
     if cfg.model.quantization != "none":
-        from kontext.quantization import quantized_transformer
+        from kontext.runtime.quantization import quantized_transformer
 
         kwargs["transformer"] = quantized_transformer(model_path, cfg.model.quantization, weight_dtype, kwargs)
     try:
@@ -584,7 +584,7 @@ def _build_dataset(cfg: Config, source: Any, pipe: Any, accelerator: Any, encode
 
 def _prompt_encoder(pipe: Any, cfg: Config, device: torch.device) -> Any:
     """``prompts -> (prompt_embeds [B, L, D], pooled [B, Dp])`` with the pipeline's CLIP and T5 (float32, CPU)."""
-    from kontext.flux import encode_prompts
+    from kontext.runtime.flux import encode_prompts
 
     def encode(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         pe, pooled = encode_prompts(pipe, prompts, cfg.model.max_sequence_length, device)
@@ -607,7 +607,7 @@ def _image_encoder(pipe: Any, device: torch.device, to_cpu: bool, max_images: in
     """``pixels [N, 3, H, W] -> latents [N, 16, H/8, W/8]`` with the pipeline's VAE on ``device`` (float32 out),
     at most ``max_images`` per VAE call: the encoder's activations, not the latents, are what costs memory, and on
     the uncached path they would add to the training step's own peak while the next batch is prepared."""
-    from kontext.flux import encode_images
+    from kontext.runtime.flux import encode_images
 
     def encode(pixels: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -686,7 +686,7 @@ def _make_optimizer(cfg: Config, params: list[torch.nn.Parameter]):
 
 def _register_lora_hooks(accelerator: Any, transformer: torch.nn.Module) -> None:
     """Checkpoints hold only the LoRA (plus what accelerate adds), never the frozen 12B base."""
-    from kontext.lora import load_lora_state_dict
+    from kontext.runtime.lora import load_lora_state_dict
     from safetensors.torch import load_file
 
     base = accelerator.unwrap_model(transformer)
@@ -751,12 +751,12 @@ def export_lora(
     """Gather the full LoRA on every process and write ``pytorch_lora_weights.safetensors`` from the main one.
 
     The file gets the umask's mode (safetensors leaves 0600) and records ``base_model`` as a hub id or a
-    folder name, never a local path (``kontext.sharing``).
+    folder name, never a local path (``kontext.runtime.sharing``).
     """
     from diffusers import FluxKontextPipeline
 
-    from kontext.lora import LORA_WEIGHTS_NAME, adapter_metadata
-    from kontext.sharing import respect_umask
+    from kontext.runtime.lora import LORA_WEIGHTS_NAME, adapter_metadata
+    from kontext.runtime.sharing import respect_umask
 
     sd = full_lora_state_dict(transformer)
     path = Path(out_dir) / LORA_WEIGHTS_NAME
@@ -886,8 +886,8 @@ def train(run: Run, pause_at: int | None = None) -> str:
     """
     from tqdm.auto import tqdm
 
-    from kontext.checkpoint import weights_finite
-    from kontext.signals import StopRequest
+    from kontext.training.checkpoint import weights_finite
+    from kontext.training.signals import StopRequest
 
     cfg, acc = run.cfg, run.accelerator
     accum = cfg.train.gradient_accumulation_steps
@@ -1080,8 +1080,8 @@ def _any_process(acc: Any, flag: bool) -> bool:
 
 
 def save_checkpoint(run: Run, step: int) -> Path:
-    """Atomically write ``checkpoint-<step>`` (see ``kontext.checkpoint``), on every process as accelerate needs."""
-    from kontext.checkpoint import finalize, schedule_of, temp_path
+    """Atomically write ``checkpoint-<step>`` (see ``kontext.training.checkpoint``), on every process as accelerate needs."""
+    from kontext.training.checkpoint import finalize, schedule_of, temp_path
 
     acc = run.accelerator
     tmp = temp_path(run.output_dir, step)
@@ -1118,7 +1118,7 @@ def _try_save(write: Callable[[], Any]) -> Exception | None:
 
 def _stop_if_any_failed(run: Run, failure: Exception | None, tmp: Path, step: int) -> None:
     """Raise on every rank if the checkpoint write failed on any (one all-reduce); the partial folder is removed."""
-    from kontext.checkpoint import CheckpointWriteError, save_failure_message
+    from kontext.training.checkpoint import CheckpointWriteError, save_failure_message
 
     if not _any_process(run.accelerator, failure is not None):
         return
@@ -1141,7 +1141,7 @@ def validate(run: Run, step: int) -> dict[str, float]:
     acc = run.accelerator
     metrics: dict[str, float] = {}
     if acc.is_main_process:
-        from kontext.validation import run_validation
+        from kontext.training.validation import run_validation
 
         transformer = acc.unwrap_model(run.transformer)
         was_training = transformer.training
@@ -1157,8 +1157,8 @@ def validate(run: Run, step: int) -> dict[str, float]:
 
 def finish(run: Run, reason: str) -> None:
     """Export the LoRA (and the ComfyUI file), validate once more, write the model card; release the output folder."""
-    from kontext.checkpoint import save_failure_message
-    from kontext.output_dir import unlock_output_dir
+    from kontext.training.checkpoint import save_failure_message
+    from kontext.training.output_dir import unlock_output_dir
 
     cfg, acc = run.cfg, run.accelerator
     if reason in ("paused", "signal"):
@@ -1201,11 +1201,11 @@ def finish(run: Run, reason: str) -> None:
         raise UserError(message) from None
     if acc.is_main_process:
         if cfg.export.comfyui:
-            from kontext.comfyui import export_comfyui
+            from kontext.tools.comfyui import export_comfyui
 
             export_comfyui(path, transformer_config=transformer.config)
         (run.output_dir / "training_history.json").write_text(json.dumps(run.history, indent=1), encoding="utf-8")
-        from kontext.model_card import write_model_card
+        from kontext.tools.model_card import write_model_card
 
         write_model_card(run.output_dir, cfg, metrics, run.history)
         acc.print(f"Done: {path}")
@@ -1216,9 +1216,9 @@ def finish(run: Run, reason: str) -> None:
 
 
 def _summary(run: Run, metrics: dict[str, float]) -> str:
-    """The end-of-run summary (``kontext.summary.run_summary``) for a finished run."""
-    from kontext.summary import run_summary
-    from kontext.validation import held_out
+    """The end-of-run summary (``kontext.training.summary.run_summary``) for a finished run."""
+    from kontext.training.summary import run_summary
+    from kontext.training.validation import held_out
 
     out, cfg = run.output_dir, run.cfg
     names = [FINISHED_MARKER, "lora_comfyui.safetensors", "README.md", "config.yaml", "training_history.json"]
@@ -1244,7 +1244,7 @@ def _summary(run: Run, metrics: dict[str, float]) -> str:
 
 
 def _last_checkpoint_name(run: Run) -> str:
-    from kontext.checkpoint import newest_intact
+    from kontext.training.checkpoint import newest_intact
 
     good = newest_intact(run.output_dir)  # verified: complete files and finite weights
     return str(good) if good is not None else "none (set checkpoint.every_steps)"
@@ -1275,7 +1275,7 @@ def _error_text(e: Exception) -> str:
     accelerate answers a non-zero exit with its own ``CalledProcessError`` traceback, printed after the
     script has ended, so there the message is set off by a rule and a pointer; the error stays the last line.
     """
-    from kontext.output_dir import is_main_launch_process
+    from kontext.training.output_dir import is_main_launch_process
 
     if not _launched_by_accelerate() or not is_main_launch_process():
         return f"error: {e}\n"
@@ -1288,7 +1288,7 @@ def _error_text(e: Exception) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kontext.output_dir import unlock_all
+    from kontext.training.output_dir import unlock_all
 
     args = parse_args(argv)
     try:

@@ -49,7 +49,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train_kontext_lora as T  # noqa: E402
-from kontext.config import load_config  # noqa: E402
+from kontext.training.config import load_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 2**20

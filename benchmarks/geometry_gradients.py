@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     import scale_fidelity as sf
     import train_kontext_lora as tk
     from data.synthetic import generate_dataset
-    from kontext.config import config_from_dict
-    from kontext.model_path import resolve_model_path
+    from kontext.training.config import config_from_dict
+    from kontext.runtime.model_path import resolve_model_path
 
     work = Path(tempfile.mkdtemp(prefix="geometry_gradients_"))
     data = generate_dataset(work / "data", sf.QUICK.train_samples, sf.QUICK.size, seed=0, area_range=sf.TRAIN_AREAS,

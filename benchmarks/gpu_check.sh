@@ -40,7 +40,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
 
 export KONTEXT_LORA_CACHE=${KONTEXT_LORA_CACHE:-$PWD/.gpu-check-cache}
 stage "tiny model"
-timeout 120 "$PY" -c "from kontext.tiny import tiny_model_path; print(tiny_model_path(progress=False))"
+timeout 120 "$PY" -c "from kontext.tiny.model import tiny_model_path; print(tiny_model_path(progress=False))"
 
 stage "train step: tiny model, bf16 on CUDA, 512 and 1024 px, geometry on/off, caching on/off, profile"
 timeout 240 "$PY" benchmarks/bench_train_step.py --dtype bfloat16 --resolutions 512 1024 \

@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.hint import apply_mask_hint  # noqa: E402
 from data.synthetic import scaled_insertions  # noqa: E402
-from kontext.flux import encode_images  # noqa: E402
-from kontext.generation import pil_to_tensor  # noqa: E402
+from kontext.runtime.flux import encode_images  # noqa: E402
+from kontext.runtime.generation import pil_to_tensor  # noqa: E402
 from losses import LOSS_TERMS, compute_mask_targets, geometry_loss  # noqa: E402
 
 SCALES = (0.6, 0.8, 0.9, 1.0, 1.1, 1.25, 1.4)
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(2)
     from diffusers import AutoencoderKL
 
-    from kontext.model_path import resolve_model_path
+    from kontext.runtime.model_path import resolve_model_path
 
     vae = AutoencoderKL.from_pretrained(resolve_model_path(args.model, "--model"), subfolder="vae").eval()
     area_range = (0.01, 0.03) if args.small else (0.01, 0.3)

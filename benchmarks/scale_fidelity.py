@@ -12,7 +12,7 @@ project's own trainer, then generates on held-out masks and measures where the p
 - the product is found in every generated image by its known appearance (:func:`data.synthetic.product_box`,
   its box estimated from the orange body, which survives the tiny model's blur; on the ground-truth targets
   it recovers the mask's box, reported as ``oracle``), besides the change-mask metrics of
-  :mod:`kontext.metrics`;
+  :mod:`kontext.tools.metrics`;
 - per variant: mean and 95 % confidence interval (normal approximation over samples x seeds) of the
   product box's |log area ratio| and IoU against the mask's box, the change mask's boundary F and IoU, and
   PSNR outside the mask.
@@ -116,7 +116,7 @@ def run_config(out: Path, model: str, data: Path, cache: Path, s: Settings, vari
 def train_lora(cfg_dict: dict) -> float:
     """Train one LoRA with the project's trainer; returns the seconds it took."""
     import train_kontext_lora as tk
-    from kontext.config import config_from_dict
+    from kontext.training.config import config_from_dict
 
     t0 = time.perf_counter()
     run = tk.run_training(config_from_dict(cfg_dict))
@@ -127,7 +127,7 @@ def train_lora(cfg_dict: dict) -> float:
 
 def evaluate(pipe: Any, samples: list, prompt: str, s: Settings) -> list[dict[str, float]]:
     """Generate once per held-out sample and measure the product's box and the change mask."""
-    from kontext.generation import generate, quiet_progress
+    from kontext.runtime.generation import generate, quiet_progress
 
     rows = []
     with quiet_progress(pipe):
@@ -144,8 +144,8 @@ def evaluate(pipe: Any, samples: list, prompt: str, s: Settings) -> list[dict[st
 def vae_oracle(pipe: Any, samples: list) -> list[dict[str, float]]:
     """The targets after a VAE round trip, measured like a generation: the best any LoRA can score through this
     VAE (its blur and colour shifts reach the product detector and the change mask as well)."""
-    from kontext.flux import decode_latents, encode_images
-    from kontext.generation import pil_to_tensor, to_pil
+    from kontext.runtime.flux import decode_latents, encode_images
+    from kontext.runtime.generation import pil_to_tensor, to_pil
 
     return [
         measure(np.asarray(to_pil(decode_latents(pipe.vae, encode_images(pipe.vae, pil_to_tensor(smp.target))))[0]), smp)
@@ -155,8 +155,8 @@ def vae_oracle(pipe: Any, samples: list) -> list[dict[str, float]]:
 
 def measure(result: np.ndarray, smp: Any) -> dict[str, float]:
     """One result ``[H, W, 3]`` (0..255) for held-out sample ``smp``: the product's box (:func:`footprint_row`),
-    the mask's area share and the change-mask metrics of :mod:`kontext.metrics` against the sample's context."""
-    from kontext.metrics import sample_metrics
+    the mask's area share and the change-mask metrics of :mod:`kontext.tools.metrics` against the sample's context."""
+    from kontext.tools.metrics import sample_metrics
 
     ctx = np.asarray(smp.context.convert("RGB"))
     mask = np.asarray(smp.mask.convert("L")) >= 128
@@ -212,8 +212,8 @@ def scatter_plot(series: dict[str, list[tuple[float, float]]], path: Path) -> No
     """Footprint area ratio against mask area (log-log) per variant, drawn with Pillow."""
     from PIL import Image, ImageDraw
 
-    from kontext.grid import font
-    from kontext.plot import SERIES_COLORS
+    from kontext.tools.grid import font
+    from kontext.tools.plot import SERIES_COLORS
 
     W, H, L, R, T, B = 760, 460, 70, 150, 30, 50
     img = Image.new("RGB", (W, H), "white")
@@ -258,7 +258,7 @@ def write_report(out: Path, summary: dict, timings: dict) -> None:
         f"Settings: `{json.dumps(summary['settings'])}`",
         "",
         "Mean and 95 % confidence interval over held-out samples x seeds. Product box: the product found by its",
-        "orange body in each generated image, against the mask's box; change: `kontext.metrics` change mask.",
+        "orange body in each generated image, against the mask's box; change: `kontext.tools.metrics` change mask.",
         "",
         "| variant | product \\|log area ratio\\| (lower is better) | product box IoU | product found | \\|log area ratio\\| where found | change boundary F | PSNR outside (dB) | change IoU |",
         "|---|---|---|---|---|---|---|---|",
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
     from diffusers import FluxKontextPipeline
 
     from data.synthetic import generate_dataset
-    from kontext.model_path import resolve_model_path
+    from kontext.runtime.model_path import resolve_model_path
 
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 Run:  python benchmarks/step_time.py [--resolutions 256 512] [--repeats 2] [--steps 3] [--threads 1]
 
-Both sides train the committed tiny FLUX.1 Kontext (``kontext.tiny.tiny_model_path()``) on the same 8
+Both sides train the committed tiny FLUX.1 Kontext (``kontext.tiny.model.tiny_model_path()``) on the same 8
 synthetic triplets with the ``fill`` hint: batch 2, LoRA rank 16 on the default target modules, AdamW at
 lr 1e-4 constant, float32, gradient-norm clipping at 1.0.
 
@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train_kontext_lora as T  # noqa: E402
 from bench_train_step import _LIBC, _rss_bytes  # noqa: E402
-from kontext.config import load_config  # noqa: E402
+from kontext.training.config import load_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 2**20
@@ -189,7 +189,7 @@ class Baseline:
         from peft import LoraConfig
 
         from data import FolderSource
-        from kontext.config import DEFAULT_LORA_TARGETS
+        from kontext.training.config import DEFAULT_LORA_TARGETS
 
         self.name = f"baseline {resolution}"
         self.res = resolution
@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     import diffusers
 
     diffusers.utils.logging.disable_progress_bar()
-    from kontext.tiny import tiny_model_path
+    from kontext.tiny.model import tiny_model_path
 
     model = tiny_model_path(progress=False)
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"

@@ -755,7 +755,7 @@ def open_source(
 
 
 def open_configured_source(data_cfg: Any, root: str | os.PathLike[str]) -> FolderSource | HFSource:
-    """:func:`open_source` with the options of a ``data`` config section (``kontext.config.DataConfig``) at ``root``:
+    """:func:`open_source` with the options of a ``data`` config section (``kontext.training.config.DataConfig``) at ``root``:
     the training data (``data.root``) and a held-out set (``validation.data_root``) are read the same way."""
     d = data_cfg
     return open_source(

@@ -1,1 +1,2 @@
-"""Model-specific machinery for FLUX.1 Kontext LoRA training: the tiny model builder, packing, LoRA, checkpoints, export."""
+"""FLUX.1 Kontext LoRA training machinery, by role: ``runtime`` (the model), ``training`` (the run's
+infrastructure), ``tools`` (inference, evaluation, export) and ``tiny`` (the embedded tiny model)."""

@@ -1,6 +1,6 @@
 """A small checkpoint folder holding every file a real one has, written the way accelerate writes them.
 
-For tests of checkpoint handling that need no model: ``kontext.checkpoint.verify_checkpoint`` reads these
+For tests of checkpoint handling that need no model: ``kontext.training.checkpoint.verify_checkpoint`` reads these
 files exactly as it reads a trained run's.
 """
 

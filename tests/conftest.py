@@ -15,7 +15,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     """The cached tiny FLUX.1 Kontext folder (built on first use; later runs reuse it)."""
-    from kontext.tiny import tiny_model_path
+    from kontext.tiny.model import tiny_model_path
 
     return tiny_model_path(progress=False)
 
@@ -36,7 +36,7 @@ def make_random_lora(model_dir: Path, out: Path, seed: int) -> Path:
     """
     from diffusers import FluxTransformer2DModel
 
-    from kontext.lora import attach_lora, make_lora_config, save_lora
+    from kontext.runtime.lora import attach_lora, make_lora_config, save_lora
 
     t = FluxTransformer2DModel.from_pretrained(str(model_dir), subfolder="transformer")
     torch.manual_seed(seed)

@@ -20,7 +20,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import train_kontext_lora as tk
-from kontext.checkpoint import (
+from kontext.training.checkpoint import (
     CheckpointError,
     CheckpointWriteError,
     check_data_position,
@@ -31,7 +31,7 @@ from kontext.checkpoint import (
     temp_path,
     verify_checkpoint,
 )
-from kontext.config import config_from_dict
+from kontext.training.config import config_from_dict
 
 LORA = "pytorch_lora_weights.safetensors"
 
@@ -283,11 +283,11 @@ def test_a_sample_alone_in_its_aspect_bucket_is_named(tmp_path, caplog):
             Image.fromarray(arr).save(root / role / f"{name}.png")
     source = open_source("folder", root, default_prompt="insert")
     cfg = config_from_dict({"data": {"resolution": 64, "aspect_buckets": True}, "train": {"batch_size": 2}})
-    with caplog.at_level(logging.WARNING, logger="kontext.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="kontext.training.checkpoint"):
         check_data_position(source, cfg, 1)
     assert "1 sample(s) are never trained on" in caplog.text and "wide" in caplog.text
     caplog.clear()
     cfg.data.aspect_buckets = False
-    with caplog.at_level(logging.WARNING, logger="kontext.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="kontext.training.checkpoint"):
         check_data_position(source, cfg, 1)
     assert "never trained on" not in caplog.text

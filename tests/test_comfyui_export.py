@@ -23,14 +23,14 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from kontext.comfyui import (
+from kontext.tools.comfyui import (
     COMFYUI_LORA_NAME,
     DIFFUSERS_LORA_NAME,
     LAYOUTS,
     convert_diffusers_lora_to_comfyui,
     export_comfyui,
 )
-from kontext.comfyui import main as comfyui_main
+from kontext.tools.comfyui import main as comfyui_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,7 @@ ALL_TARGETS = [
 
 
 # diffusers name -> original FLUX (BFL) name of the top-level Linear layers (norm_out.linear, whose halves swap,
-# is handled on its own), written out here from ComfyUI's key map rather than taken from kontext.comfyui.
+# is handled on its own), written out here from ComfyUI's key map rather than taken from kontext.tools.comfyui.
 _TE = "time_text_embed"
 TOP_LEVEL_NAMES = {
     "x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
@@ -463,7 +463,7 @@ def test_cli_writes_the_file(trained, tmp_path, capsys):
     _, folder = trained
     target = tmp_path / "cli_out.safetensors"
     proc = subprocess.run(
-        [sys.executable, "-m", "kontext.comfyui", str(folder / DIFFUSERS_LORA_NAME), "--out", str(target)],
+        [sys.executable, "-m", "kontext.tools.comfyui", str(folder / DIFFUSERS_LORA_NAME), "--out", str(target)],
         cwd=REPO,
         capture_output=True,
         text=True,

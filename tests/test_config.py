@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kontext.config import (
+from kontext.training.config import (
     Config,
     ConfigError,
     config_from_dict,
@@ -218,7 +218,7 @@ def test_yaml_loader_is_safe(tmp_path: Path):
 
 def test_docs_config_reference_matches_schema():
     assert (ROOT / "docs" / "config.md").read_text() == reference_markdown(), (
-        "docs/config.md is stale: run `python -m kontext.config > docs/config.md`"
+        "docs/config.md is stale: run `python -m kontext.training.config > docs/config.md`"
     )
 
 

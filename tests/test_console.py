@@ -11,14 +11,14 @@ from types import SimpleNamespace
 import pytest
 
 import train_kontext_lora as tk
-from kontext.summary import round_sig, run_summary
+from kontext.training.summary import round_sig, run_summary
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def restore_log_levels():
-    names = tk.OWN_LOGGERS + ("kontext.tiny", "data.synthetic")
+    names = tk.OWN_LOGGERS + ("kontext.tiny.model", "data.synthetic")
     before = {n: logging.getLogger(n).level for n in names}
     yield
     for n, level in before.items():
@@ -29,10 +29,10 @@ def restore_log_levels():
 def test_project_loggers_log_info_on_the_main_process_only(main_process, restore_log_levels, caplog):
     tk._setup_logging(SimpleNamespace(is_main_process=main_process))
     caplog.set_level(logging.NOTSET)  # let caplog see whatever the loggers themselves let through
-    for name in ("kontext.tiny", "data.synthetic", "losses", "kontext_lora"):
+    for name in ("kontext.tiny.model", "data.synthetic", "losses", "kontext_lora"):
         logging.getLogger(name).info("hello from %s", name)
     shown = [r.name for r in caplog.records if r.levelno == logging.INFO]
-    assert shown == (["kontext.tiny", "data.synthetic", "losses", "kontext_lora"] if main_process else [])
+    assert shown == (["kontext.tiny.model", "data.synthetic", "losses", "kontext_lora"] if main_process else [])
     # libraries stay quiet
     assert not logging.getLogger("diffusers").isEnabledFor(logging.INFO)
 
@@ -66,7 +66,7 @@ def test_summary_has_steps_time_rounded_losses_metrics_files_and_commands(tmp_pa
     assert "pytorch_lora_weights.safetensors" in text and str(tmp_path / "run") in text
     assert "  checkpoint-20/ (last checkpoint)" in text
     assert f"--config {tmp_path / 'run' / 'config.yaml'} checkpoint.resume_from=latest train.max_steps=40" in text
-    assert "python -m kontext.evaluate --model black-forest-labs/FLUX.1-Kontext-dev --lora" in text
+    assert "python -m kontext.tools.evaluate --model black-forest-labs/FLUX.1-Kontext-dev --lora" in text
 
     held = run_summary(
         steps=3, wall_seconds=2, history=[], metrics={"val/iou": 0.5}, output_dir=tmp_path, files=[], base_model="m",
@@ -145,8 +145,8 @@ def test_accelerate_launch_config_error_is_impossible_to_miss(tmp_path):
 
 
 def test_summary_names_the_committed_tiny_model_as_tiny(tmp_path):
-    from kontext.tiny import COMMITTED_DIR
+    from kontext.tiny.model import COMMITTED_DIR
 
     text = run_summary(steps=1, wall_seconds=1, history=[], metrics={}, output_dir=tmp_path, files=[],
                        base_model=str(COMMITTED_DIR), can_resume=False)
-    assert "python -m kontext.evaluate --model tiny --lora" in text and str(COMMITTED_DIR) not in text
+    assert "python -m kontext.tools.evaluate --model tiny --lora" in text and str(COMMITTED_DIR) not in text

@@ -244,7 +244,7 @@ def test_trainer_dataset_check_warns_about_masks_that_vanish_at_the_training_siz
     """The trainer's own dataset check passes its buckets, so a mask too small for the bucket is named."""
     import train_kontext_lora as tk
     from data.validate import DatasetWarning
-    from kontext.config import config_from_dict
+    from kontext.training.config import config_from_dict
 
     from PIL import Image
 

@@ -143,7 +143,7 @@ FSDP2_WORKER = textwrap.dedent(
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from kontext.lora import attach_lora, lora_state_dict, make_lora_config
+    from kontext.runtime.lora import attach_lora, lora_state_dict, make_lora_config
     from train_kontext_lora import export_lora, full_lora_state_dict
 
     model_dir, out = sys.argv[1], Path(sys.argv[2])

@@ -1,4 +1,4 @@
-"""Every config key that README.md and docs/*.md name exists in the schema (kontext/config.py).
+"""Every config key that README.md and docs/*.md name exists in the schema (kontext/training/config.py).
 
 A key is a dotted name whose first part is a top-level key of the schema (`train.max_steps`,
 `data.mask_hint: fill`, `checkpoint.resume_from=latest`), written in an inline code span or a fenced
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kontext.config import Config
+from kontext.training.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -42,7 +42,7 @@ FILE_EXTENSIONS = {
     "png", "jpg", "jpeg", "webp", "bmp", "safetensors", "pt", "bin",
 }
 # A dotted snake_case name starting with a top-level key, not part of a longer path or dotted name
-# (`kontext.config.load_config`, `configs/data.md`), not a call (`data.synthetic.generate_dataset(`).
+# (`kontext.training.config.load_config`, `configs/data.md`), not a call (`data.synthetic.generate_dataset(`).
 CANDIDATE = re.compile(
     r"(?<![\w./-])((?:%s)(?:\.[a-z_][a-z0-9_]*)+)(?![\w(/-]|\.\w)" % "|".join(map(re.escape, TOP))
 )
@@ -138,8 +138,8 @@ def test_scanner_accepts_real_keys_and_ignores_python_and_paths():
     text = (
         "`train.max_steps`, `data.mask_hint: fill`, `checkpoint.resume_from=latest`, `data.synthetic`,\n"
         "`train.batch_size x processes x train.gradient_accumulation_steps`,\n"
-        "`torch.float32`, `kontext.config.load_config`, `data.apply_mask_hint`, `data.hint`,\n"
-        "`data.synthetic.generate_dataset(root)`, `kontext/validation.py`, `validation.py`, `logging.getLogger`,\n"
+        "`torch.float32`, `kontext.training.config.load_config`, `data.apply_mask_hint`, `data.hint`,\n"
+        "`data.synthetic.generate_dataset(root)`, `kontext/training/validation.py`, `validation.py`, `logging.getLogger`,\n"
         "prose without backticks names data.bogus_key, which is not a code span.\n"
         "```python\nfrom data.hint import apply_mask_hint_pil\nmodel.to('cuda')\n```\n"
         "```yaml\ndistributed_type: MULTI_GPU\nnum_processes: 2\n```\n"

@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from kontext.evaluate import ALL_FIELDS, SAMPLE_COLUMNS, VARIANT_COLUMNS, load_samples, main
-from kontext.grid import HEADER_HEIGHT, mask_outline
-from kontext.metrics import pixel_change_mask, sample_metrics
-from kontext.plot import REFERENCE_COLOR, SERIES_COLORS, bar_chart
+from kontext.tools.evaluate import ALL_FIELDS, SAMPLE_COLUMNS, VARIANT_COLUMNS, load_samples, main
+from kontext.tools.grid import HEADER_HEIGHT, mask_outline
+from kontext.tools.metrics import pixel_change_mask, sample_metrics
+from kontext.tools.plot import REFERENCE_COLOR, SERIES_COLORS, bar_chart
 
 SIZE = 64
 LIMIT = 3
@@ -173,7 +173,7 @@ def test_bar_chart_geometry():
 def test_evaluate_shows_one_progress_bar_over_samples_and_variants(tiny_dataset_dir, loras, tmp_path, monkeypatch, capsys):
     import io
 
-    import kontext.evaluate as ev
+    import kontext.tools.evaluate as ev
 
     buf = io.StringIO()
     real = ev.tqdm
@@ -191,7 +191,7 @@ def test_evaluate_shows_one_progress_bar_over_samples_and_variants(tiny_dataset_
 
 
 def test_resolution_keeps_the_runs_aspect_buckets():
-    from kontext.evaluate import build_parser, evaluation_buckets
+    from kontext.tools.evaluate import build_parser, evaluation_buckets
 
     trained = {"resolution": 128, "aspect_buckets": True}
     assert evaluation_buckets(None, None, trained) == (128, True)
@@ -232,7 +232,7 @@ def test_evaluate_at_a_resolution_uses_the_trained_aspect_buckets(tiny_model_dir
 
 
 def test_evaluate_grid_is_capped_by_grid_max_side(tiny_dataset_dir, tmp_path):
-    from kontext.grid import grid_cell_size
+    from kontext.tools.grid import grid_cell_size
 
     out = tmp_path / "r"
     args = ["--model", "tiny", "--data", str(tiny_dataset_dir), "--steps", "1", "--max-sequence-length", "64",

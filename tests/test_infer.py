@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from data.hint import apply_mask_hint
-from kontext.generation import composite_inside_mask, feather_alpha, fit_size, generate, pil_to_tensor, to_pil
-from kontext.infer import InferenceError, main, parse_lora_spec
+from kontext.runtime.generation import composite_inside_mask, feather_alpha, fit_size, generate, pil_to_tensor, to_pil
+from kontext.tools.infer import InferenceError, main, parse_lora_spec
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 2
@@ -222,7 +222,7 @@ def test_parse_lora_spec(tmp_path, loras):
 def test_infer_module_command(scene, loras, tmp_path):
     a, _ = loras
     out = tmp_path / "cli.png"
-    cmd = [sys.executable, "-m", "kontext.infer", *_args(scene, out, "--lora", f"{a}:0.5", "--mask", str(scene["mask"]))]
+    cmd = [sys.executable, "-m", "kontext.tools.infer", *_args(scene, out, "--lora", f"{a}:0.5", "--mask", str(scene["mask"]))]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert Image.open(out).size == (64, 48)
@@ -233,7 +233,7 @@ def test_infer_module_command(scene, loras, tmp_path):
 def test_generation_progress_shows_one_labelled_bar_and_restores(pipe, scene):
     import io
 
-    from kontext.infer import generation_progress
+    from kontext.tools.infer import generation_progress
 
     buf = io.StringIO()
     before = dict(pipe._progress_bar_config)

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from data.synthetic import scaled_insertions
-from kontext.flux import encode_images
-from kontext.generation import pil_to_tensor
+from kontext.runtime.flux import encode_images
+from kontext.runtime.generation import pil_to_tensor
 from losses import LOSS_TERMS, compute_mask_targets, geometry_loss
 from losses.combined import calibrated_change_stats
 

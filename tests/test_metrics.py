@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from kontext.metrics import (
+from kontext.tools.metrics import (
     PSNR_CAP_DB,
     aggregate,
     area_log_error,
@@ -294,7 +294,7 @@ def test_holes_where_the_object_matches_the_scene_are_filled():
 
 # ------------------------------------------------------------------------------- threshold bounds
 def test_threshold_is_bounded_and_a_bounded_one_is_flagged():
-    from kontext.metrics import MAX_RGB_DISTANCE, MAX_THRESHOLD
+    from kontext.tools.metrics import MAX_RGB_DISTANCE, MAX_THRESHOLD
 
     assert MAX_THRESHOLD < MAX_RGB_DISTANCE
     m = square(64, 64, 16, 16, 24)
@@ -324,7 +324,7 @@ def test_threshold_is_bounded_and_a_bounded_one_is_flagged():
 def test_evaluation_report_names_the_degenerate_samples():
     from types import SimpleNamespace
 
-    from kontext.evaluate import degenerate_threshold_lines
+    from kontext.tools.evaluate import degenerate_threshold_lines
 
     samples = [SimpleNamespace(name="a"), SimpleNamespace(name="b")]
     fine = SimpleNamespace(label="base", rows=[{"threshold_degenerate": 0.0}] * 2)

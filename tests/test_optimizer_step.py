@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 import train_kontext_lora as tk
-from kontext.config import config_from_dict
+from kontext.training.config import config_from_dict
 from tests.conftest import tiny_run_dict
 
 

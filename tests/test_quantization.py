@@ -8,7 +8,7 @@ import inspect
 import pytest
 import torch
 
-from kontext.quantization import QUANTIZATION_MODES, QuantizationUnavailable, bnb_kwargs, check_available
+from kontext.runtime.quantization import QUANTIZATION_MODES, QuantizationUnavailable, bnb_kwargs, check_available
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
@@ -79,7 +79,7 @@ def test_without_cuda_the_error_names_the_fix(mode):
     ],
 )
 def test_trainer_refuses_gpu_only_options_before_loading(tmp_path, override, message):
-    from kontext.config import config_from_dict
+    from kontext.training.config import config_from_dict
     from train_kontext_lora import UserError, setup
 
     base = {
@@ -101,9 +101,9 @@ def test_trainer_refuses_gpu_only_options_before_loading(tmp_path, override, mes
 def test_nf4_transformer_loads_and_trains_lora_on_cuda(tiny_model_dir):
     """The NF4 base runs forward and backward: the LoRA gets finite gradients, an update lowers the loss on the
     batch it was computed on, and the 4-bit base weights stay frozen and unchanged."""
-    from kontext.flux import predict_velocity
-    from kontext.lora import attach_lora, make_lora_config
-    from kontext.quantization import quantized_transformer
+    from kontext.runtime.flux import predict_velocity
+    from kontext.runtime.lora import attach_lora, make_lora_config
+    from kontext.runtime.quantization import quantized_transformer
 
     tr = quantized_transformer(str(tiny_model_dir), "nf4", torch.bfloat16, {})
     quantized = [m for m in tr.modules() if type(m).__name__ == "Linear4bit"]

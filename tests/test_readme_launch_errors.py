@@ -15,7 +15,7 @@ def test_readme_says_accelerate_adds_its_traceback_after_the_error():
 
 
 def test_under_accelerate_the_error_line_is_the_last_thing_the_script_prints(monkeypatch):
-    from kontext.config import ConfigError
+    from kontext.training.config import ConfigError
     from train_kontext_lora import _error_text
 
     monkeypatch.setenv("LOCAL_RANK", "0")

@@ -28,7 +28,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_kontext_lora as tk
-from kontext.checkpoint import (
+from kontext.training.checkpoint import (
     TRAINER_STATE_NAME,
     finalize,
     list_checkpoints,
@@ -36,7 +36,7 @@ from kontext.checkpoint import (
     resolve_resume,
     temp_path,
 )
-from kontext.config import config_from_dict
+from kontext.training.config import config_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -186,7 +186,7 @@ def test_failure_inside_a_save_keeps_previous_checkpoint_usable(tmp_path, tiny_m
 
 def test_failure_writing_trainer_state_leaves_no_checkpoint(tmp_path, tiny_model_dir, tiny_dataset_dir, monkeypatch):
     """trainer_state.json is the last file written: if that write fails, the folder stays a ``.tmp``."""
-    import kontext.checkpoint as ck
+    import kontext.training.checkpoint as ck
 
     real_write = Path.write_text
 
@@ -241,7 +241,7 @@ def test_rotation_keeps_the_newest_complete_checkpoint(tmp_path):
 
 def test_crash_while_replacing_a_checkpoint_restores_it(tmp_path, monkeypatch):
     """Re-saving a step moves the old folder aside first; a crash before the new one is in place loses nothing."""
-    import kontext.checkpoint as ck
+    import kontext.training.checkpoint as ck
 
     out = tmp_path / "out"
     _fake_checkpoint(out, 4, total_limit=1)
@@ -398,7 +398,7 @@ def test_second_signal_exits_at_once(tmp_path, tiny_model_dir, tiny_dataset_dir)
 
 
 def test_stop_request_restores_previous_handlers():
-    from kontext.signals import StopRequest
+    from kontext.training.signals import StopRequest
 
     before = signal.getsignal(signal.SIGTERM)
     with StopRequest() as stop:
@@ -833,7 +833,7 @@ def _probe_lock(out: Path) -> subprocess.CompletedProcess:
     """Another process trying to take the output folder's lock."""
     code = (
         f"import sys; sys.path.insert(0, {str(REPO)!r}); from pathlib import Path; "
-        f"from kontext.output_dir import lock_output_dir; lock_output_dir(Path({str(out)!r}), main=True, create=False)"
+        f"from kontext.training.output_dir import lock_output_dir; lock_output_dir(Path({str(out)!r}), main=True, create=False)"
     )
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
 
@@ -968,7 +968,7 @@ def test_batch_problems_are_refused_before_the_model_loads(tmp_path, tiny_model_
 
 
 def test_signal_message_names_what_it_waits_for(capfd):
-    from kontext.signals import StopRequest, busy
+    from kontext.training.signals import StopRequest, busy
 
     with StopRequest() as stop:
         with busy("the validation at step 40 (2 x 28 denoising steps)"):
@@ -986,7 +986,7 @@ def test_signal_message_names_what_it_waits_for(capfd):
 def test_sigterm_during_validation_says_it_waits_for_the_validation(tmp_path, tiny_model_dir, tiny_dataset_dir,
                                                                      monkeypatch, capfd):
     """The reported case: SIGTERM during a 199 s validation said "finishing the current step"."""
-    import kontext.validation as kv
+    import kontext.training.validation as kv
 
     real_generate = kv.generate
 

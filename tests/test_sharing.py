@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from kontext.sharing import current_umask, respect_umask, shareable_model_name
+from kontext.runtime.sharing import current_umask, respect_umask, shareable_model_name
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def test_respect_umask(tmp_path, umask_022):
 
 
 def test_both_exports_are_readable_by_others_and_record_no_local_path(tmp_path, tiny_model_dir, random_lora, umask_022):
-    from kontext.comfyui import export_comfyui
+    from kontext.tools.comfyui import export_comfyui
 
     out = tmp_path / "run"
     base = str(Path(tiny_model_dir).resolve())
@@ -49,7 +49,7 @@ def test_both_exports_are_readable_by_others_and_record_no_local_path(tmp_path, 
     (out / "config.yaml").write_text(f"model:\n  pretrained_model_name_or_path: {base}\n")
     from diffusers import FluxTransformer2DModel
 
-    from kontext.lora import attach_lora, make_lora_config, save_lora
+    from kontext.runtime.lora import attach_lora, make_lora_config, save_lora
 
     t = FluxTransformer2DModel.from_pretrained(str(tiny_model_dir), subfolder="transformer")
     attach_lora(t, make_lora_config(4, 8.0, 0.0, "gaussian", ["attn.to_q", "proj_mlp"]))
@@ -68,8 +68,8 @@ def test_both_exports_are_readable_by_others_and_record_no_local_path(tmp_path, 
 
 
 def test_model_card_dtype_base_model_and_comfyui_advice(tmp_path):
-    from kontext.config import config_from_dict
-    from kontext.model_card import write_model_card
+    from kontext.training.config import config_from_dict
+    from kontext.tools.model_card import write_model_card
 
     local = tmp_path / "models" / "my_kontext"
     local.mkdir(parents=True)

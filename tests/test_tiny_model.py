@@ -1,7 +1,7 @@
 """Tests for the tiny FLUX.1 Kontext: real layout, the committed pretrained weights load and insert,
 tokenizers, VAE quality, the build recipe and its cache.
 
-The default tiny model is the committed build (``kontext/tiny_flux_kontext``): nothing is built. Cache and
+The default tiny model is the committed build (``kontext/tiny/tiny_flux_kontext``): nothing is built. Cache and
 builder behaviour is tested on a cheap definition (two VAE and two pretraining steps) in a temporary folder;
 a full rebuild, compared with the committed quality, is marked ``rebuild`` and left out of the default run
 (``python -m pytest -m rebuild tests/test_tiny_model.py``).
@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from data.synthetic import make_triplet
-from kontext import tiny
+from kontext.tiny import model as tiny
 
 PROMPT = "Insert the Kolo orange soda can into the marked region"
 # The VAE must reconstruct synthetic scenes clearly better than a randomly initialised or barely trained one
@@ -225,7 +225,7 @@ def _fresh_vae_images(seed: int, n: int = 3) -> dict[str, torch.Tensor]:
 
 def test_vae_reconstructs_synthetic_scenes(pipe: Any) -> None:
     """Measured here, on images the build never saw: every kind of image the trainer encodes comes back clearly."""
-    from kontext.flux import encode_images
+    from kontext.runtime.flux import encode_images
 
     images = _fresh_vae_images(2024)
     with torch.no_grad():
@@ -246,7 +246,7 @@ def test_vae_reconstructs_synthetic_scenes(pipe: Any) -> None:
 
 
 def test_tiny_is_the_committed_build_and_nothing_is_built(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kontext.model_path import resolve_model_path
+    from kontext.runtime.model_path import resolve_model_path
 
     def refuse(*args: Any, **kwargs: Any) -> Path:
         raise AssertionError("the default tiny model must not be built")
@@ -265,7 +265,7 @@ def test_committed_base_inserts_into_the_hinted_region(pipe: Any) -> None:
     A quick floor on held-out samples of the general insertion task (seed apart from pretraining and from the
     build's own evaluation); a random transformer scores IoU ~0 and PSNR outside ~8 dB here.
     """
-    from kontext.tiny_pretrain import insertion_quality
+    from kontext.tiny.pretrain import insertion_quality
 
     q = insertion_quality(pipe, num_samples=6, seed=77, num_inference_steps=8)
     assert q["iou"] > MIN_INSERTION_IOU, q
@@ -278,7 +278,7 @@ def test_rebuild_reaches_the_committed_quality(tmp_path: Path, pipe: Any) -> Non
     measured here on the same fresh images and insertion samples."""
     from diffusers import FluxKontextPipeline
 
-    from kontext.tiny_pretrain import insertion_quality
+    from kontext.tiny.pretrain import insertion_quality
 
     out = tiny.build_tiny_pipeline(tmp_path / "rebuilt", progress=False)
     rebuilt = FluxKontextPipeline.from_pretrained(out)

@@ -10,7 +10,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from kontext.config import config_from_dict
+from kontext.training.config import config_from_dict
 from train_kontext_lora import Run, run_training, setup, train, finish
 
 
@@ -59,7 +59,7 @@ def test_end_to_end_outputs_and_lora_loads(tmp_path, tiny_model_dir, tiny_datase
     printed = capsys.readouterr().out
     summary = printed[printed.index("Training finished: 4 steps"):]
     assert "Final losses" in summary and "pytorch_lora_weights.safetensors" in summary
-    assert "checkpoint.resume_from=latest" in summary and "python -m kontext.evaluate" in summary
+    assert "checkpoint.resume_from=latest" in summary and "python -m kontext.tools.evaluate" in summary
     # Both exports readable by others (safetensors alone leaves 0600).
     for name in ("pytorch_lora_weights.safetensors", "lora_comfyui.safetensors"):
         assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, name
@@ -172,16 +172,16 @@ def test_uncached_path_trains_and_encodes_on_the_fly(tmp_path, tiny_model_dir, t
 def test_cached_and_uncached_runs_agree_and_free_the_text_encoders(tmp_path, tiny_model_dir, tiny_dataset_dir, monkeypatch):
     """Both data paths build the same batches (same losses step by step); each encodes the prompts once, frees CLIP
     and T5 before training, and validation still generates from the stored prompt embeddings."""
-    import kontext.flux
+    import kontext.runtime.flux
 
     calls: list[int] = []
-    real = kontext.flux.encode_prompts
+    real = kontext.runtime.flux.encode_prompts
 
     def counting(pipe, prompts, *a, **k):
         calls.append(len(prompts))
         return real(pipe, prompts, *a, **k)
 
-    monkeypatch.setattr(kontext.flux, "encode_prompts", counting)
+    monkeypatch.setattr(kontext.runtime.flux, "encode_prompts", counting)
     histories = {}
     for cached in (True, False):
         calls.clear()

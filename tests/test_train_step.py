@@ -9,8 +9,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
-from kontext.config import config_from_dict
-from kontext.flux import pack_latents, predict_velocity, unpack_latents
+from kontext.training.config import config_from_dict
+from kontext.runtime.flux import pack_latents, predict_velocity, unpack_latents
 from data.dataset import TrainBatch
 from train_kontext_lora import compute_loss
 
@@ -200,7 +200,7 @@ def test_default_geometry_is_the_calibrated_formulation_against_the_scene(tiny):
 
 def test_geometry_gradient_reaches_only_the_target_tokens_velocity(tiny):
     """d(geometry)/d(output tokens) is zero on the context tokens and non-zero on the target tokens."""
-    from kontext.flux import pack_latents as pack
+    from kontext.runtime.flux import pack_latents as pack
     from losses import geometry_loss
     from losses import flow_matching as fm
 
@@ -232,7 +232,7 @@ def test_geometry_gradient_reaches_only_the_target_tokens_velocity(tiny):
 
 
 def test_gradients_reach_only_lora(tiny_model_dir):
-    from kontext.lora import attach_lora, make_lora_config
+    from kontext.runtime.lora import attach_lora, make_lora_config
 
     pipe = FluxKontextPipeline.from_pretrained(tiny_model_dir, dtype=torch.float32)
     transformer = pipe.transformer

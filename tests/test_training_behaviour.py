@@ -14,8 +14,8 @@ import torch
 
 from conftest import tiny_run_dict
 from data.synthetic import generate_dataset
-from kontext.config import config_from_dict
-from kontext.tiny import tiny_model_path
+from kontext.training.config import config_from_dict
+from kontext.tiny.model import tiny_model_path
 from train_kontext_lora import _batches, _to_device, compute_loss, setup, train
 
 OVERFIT_STEPS = 30

@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 
 from data import TripletDataset, open_source
-from kontext.config import config_from_dict
-from kontext.generation import to_pil
-from kontext.grid import HEADER_HEIGHT, mask_outline, outline_width_for
-from kontext.metrics import sample_metrics
-from kontext.validation import GRID_COLUMNS, run_validation
+from kontext.training.config import config_from_dict
+from kontext.runtime.generation import to_pil
+from kontext.tools.grid import HEADER_HEIGHT, mask_outline, outline_width_for
+from kontext.tools.metrics import sample_metrics
+from kontext.training.validation import GRID_COLUMNS, run_validation
 
 SIZE = 64
 N = 3
@@ -26,7 +26,7 @@ def lora_pipe(tiny_model_dir: Path):
     """The tiny pipeline with a random (non-zero) LoRA on its transformer, as the trainer holds it."""
     from diffusers import FluxKontextPipeline
 
-    from kontext.lora import attach_lora, make_lora_config
+    from kontext.runtime.lora import attach_lora, make_lora_config
 
     pipe = FluxKontextPipeline.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
     torch.manual_seed(0)
@@ -159,7 +159,7 @@ def test_validation_is_repeatable_and_sees_the_lora(lora_pipe, dataset, tmp_path
 
 
 def test_grid_is_downscaled_to_the_cap_and_keeps_its_layout():
-    from kontext.grid import grid_cell_size, make_grid
+    from kontext.tools.grid import grid_cell_size, make_grid
 
     rng = np.random.default_rng(0)
     big = [[Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)) for _ in range(4)] for _ in range(3)]
@@ -204,7 +204,7 @@ def test_validation_grid_respects_grid_max_side(lora_pipe, dataset, tmp_path):
 
 
 def test_holdout_withholds_the_last_samples_from_training(tiny_dataset_dir):
-    from kontext.validation import held_out, validation_dataset, validation_sources
+    from kontext.training.validation import held_out, validation_dataset, validation_sources
 
     source = open_source("folder", tiny_dataset_dir)
     cfg = config_from_dict({"data": {"root": str(tiny_dataset_dir), "resolution": SIZE}, "validation": {"holdout": 3}})
@@ -225,7 +225,7 @@ def test_holdout_withholds_the_last_samples_from_training(tiny_dataset_dir):
 
 def test_holdout_must_leave_training_samples(tiny_dataset_dir):
     from data import DatasetError
-    from kontext.validation import validation_sources
+    from kontext.training.validation import validation_sources
 
     source = open_source("folder", tiny_dataset_dir)
     cfg = config_from_dict({"data": {"root": str(tiny_dataset_dir)}, "validation": {"holdout": len(source)}})
@@ -234,7 +234,7 @@ def test_holdout_must_leave_training_samples(tiny_dataset_dir):
 
 
 def test_without_holdout_or_data_root_validation_uses_training_samples(tiny_dataset_dir):
-    from kontext.validation import held_out, validation_sources
+    from kontext.training.validation import held_out, validation_sources
 
     source = open_source("folder", tiny_dataset_dir)
     cfg = config_from_dict({"data": {"root": str(tiny_dataset_dir)}})
@@ -248,12 +248,12 @@ def test_data_root_is_a_separate_checked_set_and_overlap_is_named(tiny_dataset_d
 
     from data import DatasetError
     from data.synthetic import generate_dataset
-    from kontext.validation import validation_sources
+    from kontext.training.validation import validation_sources
 
     source = open_source("folder", tiny_dataset_dir)
     other = generate_dataset(tmp_path / "heldout", num_samples=3, size=(SIZE, SIZE), seed=11)
     cfg = config_from_dict({"data": {"root": str(tiny_dataset_dir)}, "validation": {"data_root": str(other)}})
-    with caplog.at_level(logging.WARNING, logger="kontext.validation"):
+    with caplog.at_level(logging.WARNING, logger="kontext.training.validation"):
         train, held = validation_sources(cfg, source)
     assert train is source and len(held) == 3 and not caplog.records
     assert {held.fingerprint(i) for i in range(3)}.isdisjoint({source.fingerprint(i) for i in range(len(source))})
@@ -267,7 +267,7 @@ def test_data_root_is_a_separate_checked_set_and_overlap_is_named(tiny_dataset_d
         (path,) = [p for p in (Path(tiny_dataset_dir) / role).iterdir() if p.stem == name]
         shutil.copy(path, dup / role / path.name)  # replaces the held-out sample of the same name
     cfg.validation.data_root = str(dup)
-    with caplog.at_level(logging.WARNING, logger="kontext.validation"):
+    with caplog.at_level(logging.WARNING, logger="kontext.training.validation"):
         validation_sources(cfg, source)
     assert any(name in r.getMessage() and "also training samples" in r.getMessage() for r in caplog.records)
 
@@ -281,7 +281,7 @@ def test_data_root_is_a_separate_checked_set_and_overlap_is_named(tiny_dataset_d
 
 
 def test_data_root_and_holdout_together_are_a_config_error():
-    from kontext.config import ConfigError
+    from kontext.training.config import ConfigError
 
     with pytest.raises(ConfigError, match="set only one") as info:
         config_from_dict({"validation": {"data_root": "heldout", "holdout": 2}})
@@ -294,7 +294,7 @@ def test_validation_log_line_is_rounded_and_says_which_samples(lora_pipe, datase
 
     cfg = _cfg(tmp_path)
     cfg.validation.num_samples = 1
-    with caplog.at_level(logging.INFO, logger="kontext.validation"):
+    with caplog.at_level(logging.INFO, logger="kontext.training.validation"):
         run_validation(lora_pipe, lora_pipe.transformer, dataset, cfg, 4, tmp_path, None)
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("validation at step 4")]
     assert "on 1 training sample:" in line
@@ -316,7 +316,7 @@ def test_training_with_holdout_validates_on_held_out_samples(tmp_path, tiny_mode
         validation={"every_steps": 0, "holdout": 2, "num_samples": 2, "num_inference_steps": 1},
     )
     cfg = config_from_dict(d)
-    with caplog.at_level(logging.INFO, logger="kontext.validation"):
+    with caplog.at_level(logging.INFO, logger="kontext.training.validation"):
         run = run_training(cfg)
     names = open_source("folder", tiny_dataset_dir).names
     assert run.dataset.source.names == names[:-2]  # the held-out samples were never trained on

@@ -1,9 +1,9 @@
-"""Generate with FLUX.1 Kontext and one or more trained LoRAs: ``python -m kontext.infer``.
+"""Generate with FLUX.1 Kontext and one or more trained LoRAs: ``python -m kontext.tools.infer``.
 
-    python -m kontext.infer --model black-forest-labs/FLUX.1-Kontext-dev --lora outputs/bottle \\
+    python -m kontext.tools.infer --model black-forest-labs/FLUX.1-Kontext-dev --lora outputs/bottle \\
         --image scene.png --mask mask.png --prompt "insert the bottle" --composite --out result.png
 
-    python -m kontext.infer --model tiny --lora outputs/tiny:0.8 --lora other.safetensors:0.5 \\
+    python -m kontext.tools.infer --model tiny --lora outputs/tiny:0.8 --lora other.safetensors:0.5 \\
         --image scene.png --prompt "insert the bottle" --mask mask.png --num-images 4 --steps 4 --out results/
 
 ``--lora PATH[:STRENGTH]`` takes a training output folder (or checkpoint folder) holding
@@ -29,9 +29,9 @@ import yaml
 from PIL import Image, UnidentifiedImageError
 
 from data.hint import MASK_HINT_MODES
-from kontext.dtypes import DTYPES
-from kontext.generation import DEFAULT_MAX_AREA, generate
-from kontext.lora import LORA_WEIGHTS_NAME
+from kontext.runtime.dtypes import DTYPES
+from kontext.runtime.generation import DEFAULT_MAX_AREA, generate
+from kontext.runtime.lora import LORA_WEIGHTS_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +44,8 @@ class InferenceError(ValueError):
 
 # ------------------------------------------------------------------------------------------- model
 def resolve_model(name_or_path: str, option: str = "--model") -> str:
-    """``tiny``, a diffusers folder or a hub id -> what ``from_pretrained`` takes (see ``kontext.model_path``)."""
-    from kontext.model_path import ModelPathError, resolve_model_path
+    """``tiny``, a diffusers folder or a hub id -> what ``from_pretrained`` takes (see ``kontext.runtime.model_path``)."""
+    from kontext.runtime.model_path import ModelPathError, resolve_model_path
 
     try:
         return resolve_model_path(name_or_path, option)
@@ -227,9 +227,9 @@ def output_paths(out: str, num_images: int, seeds: Sequence[int]) -> list[Path]:
 
 # ---------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m kontext.infer`` argument parser."""
+    """The ``python -m kontext.tools.infer`` argument parser."""
     ap = argparse.ArgumentParser(
-        prog="python -m kontext.infer",
+        prog="python -m kontext.tools.infer",
         description="Insert an object with FLUX.1 Kontext and trained LoRAs (see docs/inference.md).",
     )
     ap.add_argument(

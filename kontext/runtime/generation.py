@@ -7,7 +7,7 @@ request to about 1024x1024 and snaps the context to a preferred Kontext resoluti
 image silently becomes a 1024 px generation), each image has its own seeded generator, and the result can be
 composited back into the original context inside the mask only.
 
-    from kontext.generation import generate
+    from kontext.runtime.generation import generate
     out = generate(pipe, context_pil, "insert the bottle", mask_pil, mask_hint="fill", seed=0, num_inference_steps=28)
     out.images[0].save("result.png")
 """
@@ -25,7 +25,7 @@ from PIL import Image
 from scipy import ndimage
 
 from data.hint import MASK_HINT_MODES, apply_mask_hint_pil
-from kontext.flux import VAE_SCALE_FACTOR, decode_latents, encode_images, unpack_latents
+from kontext.runtime.flux import VAE_SCALE_FACTOR, decode_latents, encode_images, unpack_latents
 
 # The pipeline floors sizes to this multiple (VAE 8x times 2x2 packing).
 SIZE_MULTIPLE = VAE_SCALE_FACTOR * 2

@@ -1,15 +1,15 @@
-"""Does the object land in the mask at the right size? ``python -m kontext.evaluate`` on a held-out folder.
+"""Does the object land in the mask at the right size? ``python -m kontext.tools.evaluate`` on a held-out folder.
 
-    python -m kontext.evaluate --model black-forest-labs/FLUX.1-Kontext-dev --lora outputs/bottle \\
+    python -m kontext.tools.evaluate --model black-forest-labs/FLUX.1-Kontext-dev --lora outputs/bottle \\
         --data datasets/bottle_heldout --out reports/bottle
 
     # two LoRAs side by side (say, trained with and without the geometry losses), plus the base model
-    python -m kontext.evaluate --model tiny --lora outputs/geo --label-a geometry \\
+    python -m kontext.tools.evaluate --model tiny --lora outputs/geo --label-a geometry \\
         --lora-b outputs/plain --label-b plain --base --data heldout/ --steps 8 --out reports/geo-vs-plain
 
 For every sample of the folder (same layout as training: ``context/``, ``target/``, ``mask/``, prompts) and every
 model variant, it generates with the training mask hint and fixed seeds, computes the metrics of
-``kontext.metrics`` against the un-hinted context, and writes into ``--out``: ``metrics.csv`` (one row per sample,
+``kontext.tools.metrics`` against the un-hinted context, and writes into ``--out``: ``metrics.csv`` (one row per sample,
 one set of columns per variant), ``metrics.json`` (per sample and means), ``grid.png``, ``area_ratio.png`` and
 ``report.md`` (settings and the table of means). See ``docs/evaluation.md``.
 """
@@ -34,10 +34,10 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from data.hint import MASK_HINT_MODES
-from kontext.generation import generate, image_latents, mask_array, mask_to_pil, quiet_progress, to_pil
-from kontext.grid import change_mask_image, draw_mask_outline, make_grid
-from kontext.dtypes import DTYPES
-from kontext.infer import (
+from kontext.runtime.generation import generate, image_latents, mask_array, mask_to_pil, quiet_progress, to_pil
+from kontext.tools.grid import change_mask_image, draw_mask_outline, make_grid
+from kontext.runtime.dtypes import DTYPES
+from kontext.tools.infer import (
     InferenceError,
     LoraSpec,
     load_loras,
@@ -46,7 +46,7 @@ from kontext.infer import (
     resolve_model,
     trained_settings,
 )
-from kontext.metrics import (
+from kontext.tools.metrics import (
     METRIC_FIELDS,
     LatentMetrics,
     aggregate,
@@ -227,7 +227,7 @@ def write_report(
     grid_max_side: int | None = GRID_MAX_SIDE,
 ) -> dict[str, Path]:
     """Write metrics.csv, metrics.json, grid.png, area_ratio.png and report.md into ``out``; returns their paths."""
-    from kontext.plot import bar_chart
+    from kontext.tools.plot import bar_chart
 
     out.mkdir(parents=True, exist_ok=True)
     paths = {k: out / f for k, f in (("csv", "metrics.csv"), ("json", "metrics.json"), ("grid", "grid.png"),
@@ -301,7 +301,7 @@ def write_report(
 
 def degenerate_threshold_lines(samples: Sequence[EvalSample], variants: Sequence[Variant]) -> list[str]:
     """The report's note on samples whose change-mask threshold had to be bounded (``threshold_degenerate``)."""
-    from kontext.metrics import MAX_THRESHOLD
+    from kontext.tools.metrics import MAX_THRESHOLD
 
     bad = {
         v.label: [s.name for s, r in zip(samples, v.rows) if r.get("threshold_degenerate", 0.0) == 1.0]
@@ -324,9 +324,9 @@ def degenerate_threshold_lines(samples: Sequence[EvalSample], variants: Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m kontext.evaluate`` argument parser."""
+    """The ``python -m kontext.tools.evaluate`` argument parser."""
     ap = argparse.ArgumentParser(
-        prog="python -m kontext.evaluate",
+        prog="python -m kontext.tools.evaluate",
         description="Measure whether generated objects land in the insertion mask at the right size "
         "(docs/evaluation.md).",
     )

@@ -13,7 +13,7 @@ def resolve_model_path(name_or_path: str, option: str = "model.pretrained_model_
     """``tiny`` -> the cached tiny model folder (built on first use); a folder -> its absolute path (it must hold
     ``model_index.json``); ``owner/name`` -> unchanged (a hub id). ``option`` names the setting in errors."""
     if name_or_path == "tiny":
-        from kontext.tiny import tiny_model_path
+        from kontext.tiny.model import tiny_model_path
 
         return str(tiny_model_path())
     p = Path(name_or_path).expanduser()

@@ -40,7 +40,7 @@ def _duration(seconds: float) -> str:
 
 def _model_argument(base_model: str) -> str:
     """``tiny`` for the committed tiny model (shorter, and valid on any machine), the reference itself otherwise."""
-    from kontext.tiny import COMMITTED_DIR
+    from kontext.tiny.model import COMMITTED_DIR
 
     try:
         return "tiny" if Path(base_model).resolve() == COMMITTED_DIR else base_model
@@ -81,7 +81,7 @@ def run_summary(
         metrics: final validation metrics (``val/iou`` ...); may be empty.
         validated_on: ``"held-out"`` or ``"training"``: which samples the metrics come from.
         output_dir: the run's folder; ``files`` are the artefacts written there (names relative to it).
-        base_model: the base model as ``kontext.evaluate --model`` takes it.
+        base_model: the base model as ``kontext.tools.evaluate --model`` takes it.
         can_resume: whether a final checkpoint exists (``checkpoint.every_steps`` > 0).
         launcher: how the resume command starts the trainer.
     """
@@ -108,7 +108,7 @@ def run_summary(
         lines.append("No checkpoint was kept (checkpoint.every_steps = 0), so this run cannot be continued.")
     lines += [
         "Evaluate on a held-out folder:",
-        f"  python -m kontext.evaluate --model {shlex.quote(_model_argument(base_model))} --lora {shlex.quote(str(out))} "
+        f"  python -m kontext.tools.evaluate --model {shlex.quote(_model_argument(base_model))} --lora {shlex.quote(str(out))} "
         f"--data <held-out folder> --out {shlex.quote(str(out / 'eval'))}",
         "=" * 72,
     ]

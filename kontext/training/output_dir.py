@@ -137,7 +137,7 @@ def _is_ours(path: Path) -> bool:
             return False
         return head.startswith("---") and _MODEL_CARD_TAG in head
     if path.name == CONFIG_NAME:
-        from kontext.config import Config, config_to_dict
+        from kontext.training.config import Config, config_to_dict
 
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -173,7 +173,7 @@ def open_output_dir(cfg: Any, main: bool) -> tuple[Path, Path | None]:
 
     In order: the location (:func:`check_location`); its contents (:func:`check_contents`); the lock, if
     the folder exists (a live run there is refused before any of its checkpoints is read); the checkpoint
-    to resume, verified (``kontext.checkpoint.resolve_resume``); then what a run may do to what is there:
+    to resume, verified (``kontext.training.checkpoint.resolve_resume``); then what a run may do to what is there:
 
     - a fresh run (no ``resume_from``) is refused over a finished run or another run's checkpoints,
       unless ``checkpoint.overwrite_output_dir``;
@@ -182,9 +182,9 @@ def open_output_dir(cfg: Any, main: bool) -> tuple[Path, Path | None]:
       LoRA) or when ``train.max_steps`` does not exceed the finished step (it would train nothing and
       only rewrite the outputs).
 
-    Raises :class:`OutputDirError` or ``kontext.checkpoint.CheckpointError``; writes nothing but the lock.
+    Raises :class:`OutputDirError` or ``kontext.training.checkpoint.CheckpointError``; writes nothing but the lock.
     """
-    from kontext.checkpoint import LORA_NAME, list_checkpoints, read_trainer_state, resolve_resume
+    from kontext.training.checkpoint import LORA_NAME, list_checkpoints, read_trainer_state, resolve_resume
 
     path = check_location(cfg.output_dir)
     check_contents(path)  # before the lock: a folder that is not a run's gets no lock file either

@@ -5,17 +5,17 @@ It has all seven components of ``black-forest-labs/FLUX.1-Kontext-dev`` with the
 ``in_channels=64`` for 2x2 packing, guidance embedding, rope axes summing to the head dimension; the real
 scheduler settings) at toy widths, and the tokenizers are built in code. It is *trained*, so that sizes and
 edits can be measured on it: the VAE reconstructs synthetic scenes with latents of unit variance after
-FLUX's shift and scale, and the transformer is pretrained (:mod:`kontext.tiny_pretrain`) on a general
+FLUX's shift and scale, and the transformer is pretrained (:mod:`kontext.tiny.pretrain`) on a general
 insertion task, so it already paints an object into a hinted region, as FLUX.1 Kontext [dev] does for a
 user. A product LoRA then specialises it.
 
-The weights are committed with the package (``kontext/tiny_flux_kontext/``), so a fresh machine loads them
+The weights are committed with the package (``kontext/tiny/tiny_flux_kontext/``), so a fresh machine loads them
 in seconds. :func:`tiny_model_path` returns that folder when its recorded definition hash matches
 :data:`TINY_DEFINITION`, and otherwise builds the definition into the cache. Rebuild the committed folder
 (the recipe; see ``docs/tiny_model.md`` for its measured quality and time)::
 
-    python -m kontext.tiny --out kontext/tiny_flux_kontext
-    python -m kontext.tiny                        # print the folder that `tiny` resolves to
+    python -m kontext.tiny.model --out kontext/tiny/tiny_flux_kontext
+    python -m kontext.tiny.model                        # print the folder that `tiny` resolves to
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ TINY_DEFINITION: dict[str, Any] = {
         # flow matching then mean what they mean for the real model (1e-3 left them at std 0.39).
         "latent_moment_weight": 0.05,
     },
-    # Pretraining of the transformer on the general insertion task (kontext.tiny_pretrain).
+    # Pretraining of the transformer on the general insertion task (kontext.tiny.pretrain).
     "pretraining": {
         "steps": 5000,
         "batch_size": 8,
@@ -520,7 +520,7 @@ def build_tiny_pipeline(
     pre_info: dict[str, Any] = {}
     pre = definition.get("pretraining")
     if pre and pre["steps"] > 0:
-        from kontext.tiny_pretrain import insertion_quality, pretrain_transformer
+        from kontext.tiny.pretrain import insertion_quality, pretrain_transformer
 
         with torch.random.fork_rng(devices=[]):
             pre_info = pretrain_transformer(transformer, pipe, pre, seed + 5, progress)
@@ -583,7 +583,7 @@ def tiny_model_path(
 ) -> Path:
     """Folder of the tiny FLUX.1 Kontext: the committed build when it matches the definition, else a cached build.
 
-    With the default definition this is the committed ``kontext/tiny_flux_kontext`` (no build). Otherwise the
+    With the default definition this is the committed ``kontext/tiny/tiny_flux_kontext`` (no build). Otherwise the
     folder is ``<cache_dir>/tiny-flux-kontext-<hash>``, the hash covering the model definition and builder
     version, so a changed definition builds a new folder and an unchanged one is reused. Concurrent callers
     (for example two accelerate ranks) are safe: one builds into a temporary folder under a lock and renames
@@ -616,7 +616,7 @@ def tiny_model_path(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: ``python -m kontext.tiny [--out DIR] [--seed N] [--cache-dir DIR]``; prints the folder."""
+    """Command line: ``python -m kontext.tiny.model [--out DIR] [--seed N] [--cache-dir DIR]``; prints the folder."""
     parser = argparse.ArgumentParser(description="Build (or locate) the tiny pretrained FLUX.1 Kontext.")
     parser.add_argument(
         "--out", help="build into this folder (default: print the committed folder, or build the cache's if it differs)"

@@ -57,9 +57,9 @@ def adapter_metadata(transformer: torch.nn.Module, base_model: str | None = None
     """The whole LoRA config as a JSON-safe dict (sets become sorted lists).
 
     ``base_model`` (a hub id or a local folder) is recorded as ``base_model_name_or_path`` in its shareable
-    form (``kontext.sharing.shareable_model_name``: a hub id, or a local folder's name only).
+    form (``kontext.runtime.sharing.shareable_model_name``: a hub id, or a local folder's name only).
     """
-    from kontext.sharing import shareable_model_name
+    from kontext.runtime.sharing import shareable_model_name
 
     raw = transformer.peft_config["default"].to_dict()
 
@@ -99,7 +99,7 @@ def save_lora(
     transformer: torch.nn.Module, output_dir: str | Path, dtype: torch.dtype = torch.float32, base_model: str | None = None
 ) -> Path:
     """Write ``pytorch_lora_weights.safetensors`` (diffusers/PEFT format + ``lora_adapter_metadata``), mode per umask."""
-    from kontext.sharing import respect_umask
+    from kontext.runtime.sharing import respect_umask
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

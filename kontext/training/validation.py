@@ -6,7 +6,7 @@ of that held-out dataset; with ``validation.holdout: N`` the last N samples (in 
 are then withheld from training; with neither (the default) the first ``validation.num_samples`` TRAINING samples,
 which shows what the LoRA learned but not how it generalises. They are used un-flipped and centre-cropped at
 their bucket size, each with its own fixed seed (``validation.seed + index``), so the grids of successive steps
-differ only by the LoRA. The metrics (``kontext.metrics``) compare the result with the ORIGINAL context (the
+differ only by the LoRA. The metrics (``kontext.tools.metrics``) compare the result with the ORIGINAL context (the
 hint is not part of the scene), in pixel space and in latent space (``val/latent_*``; meaningful even when the
 base model's VAE reconstructs poorly, as the tiny model's does).
 """
@@ -24,10 +24,10 @@ from PIL import Image
 
 from data.errors import DatasetError
 from data.transforms import prepare_sample
-from kontext.generation import components_on, generate, image_latents, mask_array, mask_to_pil, quiet_progress, to_pil
-from kontext.grid import draw_mask_outline, make_grid
-from kontext.metrics import aggregate, latent_sample_metrics, sample_metrics
-from kontext.signals import busy
+from kontext.runtime.generation import components_on, generate, image_latents, mask_array, mask_to_pil, quiet_progress, to_pil
+from kontext.tools.grid import draw_mask_outline, make_grid
+from kontext.tools.metrics import aggregate, latent_sample_metrics, sample_metrics
+from kontext.training.signals import busy
 
 logger = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ def run_validation(
             (``val/grid``); None to skip logging.
 
     Returns:
-        Mean metrics over the samples: the pixel metrics of ``kontext.metrics.SampleMetrics`` as ``val/<name>``,
+        Mean metrics over the samples: the pixel metrics of ``kontext.tools.metrics.SampleMetrics`` as ``val/<name>``,
         the latent ones as ``val/latent_<name>``, and ``val/count``.
 
     The grid has a header row naming the columns of :data:`GRID_COLUMNS`, then one row per sample; each cell is the

@@ -9,7 +9,7 @@ and decorations, masks from 1 % to 50 % of the image at many aspect ratios, the 
 drawn into the context with :mod:`data.hint`, and a prompt naming the object. The product
 ("Kolo orange soda can") is never shown: learning it is the LoRA's job.
 
-It is called by :func:`kontext.tiny.build_tiny_pipeline`; see ``docs/tiny_model.md`` for the recipe's
+It is called by :func:`kontext.tiny.model.build_tiny_pipeline`; see ``docs/tiny_model.md`` for the recipe's
 measured quality and time.
 """
 
@@ -25,7 +25,7 @@ import torch
 
 from data.hint import apply_mask_hint
 from data.synthetic import make_insertion_sample
-from kontext.flux import encode_images, encode_prompts, predict_velocity
+from kontext.runtime.flux import encode_images, encode_prompts, predict_velocity
 from losses import flow_matching as fm
 
 
@@ -63,7 +63,7 @@ def pretrain_transformer(
 ) -> dict[str, Any]:
     """Train ``transformer`` in place on the insertion task; ``pipe`` supplies the trained VAE and text encoders.
 
-    The objective is the trainer's (:func:`losses.flow_matching` pieces and :func:`kontext.flux.predict_velocity`):
+    The objective is the trainer's (:func:`losses.flow_matching` pieces and :func:`kontext.runtime.flux.predict_velocity`):
     ``x_t = (1 - sigma) x0 + sigma eps``, target velocity ``eps - x0``, sigmas from the scheduler's training
     table, context tokens appended after the target tokens. The guidance embedding's value is drawn per step
     from ``cfg["guidance_range"]`` so that any guidance a user picks at inference is one the base has seen.
@@ -148,16 +148,16 @@ def insertion_quality(
     """How well ``pipe`` inserts: generate on held-out samples of the insertion task and measure the change.
 
     Each sample is drawn with :func:`data.synthetic.make_insertion_sample` (a generator seeded apart from the
-    training data), generated with the ``fill`` hint through :func:`kontext.generation.generate` (guidance 2.5,
-    the Kontext default), and scored with :func:`kontext.metrics.sample_metrics` against the un-hinted scene.
+    training data), generated with the ``fill`` hint through :func:`kontext.runtime.generation.generate` (guidance 2.5,
+    the Kontext default), and scored with :func:`kontext.tools.metrics.sample_metrics` against the un-hinted scene.
 
     Returns:
         Means over samples: ``iou`` and ``area_log_error`` of the change mask against the insertion mask,
         ``psnr_outside`` (dB, result vs scene outside the dilated mask), ``psnr_inside`` (result vs target
         inside the mask).
     """
-    from kontext.generation import generate, quiet_progress
-    from kontext.metrics import sample_metrics
+    from kontext.runtime.generation import generate, quiet_progress
+    from kontext.tools.metrics import sample_metrics
 
     rows = []
     rng = np.random.default_rng(seed)

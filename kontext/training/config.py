@@ -2,11 +2,11 @@
 
 Load a config the way the trainer does::
 
-    from kontext.config import load_config
+    from kontext.training.config import load_config
     cfg = load_config("configs/example_tiny.yaml", overrides=["train.max_steps=10"])
 
 Unknown or misspelled keys, wrong types and out-of-range values raise :class:`ConfigError`
-naming the key (with a suggestion for misspellings). ``python -m kontext.config`` prints the
+naming the key (with a suggestion for misspellings). ``python -m kontext.training.config`` prints the
 reference table that ``docs/config.md`` holds; a test keeps the two identical.
 """
 
@@ -683,7 +683,7 @@ def reference_markdown() -> str:
     lines = [
         "# Config reference",
         "",
-        "Generated from `kontext/config.py` by `python -m kontext.config`; a test keeps it identical.",
+        "Generated from `kontext/training/config.py` by `python -m kontext.training.config`; a test keeps it identical.",
         "Set a key in YAML (`section:` then `key: value`) or on the command line as `section.key=value`.",
         "Numbers may be written in any usual notation (`1e-4`, `5E-5`, `0.0001`, `1_000`) and must be finite;",
         "the type column gives each number's allowed range. A key may appear only once per mapping.",
@@ -704,7 +704,7 @@ def reference_markdown() -> str:
             shown = yaml.safe_dump(default, default_flow_style=True, width=10_000).strip()
             shown = shown.removesuffix("\n...").removesuffix("...").strip()
             if isinstance(default, list) and len(shown) > 60:
-                shown = "see `kontext/config.py` (`DEFAULT_LORA_TARGETS`)"
+                shown = "see `kontext/training/config.py` (`DEFAULT_LORA_TARGETS`)"
             tname = _type_name(tp)
             bounds = _range_text(f.metadata)
             if bounds:

@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kontext.sharing import shareable_model_name
+from kontext.runtime.sharing import shareable_model_name
 
 
 def write_model_card(output_dir: str | Path, cfg: Any, metrics: dict[str, float], history: list[dict[str, float]]) -> Path:
     """Write ``output_dir/README.md``: base model, prompt, key settings, final metrics, last validation grid.
 
     Args:
-        cfg: the resolved ``kontext.config.Config`` of the run.
+        cfg: the resolved ``kontext.training.config.Config`` of the run.
         metrics: final validation metrics (name -> value); may be empty.
         history: per-step logged scalars (``[{"step": int, "loss/total": float, ...}, ...]``).
     """
@@ -77,7 +77,7 @@ def write_model_card(output_dir: str | Path, cfg: Any, metrics: dict[str, float]
         "",
         "- diffusers: `pytorch_lora_weights.safetensors` (this folder, as above).",
         "- ComfyUI, Forge: `lora_comfyui.safetensors` (original FLUX module names, one LoRA per projection; write "
-        "it with `python -m kontext.comfyui <this folder>` if it is missing; kohya tools need the fused layout, "
+        "it with `python -m kontext.tools.comfyui <this folder>` if it is missing; kohya tools need the fused layout, "
         "`--layout fused`). ComfyUI ignores the diffusers file's "
         "`lora_adapter_metadata`, so the diffusers file loaded there is scaled "
         + (

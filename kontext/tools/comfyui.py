@@ -2,9 +2,9 @@
 
 Run on a finished output folder or on any diffusers-format FLUX LoRA file::
 
-    python -m kontext.comfyui outputs/my-product            # writes outputs/my-product/lora_comfyui.safetensors
-    python -m kontext.comfyui some/pytorch_lora_weights.safetensors --out product_comfy.safetensors
-    python -m kontext.comfyui outputs/my-product --layout fused   # original FLUX names, for kohya tools
+    python -m kontext.tools.comfyui outputs/my-product            # writes outputs/my-product/lora_comfyui.safetensors
+    python -m kontext.tools.comfyui some/pytorch_lora_weights.safetensors --out product_comfy.safetensors
+    python -m kontext.tools.comfyui outputs/my-product --layout fused   # original FLUX names, for kohya tools
 
 Two layouts, both applied exactly by ComfyUI's LoRA loader (``comfy/lora.py``):
 
@@ -49,7 +49,7 @@ from peft.utils.other import get_pattern_key
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kontext.sharing import respect_umask, shareable_model_name
+from kontext.runtime.sharing import respect_umask, shareable_model_name
 
 DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
 COMFYUI_LORA_NAME = "lora_comfyui.safetensors"
@@ -466,9 +466,9 @@ def export_comfyui(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: ``python -m kontext.comfyui PATH [--out FILE]``."""
+    """CLI: ``python -m kontext.tools.comfyui PATH [--out FILE]``."""
     parser = argparse.ArgumentParser(
-        prog="python -m kontext.comfyui",
+        prog="python -m kontext.tools.comfyui",
         description="Convert a diffusers FLUX (Kontext) LoRA to a file ComfyUI applies at the trained strength.",
     )
     parser.add_argument("path", help=f"a training output folder (with {DIFFUSERS_LORA_NAME}) or a LoRA file")
