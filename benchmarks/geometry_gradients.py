@@ -66,12 +66,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     geo = cfg.loss.geometry
     weights = {t: getattr(geo, t) for t in TERMS}
     params = [p for p in run.transformer.parameters() if p.requires_grad]
-    batches = tk._batches(run)
+    batches = run.batches()
     ratios: dict[str, list[float]] = {t: [] for t in TERMS}
     cosines: dict[str, list[float]] = {t: [] for t in TERMS}
     print(f"weights {weights}, geometry weight {geo.weight}, noise weighting {geo.noise_weighting}")
     for i in range(args.batches):
-        batch = tk._to_device(next(batches), run)
+        batch = next(batches)
         geo.enabled = False
         flow, _ = tk.compute_loss(run.transformer, batch, cfg, torch.Generator().manual_seed(i), run.train_scheduler)
         g_flow = torch.autograd.grad(flow, params)

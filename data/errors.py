@@ -6,25 +6,26 @@ Every check in ``data`` that finds something wrong with the user's files raises
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class DatasetError(ValueError):
     """A dataset cannot be used as it is.
 
-    ``problems`` holds one line per problem, each naming the file (or row and column) and the fix;
-    ``str(err)`` lists them all under a one-line summary naming the dataset (``where``).
-    ``DatasetError(message)`` with a single string is also accepted (how DataLoader workers
-    re-raise exceptions in the main process).
+    ``DatasetError(where, problems)``: ``where`` names the dataset (``source.describe()``), ``problems``
+    holds one line per problem, each naming the file (or row and column) and the fix. ``str(err)`` lists
+    them all under a one-line summary naming the dataset.
     """
 
-    def __init__(self, where: str, problems: list[str] | None = None) -> None:
+    def __init__(self, where: str, problems: Sequence[str]) -> None:
+        if isinstance(problems, str):
+            raise TypeError("DatasetError problems must be a list of lines, not one string")
         self.where = where
-        self.problems = list(problems) if problems is not None else []
-        if problems is None:
-            super().__init__(where)
-            return
+        self.problems = list(problems)
         n = len(self.problems)
         head = f"Dataset {where} has {n} problem{'s' if n != 1 else ''}:"
         super().__init__("\n".join([head, *(f"  - {p}" for p in self.problems)]))
 
-    def __reduce__(self) -> tuple[type, tuple[str, list[str] | None]]:
-        return (type(self), (self.where, self.problems if self.problems else None))
+    def __reduce__(self) -> tuple[type, tuple[str, list[str]]]:
+        # BaseException pickles as cls(*args) with args = (message,); rebuild from the fields instead.
+        return (type(self), (self.where, self.problems))

@@ -1,18 +1,18 @@
 """Mask-geometry losses for object insertion with FLUX.1 Kontext LoRAs, plus the flow-matching math.
 
-The specification's functions (``downsample_mask_area`` ... ``boundary_loss``) work on any latents;
+The loss functions (``downsample_mask_area`` ... ``boundary_loss``) work on any latents;
 ``compute_mask_targets`` + ``geometry_loss`` is the training-loop form with per-sample precomputed targets,
-in the ``calibrated`` formulation (default) or the specification's (``seed``). See ``docs/losses.md``.
+in the ``calibrated`` formulation (default) or the reference composition of those functions (``seed``).
+See ``docs/losses.md``.
 """
 
 from __future__ import annotations
 
-from .combined import LOSS_TERMS, GeometryLoss, GeometryLossWeights, geometry_loss, noise_level_weight
+from .combined import LOSS_TERMS, GeometryLossWeights, geometry_loss, noise_level_weight
 from .distance import distance_transform_edt, signed_distance_map_from_mask
 from .flow_matching import (
     add_noise,
     calculate_shift,
-    expand_sigmas,
     flow_matching_loss,
     loss_weighting,
     masked_flow_weight,
@@ -38,7 +38,6 @@ from .targets import MaskTargets, compute_mask_targets
 __all__ = [
     "LOSS_TERMS",
     "ChangeMaskStats",
-    "GeometryLoss",
     "GeometryLossWeights",
     "MaskTargets",
     "add_noise",
@@ -53,7 +52,6 @@ __all__ = [
     "distance_transform_edt",
     "downsample_mask_area",
     "erode",
-    "expand_sigmas",
     "flow_matching_loss",
     "geometry_loss",
     "loss_weighting",

@@ -7,8 +7,9 @@ squared (V-Net) Dice, the log area ratio against the target's change area, and a
 ``mean(|phi| (p - t)^2)`` that generalises Kervadec's loss to soft targets without rewarding
 unbounded change.
 
-``formulation="seed"`` gives the same numbers as composing the original specification's functions
-(``losses.geometry``; see ``docs/losses.md``): the change mask is compared with the insertion mask.
+``formulation="seed"`` is the reference composition: the same numbers as composing the functions of
+``losses.geometry`` with the default weights (see ``docs/losses.md``); the change mask is compared with the
+insertion mask.
 
 Both take per-sample :class:`~losses.targets.MaskTargets` instead of recomputing morphology and the
 SDM every step, share the ``z_pred - z_ctx`` difference between background preservation and the
@@ -22,10 +23,11 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .geometry import (
     NORM_EPS,
+    ChangeMaskStats,
     area_ratio_per_sample,
     change_stats_from_background,
     compute_dtype,
@@ -35,7 +37,6 @@ from .geometry import (
 from .targets import MaskTargets
 
 __all__ = [
-    "GeometryLoss",
     "GeometryLossWeights",
     "FORMULATIONS",
     "LOSS_TERMS",
@@ -52,7 +53,7 @@ NoiseWeightScheme = Literal["none", "one_minus_sigma", "one_minus_sigma_sq", "co
 
 @dataclass
 class GeometryLossWeights:
-    """Per-term weights of the total (the spec's starter values).
+    """Per-term weights of the total (defaults ``1.0 mse + 0.6 bg + 0.9 dice + 0.2 area + 0.4 boundary``).
 
     Attributes:
         mse: boundary-weighted reconstruction MSE against the target latents.
@@ -137,7 +138,7 @@ class _ChannelErrors(torch.autograd.Function):
 @torch.no_grad()
 def calibrated_change_stats(
     D_tgt: Tensor, mask: Tensor, outside: Tensor, temperature: float = 0.25, min_s: float = 1e-3
-) -> "ChangeMaskStats":
+) -> ChangeMaskStats:
     """One temperature per sample for the change masks of prediction and target, from the target alone.
 
     ``mu_in`` and ``mu_out`` are the target's mean change norm inside the mask (``mask >= 0.5``) and on
@@ -153,8 +154,6 @@ def calibrated_change_stats(
     Returns:
         :class:`~losses.geometry.ChangeMaskStats` with ``[B, 1, 1, 1]`` tensors.
     """
-    from .geometry import ChangeMaskStats
-
     dims = (1, 2, 3)
     inside = (mask >= 0.5).to(D_tgt.dtype)
     overall = D_tgt.mean(dims, keepdim=True)
@@ -216,11 +215,11 @@ def geometry_loss(
       sum (p - t)^2 / (sum p^2 + sum t^2 + smooth)``, ``area = log((sum p + eps) / (sum t + eps))^2`` with
       both sums over the mask and its band (not the sure background, whose drift is ``bg``'s business),
       ``boundary = mean(|phi| (p - t)^2)``. Every term is 0 with zero gradient at ``z_pred = z_tgt``.
-    - ``"seed"``: each term exactly as the specification's function of the same name (same fallbacks), ``bg``
-      the MSE against ``z_ctx`` on the sure background,
+    - ``"seed"`` (the reference composition): each term exactly as the function of the same name in
+      :mod:`losses.geometry` (same fallbacks), ``bg`` the MSE against ``z_ctx`` on the sure background,
       ``tau, s`` from the prediction's own background, Dice and area against the insertion mask, and
-      Kervadec's ``mean(p * phi)``. With ``sample_weights=None`` the total equals the specification's
-      composition.
+      Kervadec's ``mean(p * phi)``. With ``sample_weights=None`` the total equals composing those functions
+      with the same weights.
 
     Args:
         z_pred: ``[B, C, H, W]`` predicted clean latents (``x_t - sigma * v_pred``); any float dtype,
@@ -305,53 +304,3 @@ def geometry_loss(
             raise ValueError(f"sample_weights must have B={b} values; got shape {tuple(sample_weights.shape)}")
         total = (sw * total_per_sample).mean()
     return total, {k: v.mean() for k, v in per_sample.items()}
-
-
-class GeometryLoss(nn.Module):
-    """``nn.Module`` wrapper of :func:`geometry_loss` holding the weights and options.
-
-    ``forward(z_pred, z_tgt, z_ctx, targets, sample_weights=None) -> (total, parts)``.
-    """
-
-    def __init__(
-        self,
-        weights: GeometryLossWeights | None = None,
-        *,
-        w_in: float = 1.0,
-        w_band: float = 6.0,
-        w_out: float = 0.2,
-        channel_reduce: str = "mean",
-        k_sigma: float = 2.0,
-        min_s: float = 1e-3,
-        detach_stats: bool = True,
-        formulation: str = "calibrated",
-        temperature: float = 0.25,
-    ) -> None:
-        super().__init__()
-        self.weights = weights if weights is not None else GeometryLossWeights()
-        self.options = dict(
-            w_in=w_in,
-            w_band=w_band,
-            w_out=w_out,
-            channel_reduce=channel_reduce,
-            k_sigma=k_sigma,
-            min_s=min_s,
-            detach_stats=detach_stats,
-            formulation=formulation,
-            temperature=temperature,
-        )
-
-    def forward(
-        self,
-        z_pred: Tensor,
-        z_tgt: Tensor,
-        z_ctx: Tensor,
-        targets: MaskTargets,
-        sample_weights: Tensor | None = None,
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        return geometry_loss(
-            z_pred, z_tgt, z_ctx, targets, self.weights, sample_weights=sample_weights, **self.options
-        )
-
-    def extra_repr(self) -> str:
-        return f"weights={self.weights}, " + ", ".join(f"{k}={v}" for k, v in self.options.items())

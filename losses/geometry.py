@@ -1,4 +1,8 @@
-"""The seed's latent-space geometry losses (the public API contract).
+"""Latent-space geometry losses: boundary-weighted MSE, background preservation, soft change mask, Dice,
+log area ratio and Kervadec's boundary loss.
+
+The formulas, names, signatures and defaults follow the original geometry-loss specification; they are the
+public API of ``losses``.
 
 Every function computes in float32 (float64 inputs stay float64, for gradient checks), whatever the
 input dtype, and returns finite values and gradients on empty masks, full masks, identical latents and

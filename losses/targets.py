@@ -1,13 +1,13 @@
 """Per-sample mask targets, computed once per sample and cached (never once per step).
 
 ``compute_mask_targets`` turns a pixel mask into everything the geometry losses need at latent
-resolution; ``MaskTargets`` batches, moves and (de)serialises them (e.g. into a safetensors cache).
+resolution; ``MaskTargets`` holds them for a batch (built field by field from per-sample tensors), moves them
+and flattens them for a safetensors cache (``to_dict``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -60,47 +60,13 @@ class MaskTargets:
         """``(h, w)``."""
         return int(self.mask.shape[-2]), int(self.mask.shape[-1])
 
-    def __len__(self) -> int:
-        return self.batch_size
-
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> MaskTargets:
         """Copy onto ``device`` (and optionally cast to ``dtype``); returns a new ``MaskTargets``."""
         return MaskTargets(**{n: getattr(self, n).to(device=device, dtype=dtype) for n in _FIELDS})
 
-    def to_dict(self, prefix: str = "") -> dict[str, Tensor]:
-        """``{prefix + "mask": ..., prefix + "band": ..., ...}`` with contiguous tensors (safetensors-ready)."""
-        return {prefix + n: getattr(self, n).contiguous() for n in _FIELDS}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Tensor], prefix: str = "") -> MaskTargets:
-        """Inverse of :meth:`to_dict`; raises ``KeyError`` naming the missing key."""
-        missing = [prefix + n for n in _FIELDS if prefix + n not in d]
-        if missing:
-            raise KeyError(
-                f"mask-target dict lacks {missing}; it must hold {[prefix + n for n in _FIELDS]} as written by "
-                "MaskTargets.to_dict() (rebuild the cache if it predates this format)"
-            )
-        return cls(**{n: d[prefix + n].float() for n in _FIELDS})
-
-    @classmethod
-    def stack(cls, items: Sequence[MaskTargets]) -> MaskTargets:
-        """Concatenate targets (each with ``B >= 1``) along the batch dimension."""
-        items = list(items)
-        if not items:
-            raise ValueError("MaskTargets.stack needs at least one MaskTargets")
-        sizes = {t.latent_size for t in items}
-        if len(sizes) > 1:
-            raise ValueError(
-                f"MaskTargets.stack got different latent sizes {sorted(sizes)}; batch samples of one "
-                "resolution bucket together"
-            )
-        return cls(**{n: torch.cat([getattr(t, n) for t in items], dim=0) for n in _FIELDS})
-
-    def __getitem__(self, index: int | slice | Tensor) -> MaskTargets:
-        """Select samples (keeps the batch dimension for integer indices)."""
-        if isinstance(index, int):
-            index = slice(index, index + 1 if index != -1 else None)
-        return MaskTargets(**{n: getattr(self, n)[index] for n in _FIELDS})
+    def to_dict(self) -> dict[str, Tensor]:
+        """``{"mask": ..., "band": ..., "outside": ..., "sdm": ...}`` with contiguous tensors (safetensors-ready)."""
+        return {n: getattr(self, n).contiguous() for n in _FIELDS}
 
 
 @torch.no_grad()
@@ -113,8 +79,8 @@ def compute_mask_targets(
 ) -> MaskTargets:
     """Compute the latent mask, boundary band, sure background and SDM of pixel masks.
 
-    The results equal what the seed API computes inside its losses for ``M_lat =
-    downsample_mask_area(mask_px, latent_size)`` and ``phi = signed_distance_map_from_mask(M_lat > 0.5,
+    The results equal what the functions of :mod:`losses.geometry` compute inside for ``M_lat =
+    downsample_mask_area(mask_px, latent_size)``, and ``phi = signed_distance_map_from_mask(M_lat > 0.5,
     normalize=sdm_normalize)``.
 
     Args:

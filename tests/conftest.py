@@ -36,7 +36,8 @@ def make_random_lora(model_dir: Path, out: Path, seed: int) -> Path:
     """
     from diffusers import FluxTransformer2DModel
 
-    from kontext.runtime.lora import attach_lora, make_lora_config, save_lora
+    from kontext.runtime.lora import attach_lora, make_lora_config
+    from kontext.runtime.lora_io import save_lora
 
     t = FluxTransformer2DModel.from_pretrained(str(model_dir), subfolder="transformer")
     torch.manual_seed(seed)

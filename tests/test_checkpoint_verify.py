@@ -19,6 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+import kontext.runtime.lora_io as lora_io
 import train_kontext_lora as tk
 from kontext.training.checkpoint import (
     CheckpointError,
@@ -203,15 +204,15 @@ def test_a_checkpoint_that_does_not_read_back_is_never_promoted(tmp_path):
 def test_a_save_that_loses_data_silently_stops_with_one_message(tmp_path, tiny_model_dir, tiny_dataset_dir, monkeypatch):
     from conftest import tiny_run_dict
 
-    real_export = tk.export_lora
+    real_export = lora_io.save_lora
 
-    def export_truncated(accelerator, transformer, out_dir, dtype=torch.float32):
-        path = real_export(accelerator, transformer, out_dir, dtype)
+    def export_truncated(transformer, out_dir, *args, **kwargs):
+        path = real_export(transformer, out_dir, *args, **kwargs)
         if Path(out_dir).name == "checkpoint-4.tmp":
             _truncate(path)  # no error raised: the data is simply not all there
         return path
 
-    monkeypatch.setattr(tk, "export_lora", export_truncated)
+    monkeypatch.setattr(lora_io, "save_lora", export_truncated)
     out = tmp_path / "out"
     d = tiny_run_dict(out, tiny_model_dir, tiny_dataset_dir, tmp_path / "cache", train={"max_steps": 6})
     with pytest.raises(tk.UserError) as info:

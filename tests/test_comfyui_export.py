@@ -25,12 +25,12 @@ from safetensors.torch import load_file, save_file
 
 from kontext.tools.comfyui import (
     COMFYUI_LORA_NAME,
-    DIFFUSERS_LORA_NAME,
     LAYOUTS,
     convert_diffusers_lora_to_comfyui,
     export_comfyui,
 )
 from kontext.tools.comfyui import main as comfyui_main
+from kontext.runtime.lora_io import LORA_WEIGHTS_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -197,10 +197,10 @@ def save_like_trainer(transformer: FluxTransformer2DModel, folder: Path) -> Path
         save_directory=str(folder),
         transformer_lora_layers=get_peft_model_state_dict(transformer, adapter_name="default"),
         transformer_lora_adapter_metadata=_json_safe(transformer.peft_config["default"].to_dict()),
-        weight_name=DIFFUSERS_LORA_NAME,
+        weight_name=LORA_WEIGHTS_NAME,
         safe_serialization=True,
     )
-    return folder / DIFFUSERS_LORA_NAME
+    return folder / LORA_WEIGHTS_NAME
 
 
 def peft_deltas(transformer: FluxTransformer2DModel) -> dict[str, torch.Tensor]:
@@ -364,7 +364,7 @@ def test_fused_layer_layout_and_shapes(trained):
         meta = f.metadata()
     assert "lora_adapter_metadata" not in meta
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "8"
-    assert meta["source_file"] == DIFFUSERS_LORA_NAME and meta["layout"] == "fused"
+    assert meta["source_file"] == LORA_WEIGHTS_NAME and meta["layout"] == "fused"
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -413,7 +413,7 @@ def test_errors_name_file_and_key(tmp_path):
         convert_diffusers_lora_to_comfyui(wrong_rank, {"r": 2, "lora_alpha": 2})
     with pytest.raises(ValueError, match="DoRA"):
         convert_diffusers_lora_to_comfyui(wrong_rank, {"r": 3, "use_dora": True})
-    with pytest.raises(FileNotFoundError, match=DIFFUSERS_LORA_NAME):
+    with pytest.raises(FileNotFoundError, match=LORA_WEIGHTS_NAME):
         export_comfyui(tmp_path)
 
 
@@ -463,7 +463,7 @@ def test_cli_writes_the_file(trained, tmp_path, capsys):
     _, folder = trained
     target = tmp_path / "cli_out.safetensors"
     proc = subprocess.run(
-        [sys.executable, "-m", "kontext.tools.comfyui", str(folder / DIFFUSERS_LORA_NAME), "--out", str(target)],
+        [sys.executable, "-m", "kontext.tools.comfyui", str(folder / LORA_WEIGHTS_NAME), "--out", str(target)],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -158,7 +158,7 @@ def test_contract_key_has_its_default_and_is_set_by_an_override(dotted):
     assert got == expected and type(got) is type(expected)
 
 
-def test_geometry_defaults_are_the_spec_starter_weights():
+def test_geometry_defaults_are_the_documented_weights():
     cfg = Config()
     g = cfg.loss.geometry
     assert (g.mse, g.bg, g.dice, g.area, g.boundary) == (1.0, 0.6, 0.9, 0.2, 0.4)

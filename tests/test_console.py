@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
+import kontext.training.launch as launch
 import train_kontext_lora as tk
 from kontext.training.summary import round_sig, run_summary
 
@@ -18,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def restore_log_levels():
-    names = tk.OWN_LOGGERS + ("kontext.tiny.model", "data.synthetic")
+    names = launch.OWN_LOGGERS + ("kontext.tiny.model", "data.synthetic")
     before = {n: logging.getLogger(n).level for n in names}
     yield
     for n, level in before.items():
@@ -27,7 +28,7 @@ def restore_log_levels():
 
 @pytest.mark.parametrize("main_process", [True, False])
 def test_project_loggers_log_info_on_the_main_process_only(main_process, restore_log_levels, caplog):
-    tk._setup_logging(SimpleNamespace(is_main_process=main_process))
+    launch.setup_logging(SimpleNamespace(is_main_process=main_process))
     caplog.set_level(logging.NOTSET)  # let caplog see whatever the loggers themselves let through
     for name in ("kontext.tiny.model", "data.synthetic", "losses", "kontext_lora"):
         logging.getLogger(name).info("hello from %s", name)
@@ -81,28 +82,28 @@ def test_summary_has_steps_time_rounded_losses_metrics_files_and_commands(tmp_pa
 
 
 def test_cpu_threads_for_a_plain_run(monkeypatch):
-    monkeypatch.setattr(tk.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    monkeypatch.setattr(tk.os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
-    assert tk.cpu_threads_for_plain_run({}) in (1, 2, 3, 4)  # physical cores, at most the usable ones
+    monkeypatch.setattr(launch.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(launch.os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
+    assert launch.cpu_threads_for_plain_run({}) in (1, 2, 3, 4)  # physical cores, at most the usable ones
     # a busy box: the cores other work holds are left to it
-    monkeypatch.setattr(tk.os, "getloadavg", lambda: (3.2, 3.0, 3.0))
-    assert tk.cpu_threads_for_plain_run({}) == 1
+    monkeypatch.setattr(launch.os, "getloadavg", lambda: (3.2, 3.0, 3.0))
+    assert launch.cpu_threads_for_plain_run({}) == 1
     # the user's OMP_NUM_THREADS, and accelerate's own choice, are never overridden
-    assert tk.cpu_threads_for_plain_run({"OMP_NUM_THREADS": "3"}) is None
-    assert tk.cpu_threads_for_plain_run({"LOCAL_RANK": "0"}) is None
-    assert tk.cpu_threads_for_plain_run({"ACCELERATE_MIXED_PRECISION": "no"}) is None
+    assert launch.cpu_threads_for_plain_run({"OMP_NUM_THREADS": "3"}) is None
+    assert launch.cpu_threads_for_plain_run({"LOCAL_RANK": "0"}) is None
+    assert launch.cpu_threads_for_plain_run({"ACCELERATE_MIXED_PRECISION": "no"}) is None
 
 
 def test_set_cpu_threads_applies_them(monkeypatch):
     calls = []
-    monkeypatch.setattr(tk, "cpu_threads_for_plain_run", lambda: 1)
-    monkeypatch.setattr(tk.torch, "set_num_threads", calls.append)
+    monkeypatch.setattr(launch, "cpu_threads_for_plain_run", lambda: 1)
+    monkeypatch.setattr(launch.torch, "set_num_threads", calls.append)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert tk.set_cpu_threads() == 1
-    assert calls == [1] and tk.os.environ["OMP_NUM_THREADS"] == "1"
-    monkeypatch.setattr(tk, "cpu_threads_for_plain_run", lambda: None)
+    assert launch.set_cpu_threads() == 1
+    assert calls == [1] and launch.os.environ["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setattr(launch, "cpu_threads_for_plain_run", lambda: None)
     calls.clear()
-    assert tk.set_cpu_threads() is None and calls == []
+    assert launch.set_cpu_threads() is None and calls == []
 
 
 def _bad_config_args(tmp_path: Path) -> list[str]:
@@ -111,7 +112,7 @@ def _bad_config_args(tmp_path: Path) -> list[str]:
 
 def test_config_error_is_the_last_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
-    for k in [k for k in tk.os.environ if k.startswith("ACCELERATE_") or k == "LOCAL_RANK"]:
+    for k in [k for k in launch.os.environ if k.startswith("ACCELERATE_") or k == "LOCAL_RANK"]:
         monkeypatch.delenv(k)
     assert tk.main(_bad_config_args(tmp_path)) == 2
     err = capsys.readouterr().err.rstrip("\n").splitlines()

@@ -242,8 +242,8 @@ def test_a_mask_at_the_resolution_limit_survives(tmp_path: Path) -> None:
 
 def test_trainer_dataset_check_warns_about_masks_that_vanish_at_the_training_size(tmp_path):
     """The trainer's own dataset check passes its buckets, so a mask too small for the bucket is named."""
-    import train_kontext_lora as tk
     from data.validate import DatasetWarning
+    from kontext.training import inputs
     from kontext.training.config import config_from_dict
 
     from PIL import Image
@@ -260,4 +260,4 @@ def test_trainer_dataset_check_warns_about_masks_that_vanish_at_the_training_siz
             Image.fromarray(arr).save(root / role / f"{name}.png")
     cfg = config_from_dict({"data": {"root": str(root), "resolution": 64, "default_prompt": "insert"}})
     with pytest.warns(DatasetWarning, match="tiny"):
-        tk.open_dataset_source(cfg)
+        inputs.open_sources(cfg)

@@ -144,3 +144,53 @@ def test_folder_fingerprint_follows_content_not_position(tmp_path: Path) -> None
 def test_unknown_kind(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="data.kind must be 'folder' or 'hf', got 'imagefolder'"):
         open_source("imagefolder", tmp_path)
+
+
+def test_public_names_are_reexported_from_the_package() -> None:
+    # data/sources/ is one module per source plus what they share; callers import from data.sources or data.
+    import data
+    import data.sources as sources
+    from data.sources import base, folder, huggingface
+
+    assert sources.FolderSource is data.FolderSource is folder.FolderSource
+    assert sources.HFSource is data.HFSource is huggingface.HFSource
+    assert sources.RawSample is data.RawSample is base.RawSample
+    assert sources.open_source is data.open_source and sources.open_configured_source is data.open_configured_source
+    assert sources.TripletSource is base.TripletSource and sources.ROLES == ("context", "target", "mask")
+    assert sources.PROMPT_MODES == ("auto", "files", "metadata", "default")
+    assert set(sources.__all__) <= set(dir(sources))
+
+
+def test_image_and_prompt_folders_are_walked_alike_but_judged_apart(tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    _folder(tmp_path)
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    for folder in (tmp_path / "context", prompts):
+        (folder / ".DS_Store").write_text("x")  # hidden files are skipped in both
+    (prompts / "s0.txt").write_text("insert s0")
+    os.symlink("s1.txt", prompts / "s1.txt")  # a loop in prompts/ is reported, the sample stays (default prompt)
+    os.symlink("s9.png", tmp_path / "mask" / "s9.png")  # a loop in mask/: reported once, not as "no context"
+    (prompts / "notes").mkdir()  # a sub-folder of prompts/ is ignored, of context/ reported
+    (tmp_path / "context" / "extra").mkdir()
+    src = FolderSource(tmp_path, default_prompt="p")
+    assert src.scan_problems() == [
+        "context/extra/ is a folder; context/ must hold image files only, move it out",
+        "mask/s9.png is a symlink loop (the link points back at itself); replace it with the file or remove it",
+        "prompts/s1.txt is a symlink loop (the link points back at itself); replace it with the file or remove it",
+    ]
+    assert src.names == ["s0", "s1", "s2"]
+    assert [src.prompt(i) for i in range(3)] == ["insert s0", "p", "p"]
+
+    real_iterdir = Path.iterdir
+
+    def unlistable(self: Path):
+        if self.name in ("target", "prompts"):
+            raise PermissionError(13, "Permission denied")
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", unlistable)
+    problems = FolderSource(tmp_path, default_prompt="p").scan_problems()
+    for sub in ("target", "prompts"):
+        assert f"folder {sub}/ cannot be listed (Permission denied); check that it is a readable folder" in problems

@@ -143,8 +143,10 @@ FSDP2_WORKER = textwrap.dedent(
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from kontext.runtime.lora import attach_lora, lora_state_dict, make_lora_config
-    from train_kontext_lora import export_lora, full_lora_state_dict
+    from peft.utils import get_peft_model_state_dict
+
+    from kontext.runtime.lora import attach_lora, make_lora_config
+    from kontext.runtime.lora_io import full_lora_state_dict, save_lora
 
     model_dir, out = sys.argv[1], Path(sys.argv[2])
     acc = Accelerator(cpu=True)
@@ -161,9 +163,9 @@ FSDP2_WORKER = textwrap.dedent(
         fully_shard(block, mesh=mesh)
     fully_shard(tr, mesh=mesh)
     sharded = sum(type(p).__name__ == "DTensor" for p in tr.parameters())
-    local = lora_state_dict(tr)  # what reading the PEFT state dict without gathering gives
+    local = get_peft_model_state_dict(tr, adapter_name="default")  # what reading it without gathering gives
     gathered = full_lora_state_dict(tr)
-    export_lora(acc, tr, out)
+    save_lora(tr, out, write=acc.is_main_process)
     report = {
         "world": acc.num_processes,
         "sharded_params": sharded,
@@ -228,16 +230,16 @@ def test_an_error_on_the_main_process_stops_every_rank(tmp_path, tiny_model_dir,
 
 SAVE_FAILURE_WORKER = textwrap.dedent(
     """
-    import errno, json, sys, types
+    import errno, json, sys
     from pathlib import Path
 
     from accelerate import Accelerator
 
-    import train_kontext_lora as tk
+    from kontext.training.checkpoint import stop_if_any_failed
+    from kontext.training.launch import UserError
 
     out = Path(sys.argv[1])
     acc = Accelerator(cpu=True)
-    run = types.SimpleNamespace(accelerator=acc, output_dir=out)
     tmp = out / "checkpoint-4.tmp"
     if acc.is_main_process:
         tmp.mkdir(exist_ok=True)
@@ -246,9 +248,9 @@ SAVE_FAILURE_WORKER = textwrap.dedent(
     # Only rank 1's disk is full.
     failure = OSError(errno.ENOSPC, "No space left on device") if acc.process_index == 1 else None
     try:
-        tk._stop_if_any_failed(run, failure, tmp, 4)
+        stop_if_any_failed(acc, failure, out, tmp, "checkpoint-4")
         outcome = "went on"
-    except tk.UserError as e:
+    except UserError as e:
         outcome = str(e)
     (out / f"rank{acc.process_index}.json").write_text(json.dumps(outcome))
     """

@@ -242,3 +242,47 @@ def test_generation_progress_shows_one_labelled_bar_and_restores(pipe, scene):
                  num_inference_steps=STEPS, max_sequence_length=64)
     assert "generating 2 images" in buf.getvalue() and f"{STEPS}/{STEPS}" in buf.getvalue()
     assert pipe._progress_bar_config == before
+
+
+# ----------------------------------------------------------------------------------- pipeline loading
+def test_load_pipeline_errors_name_the_path_and_the_setting(tmp_path):
+    from kontext.runtime.pipeline import PipelineLoadError, load_pipeline
+
+    missing = tmp_path / "no" / "such-model"
+    with pytest.raises(PipelineLoadError) as e:
+        load_pipeline(str(missing), torch.float32)
+    assert f"the folder {missing} does not exist" in str(e.value)
+    assert "Point model.pretrained_model_name_or_path at a local diffusers folder (or `tiny`)" in str(e.value)
+    # a folder that is not a diffusers pipeline: from_pretrained's OSError, with the login / folder advice
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PipelineLoadError) as e:
+        load_pipeline(str(tmp_path / "empty"), torch.float32, option="--model")
+    msg = str(e.value)
+    assert msg.startswith(f"Could not load FLUX.1 Kontext from {str(tmp_path / 'empty')!r} (")
+    assert "`huggingface-cli login`" in msg and "point --model at a local diffusers folder (or `tiny`)" in msg
+    with pytest.raises(PipelineLoadError, match="model.quantization must be one of none, nf4, int8; got 'int4'"):
+        load_pipeline(str(tmp_path / "empty"), torch.float32, quantization="int4")
+
+
+def test_infer_reports_an_unloadable_model(scene, tmp_path, capsys):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "model_index.json").write_text('{"_class_name": "FluxKontextPipeline", "vae": ["diffusers", "AutoencoderKL"]}')
+    args = _args(scene, tmp_path / "x.png")
+    args[args.index("--model") + 1] = str(broken)
+    assert main(args) == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # after diffusers' "Loading pipeline components" bar
+    assert err.startswith(f"error: Could not load FLUX.1 Kontext from {str(broken)!r}") and "point --model at" in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_cache_root_follows_the_environment(tmp_path, monkeypatch):
+    from kontext.runtime.model_path import cache_root
+
+    monkeypatch.setenv("KONTEXT_LORA_CACHE", str(tmp_path / "c"))
+    assert cache_root() == tmp_path / "c"
+    monkeypatch.setenv("KONTEXT_LORA_CACHE", "~/kl-cache")
+    assert cache_root() == Path.home() / "kl-cache"
+    for unset in (monkeypatch.delenv, lambda k: monkeypatch.setenv(k, "")):
+        unset("KONTEXT_LORA_CACHE")
+        assert cache_root() == Path.home() / ".cache" / "kontext-lora"

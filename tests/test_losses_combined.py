@@ -1,5 +1,5 @@
-"""Precomputed mask targets and the combined geometry loss: the ``seed`` formulation against the specification's
-formulas written out independently in the test, and properties both formulations share."""
+"""Precomputed mask targets and the combined geometry loss: the reference composition (``formulation="seed"``)
+against its formulas written out independently in the test, and properties both formulations share."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from safetensors.torch import load_file, save_file
 from scipy import ndimage
 
 from losses import (
-    GeometryLoss,
     GeometryLossWeights,
     MaskTargets,
     compute_mask_targets,
@@ -57,10 +56,10 @@ def _reference_targets(m_px: torch.Tensor, h: int, w: int, band_r: int) -> dict[
     return {"mask": as_t(mask), "band": as_t(dil & ~ero), "outside": as_t(~dil), "sdm": as_t(np.stack(sdm))}
 
 
-def _reference_seed_terms(
+def _reference_terms(
     m_px, z_pred, z_tgt, z_ctx, *, band_r=1, w_band=6.0, channel_reduce="mean", k_sigma=2.0, min_s=1e-3
 ) -> dict[str, torch.Tensor]:
-    """The specification's five terms (its usage example with ``w_in=1, w_out=0.2``), float64 and written out:
+    """The five terms of the reference composition (``w_in=1, w_out=0.2``), float64 and written out:
 
     ``mse = mean(W * err_t)`` with ``W = w_band`` on the band else ``m + 0.2 (1 - m)``; ``bg`` the per-sample
     mean of ``err_c`` over the sure background; ``D = ||z_pred - z_ctx||`` over channels and
@@ -92,7 +91,7 @@ def _reference_seed_terms(
     return {"mse": mse, "bg": bg, "dice": dice, "area": area, "boundary": boundary}
 
 
-SPEC_WEIGHTS = {"mse": 1.00, "bg": 0.60, "dice": 0.90, "area": 0.20, "boundary": 0.40}
+DEFAULT_WEIGHTS = {"mse": 1.00, "bg": 0.60, "dice": 0.90, "area": 0.20, "boundary": 0.40}
 
 
 def test_compute_mask_targets_match_the_direct_computation():
@@ -111,7 +110,7 @@ def test_compute_mask_targets_match_the_direct_computation():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_seed_formulation_equals_the_specification_formulas(dtype):
+def test_reference_formulation_equals_its_formulas_written_out(dtype):
     m_px, z_pred, z_tgt, z_ctx = _batch()
     zp = z_pred.to(dtype).requires_grad_(True)
     total, parts = geometry_loss(
@@ -119,9 +118,9 @@ def test_seed_formulation_equals_the_specification_formulas(dtype):
     )
     # The reference sees the same (rounded) inputs, in float64.
     zp_ref = zp.detach().double().requires_grad_(True)
-    want = _reference_seed_terms(m_px, zp_ref, z_tgt.to(dtype), z_ctx.to(dtype))
-    want_total = sum(SPEC_WEIGHTS[k] * want[k] for k in SPEC_WEIGHTS)
-    assert set(parts) == set(SPEC_WEIGHTS)
+    want = _reference_terms(m_px, zp_ref, z_tgt.to(dtype), z_ctx.to(dtype))
+    want_total = sum(DEFAULT_WEIGHTS[k] * want[k] for k in DEFAULT_WEIGHTS)
+    assert set(parts) == set(DEFAULT_WEIGHTS)
     for k in parts:
         torch.testing.assert_close(parts[k].double(), want[k].detach(), rtol=1e-5, atol=1e-6, msg=k)
     torch.testing.assert_close(total.double(), want_total.detach(), rtol=1e-5, atol=1e-6)
@@ -132,14 +131,14 @@ def test_seed_formulation_equals_the_specification_formulas(dtype):
     torch.testing.assert_close(zp.grad.double(), zp_ref.grad, **tol)
 
 
-def test_custom_weights_and_options_equal_the_specification_formulas():
+def test_custom_weights_and_options_equal_the_formulas_written_out():
     m_px, z_pred, z_tgt, z_ctx = _batch(seed=1)
     t = compute_mask_targets(m_px, (12, 10), band_r=1)
     w = GeometryLossWeights(mse=2.0, bg=0.0, dice=1.5, area=0.0, boundary=0.1)
     total, parts = geometry_loss(
         z_pred, z_tgt, z_ctx, t, w, w_band=9.0, channel_reduce="sum", k_sigma=3.0, formulation="seed"
     )
-    ref = _reference_seed_terms(m_px, z_pred, z_tgt, z_ctx, w_band=9.0, channel_reduce="sum", k_sigma=3.0)
+    ref = _reference_terms(m_px, z_pred, z_tgt, z_ctx, w_band=9.0, channel_reduce="sum", k_sigma=3.0)
     want = 2.0 * ref["mse"] + 1.5 * ref["dice"] + 0.1 * ref["boundary"]
     torch.testing.assert_close(total.double(), want, rtol=1e-5, atol=1e-6)
     # Terms with weight 0 are still reported.
@@ -154,7 +153,10 @@ def test_sample_weights_weight_each_sample_before_the_mean(formulation):
     sw = torch.tensor([1.0, 0.25, 0.0])
     total, _ = geometry_loss(z_pred, z_tgt, z_ctx, t, sample_weights=sw, formulation=formulation)
     singles = [
-        geometry_loss(z_pred[i : i + 1], z_tgt[i : i + 1], z_ctx[i : i + 1], t[i], formulation=formulation)[0]
+        geometry_loss(
+            z_pred[i : i + 1], z_tgt[i : i + 1], z_ctx[i : i + 1], compute_mask_targets(m_px[i : i + 1], (12, 10)),
+            formulation=formulation,
+        )[0]
         for i in range(3)
     ]
     want = sum(sw[i] * singles[i] for i in range(3)) / 3
@@ -163,13 +165,21 @@ def test_sample_weights_weight_each_sample_before_the_mean(formulation):
         geometry_loss(z_pred, z_tgt, z_ctx, t, sample_weights=torch.ones(2))
 
 
-def test_module_wrapper_and_single_target_broadcast():
+@pytest.mark.parametrize("formulation", ["calibrated", "seed"])
+def test_one_sample_targets_broadcast_over_the_batch(formulation):
+    """Targets of one sample apply to every sample of the batch, as if repeated B times."""
     m_px, z_pred, z_tgt, z_ctx = _batch()
-    t = compute_mask_targets(m_px[:1], (12, 10))
-    total, parts = GeometryLoss()(z_pred, z_tgt, z_ctx, t)
-    t3 = MaskTargets.stack([t, t, t])
-    total3, _ = geometry_loss(z_pred, z_tgt, z_ctx, t3)
+    one = m_px[:1]
+    total, parts = geometry_loss(z_pred, z_tgt, z_ctx, compute_mask_targets(one, (12, 10)), formulation=formulation)
+    repeated = one.expand(3, -1, -1, -1)
+    total3, parts3 = geometry_loss(
+        z_pred, z_tgt, z_ctx, compute_mask_targets(repeated, (12, 10)), formulation=formulation
+    )
     torch.testing.assert_close(total, total3)
+    if formulation == "seed":
+        want = _reference_terms(repeated, z_pred, z_tgt, z_ctx)
+        for k in DEFAULT_WEIGHTS:
+            torch.testing.assert_close(parts[k].double(), want[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 @pytest.mark.parametrize("formulation", ["calibrated", "seed"])
@@ -202,24 +212,27 @@ def test_geometry_loss_edge_cases_finite(dtype, formulation):
     assert torch.isfinite(zp.grad.float()).all()
 
 
-def test_mask_targets_roundtrip_stack_and_errors(tmp_path):
+def test_mask_targets_cache_roundtrip_batching_and_errors(tmp_path):
+    """As the data pipeline uses them: ``to_dict`` per sample into safetensors, read back, and the samples'
+    fields stacked into one batch's ``MaskTargets``."""
     m_px, *_ = _batch()
     t = compute_mask_targets(m_px, (12, 10))
-    path = tmp_path / "targets.safetensors"
-    save_file(t.to_dict(prefix="tgt."), str(path))
-    back = MaskTargets.from_dict(load_file(str(path)), prefix="tgt.")
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"sample{i}.safetensors")
+        save_file(compute_mask_targets(m_px[i : i + 1], (12, 10)).to_dict(), str(paths[i]))
+    samples = [load_file(str(p)) for p in paths]
+    assert set(samples[0]) == {"mask", "band", "outside", "sdm"}
+    batch = MaskTargets(**{f: torch.cat([d[f] for d in samples]) for f in samples[0]})
+    assert batch.batch_size == 3 and batch.latent_size == (12, 10)
     for name in ("mask", "band", "outside", "sdm"):
-        assert torch.equal(getattr(back, name), getattr(t, name))
-    stacked = MaskTargets.stack([t[0], t[1], t[2]])
-    assert torch.equal(stacked.sdm, t.sdm)
-    assert MaskTargets.stack([t, t]).batch_size == 6
-    assert t.to("cpu").mask.device.type == "cpu"
-    with pytest.raises(KeyError, match="sdm"):
-        MaskTargets.from_dict({"mask": t.mask, "band": t.band, "outside": t.outside})
+        assert torch.equal(getattr(batch, name), getattr(t, name)), name
+    moved = t.to("cpu", dtype=torch.float64)
+    assert moved.mask.device.type == "cpu" and moved.sdm.dtype == torch.float64
     with pytest.raises(ValueError, match="MaskTargets.band"):
         MaskTargets(mask=t.mask, band=t.band[:, :, :5], outside=t.outside, sdm=t.sdm)
-    with pytest.raises(ValueError, match="latent sizes"):
-        MaskTargets.stack([t, compute_mask_targets(m_px, (6, 5))])
+    with pytest.raises(TypeError, match="MaskTargets.sdm"):
+        MaskTargets(mask=t.mask, band=t.band, outside=t.outside, sdm=t.sdm.numpy())
     with pytest.raises(ValueError, match="formulation must be one of"):
         geometry_loss(torch.zeros(3, 4, 12, 10), torch.zeros(3, 4, 12, 10), torch.zeros(3, 4, 12, 10), t, formulation="x")
     with pytest.raises(ValueError, match=r"compute_mask_targets\(mask_px, \(6, 6\)\)"):

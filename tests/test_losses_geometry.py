@@ -1,4 +1,4 @@
-"""Seed-API geometry losses: hand-derived values, gradients, properties and edge cases."""
+"""The geometry loss functions of ``losses.geometry``: hand-derived values, gradients, properties and edge cases."""
 
 from __future__ import annotations
 

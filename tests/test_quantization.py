@@ -146,12 +146,12 @@ def test_nf4_transformer_loads_and_trains_lora_on_cuda(tiny_model_dir):
 
 def _loss_and_lora_grads(tmp_path, model_dir, data_dir, checkpointing: bool):
     from tests.test_train_e2e import tiny_cfg
-    from train_kontext_lora import _batches, _step_generator, _to_device, compute_loss, setup
+    from train_kontext_lora import _step_generator, compute_loss, setup
 
     cfg = tiny_cfg(tmp_path / f"gc{int(checkpointing)}", model_dir, data_dir, model={"gradient_checkpointing": checkpointing})
     run = setup(cfg)
     assert run.transformer.is_gradient_checkpointing == checkpointing
-    batch = _to_device(next(_batches(run)), run)
+    batch = next(run.batches())
     torch.manual_seed(0)
     loss, _ = compute_loss(run.transformer, batch, cfg, _step_generator(run, 0, 0), run.train_scheduler)
     loss.backward()

@@ -16,13 +16,13 @@ def test_readme_says_accelerate_adds_its_traceback_after_the_error():
 
 def test_under_accelerate_the_error_line_is_the_last_thing_the_script_prints(monkeypatch):
     from kontext.training.config import ConfigError
-    from train_kontext_lora import _error_text
+    from kontext.training.launch import error_text
 
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("RANK", "0")
-    text = _error_text(ConfigError("Unknown key `train.max_step` (did you mean `train.max_steps`?)"))
+    text = error_text(ConfigError("Unknown key `train.max_step` (did you mean `train.max_steps`?)"))
     lines = text.rstrip("\n").splitlines()
     assert lines[-1] == "error: Unknown key `train.max_step` (did you mean `train.max_steps`?)"
     assert any("CalledProcessError" in line for line in lines[:-1])  # the pointer the README describes
     monkeypatch.delenv("LOCAL_RANK")
-    assert _error_text(ConfigError("x")) == "error: x\n"  # plain python: just the message
+    assert error_text(ConfigError("x")) == "error: x\n"  # plain python: just the message

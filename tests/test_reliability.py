@@ -27,6 +27,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
+import kontext.runtime.lora_io as lora_io
 import train_kontext_lora as tk
 from kontext.training.checkpoint import (
     TRAINER_STATE_NAME,
@@ -74,7 +75,7 @@ def tree_digest(folder: Path) -> dict[str, str]:
 
 def lora_of(run) -> dict[str, torch.Tensor]:
     """A copy of the run's LoRA (on CPU float32 ``full_lora_state_dict`` shares the live storage)."""
-    return {k: v.clone() for k, v in tk.full_lora_state_dict(run.accelerator.unwrap_model(run.transformer)).items()}
+    return {k: v.clone() for k, v in lora_io.full_lora_state_dict(run.accelerator.unwrap_model(run.transformer)).items()}
 
 
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -146,15 +147,15 @@ def test_resume_at_epoch_boundary_equals_uninterrupted_run(tmp_path, tiny_model_
 def test_failure_inside_a_save_keeps_previous_checkpoint_usable(tmp_path, tiny_model_dir, tiny_dataset_dir, finished, monkeypatch):
     """The save of checkpoint-4 dies half-way (disk full, LoRA file half written): one message naming the intact
     checkpoint-2, the partial checkpoint removed, and checkpoint-2 resumes exactly."""
-    real_export = tk.export_lora
+    real_export = lora_io.save_lora
 
-    def export_then_crash(accelerator, transformer, out_dir, dtype=torch.float32):
+    def export_then_crash(transformer, out_dir, *args, **kwargs):
         if Path(out_dir).name == "checkpoint-4.tmp":
             Path(out_dir, LORA_FILE).write_bytes(b"half a file")  # as a full disk would leave it
             raise OSError(28, "No space left on device")
-        return real_export(accelerator, transformer, out_dir, dtype)
+        return real_export(transformer, out_dir, *args, **kwargs)
 
-    monkeypatch.setattr(tk, "export_lora", export_then_crash)
+    monkeypatch.setattr(lora_io, "save_lora", export_then_crash)
     out = tmp_path / "out"
     # total_limit 1: rotation must not delete checkpoint-2 for a checkpoint-4 that never completed.
     d = cfg_dict(out, tiny_model_dir, tiny_dataset_dir, tmp_path / "cache", checkpoint={"every_steps": 2, "total_limit": 1},
@@ -174,7 +175,7 @@ def test_failure_inside_a_save_keeps_previous_checkpoint_usable(tmp_path, tiny_m
     assert resolve_resume(out, "latest") == out / "checkpoint-2"
 
     # The next start continues from step 2 as if nothing had happened.
-    monkeypatch.setattr(tk, "export_lora", real_export)
+    monkeypatch.setattr(lora_io, "save_lora", real_export)
     d["train"]["max_steps"] = 4
     d["checkpoint"]["resume_from"] = "latest"
     run = tk.run_training(config_from_dict(d))

@@ -49,7 +49,8 @@ def test_both_exports_are_readable_by_others_and_record_no_local_path(tmp_path, 
     (out / "config.yaml").write_text(f"model:\n  pretrained_model_name_or_path: {base}\n")
     from diffusers import FluxTransformer2DModel
 
-    from kontext.runtime.lora import attach_lora, make_lora_config, save_lora
+    from kontext.runtime.lora import attach_lora, make_lora_config
+    from kontext.runtime.lora_io import save_lora
 
     t = FluxTransformer2DModel.from_pretrained(str(tiny_model_dir), subfolder="transformer")
     attach_lora(t, make_lora_config(4, 8.0, 0.0, "gaussian", ["attn.to_q", "proj_mlp"]))

@@ -22,15 +22,20 @@ def tiny(tiny_model_dir):
     return pipe.transformer.eval(), sched
 
 
+def _pixel_masks(b: int, h: int, w: int) -> torch.Tensor:
+    """``[b, 1, 8h, 8w]`` pixel masks: sample 0 on whole latent cells, sample 1 cutting through cells."""
+    mask = torch.zeros(b, 1, h * 8, w * 8)
+    mask[0, :, 8:40, 16:48] = 1.0
+    mask[1, :, 20:60, 4:30] = 1.0
+    return mask
+
+
 def _batch(transformer, b=2, h=8, w=8, seed=0, hc=None, wc=None):
     g = torch.Generator().manual_seed(seed)
     cfg = transformer.config
     hc, wc = hc or h, wc or w
     from losses import compute_mask_targets
 
-    mask = torch.zeros(b, 1, h * 8, w * 8)
-    mask[0, :, 8:40, 16:48] = 1.0
-    mask[1, :, 20:60, 4:30] = 1.0
     return TrainBatch(
         target_latents=torch.randn(b, 16, h, w, generator=g),
         context_latents=torch.randn(b, 16, hc, wc, generator=g),
@@ -38,12 +43,13 @@ def _batch(transformer, b=2, h=8, w=8, seed=0, hc=None, wc=None):
         scene_latents=torch.randn(b, 16, h, w, generator=g),
         prompt_embeds=torch.randn(b, 12, cfg.joint_attention_dim, generator=g),
         pooled_prompt_embeds=torch.randn(b, cfg.pooled_projection_dim, generator=g),
-        geometry=compute_mask_targets(mask, (h, w), band_r=1, sdm_normalize=True),
+        geometry=compute_mask_targets(_pixel_masks(b, h, w), (h, w), band_r=1, sdm_normalize=True),
     )
 
 
-def _diffusers_script_loss(transformer, sched, batch, scheme, seed, guidance=1.0):
-    """The base loss exactly as diffusers' train_dreambooth_lora_flux_kontext.py computes it, from its helpers."""
+def _diffusers_script_velocity(transformer, sched, batch, scheme, seed, guidance=1.0) -> dict[str, torch.Tensor]:
+    """Noise, sigmas ``[B, 1, 1, 1]``, ``x_t`` and the predicted velocity ``v`` of the target tokens, exactly as
+    diffusers' train_dreambooth_lora_flux_kontext.py computes them, from its helpers and the pipeline's packing."""
     model_input = batch.target_latents
     cond_model_input = batch.context_latents
     g = torch.Generator().manual_seed(seed)
@@ -86,10 +92,90 @@ def _diffusers_script_loss(transformer, sched, batch, scheme, seed, guidance=1.0
         )[0]
     pred = pred[:, :n_target]
     pred = FluxKontextPipeline._unpack_latents(pred, model_input.shape[2] * 8, model_input.shape[3] * 8, 8)
-    weighting = compute_loss_weighting_for_sd3(weighting_scheme=scheme, sigmas=sigmas)
-    target = noise - model_input
-    loss = torch.mean((weighting.float() * (pred.float() - target.float()) ** 2).reshape(target.shape[0], -1), 1)
+    return {"noise": noise, "sigmas": sigmas, "x_t": noisy, "v": pred}
+
+
+def _diffusers_script_loss(transformer, sched, batch, scheme, seed, guidance=1.0):
+    """The base loss exactly as diffusers' train_dreambooth_lora_flux_kontext.py computes it, from its helpers."""
+    r = _diffusers_script_velocity(transformer, sched, batch, scheme, seed, guidance)
+    model_input = batch.target_latents
+    weighting = compute_loss_weighting_for_sd3(weighting_scheme=scheme, sigmas=r["sigmas"])
+    target = r["noise"] - model_input
+    loss = torch.mean((weighting.float() * (r["v"].float() - target.float()) ** 2).reshape(target.shape[0], -1), 1)
     return loss.mean()
+
+
+def _targets_by_hand(mask_px: torch.Tensor, r: int = 1) -> dict[str, torch.Tensor]:
+    """Latent mask, boundary band, sure background and normalised SDM of pixel masks, written out in float64.
+
+    The latent mask is the mean of each 8x8 pixel cell; with ``b = mask > 0.5`` and the (2r+1)^2 square, the band is
+    ``dilate(b) and not erode(b)`` (the image border erodes nothing), the sure background ``not dilate(b)``; the
+    SDM is ``d_in - 0.5`` outside and ``0.5 - d_out`` inside (brute-force Euclidean distances between cell centres
+    to the nearest inside / outside cell), divided by its max ``|phi|``.
+    """
+    m = mask_px.double().unflatten(2, (-1, 8)).unflatten(4, (-1, 8)).mean(dim=(3, 5))
+    inside = m > 0.5
+    h, w = m.shape[-2:]
+
+    def any_in_square(x: torch.Tensor) -> torch.Tensor:
+        padded = torch.nn.functional.pad(x.double(), (r, r, r, r))  # beyond the image: nothing
+        shifts = [padded[..., dy : dy + h, dx : dx + w] for dy in range(2 * r + 1) for dx in range(2 * r + 1)]
+        return torch.stack(shifts).amax(dim=0) > 0
+
+    dilated = any_in_square(inside)
+    eroded = ~any_in_square(~inside)
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    centres = torch.stack([ys.flatten(), xs.flatten()], dim=1).double()
+    dist = torch.cdist(centres, centres)
+    sdm = []
+    for cells in inside.flatten(1):
+        phi = torch.where(cells, 0.5 - dist[:, ~cells].amin(dim=1), dist[:, cells].amin(dim=1) - 0.5)
+        sdm.append((phi / phi.abs().max()).view(1, h, w))
+    return {"mask": m, "band": dilated & ~eroded, "outside": ~dilated, "sdm": torch.stack(sdm)}
+
+
+def _geometry_by_hand(z, x0, scene, mask_px, sample_weights, formulation):
+    """The geometry total ``1.0 mse + 0.6 bg + 0.9 dice + 0.2 area + 0.4 boundary`` (``w_in=1, w_band=6,
+    w_out=0.2``, ``k_sigma=2``, ``temperature=0.25``), each term written out from its formula in float64.
+
+    Returns ``(mean_b(sample_weights[b] * total[b]), {term: batch mean})``.
+    """
+    t = _targets_by_hand(mask_px)
+    m, band, outside, phi = t["mask"], t["band"], t["outside"], t["sdm"]
+    out = outside.double()
+    z, x0, scene = z.double(), x0.double(), scene.double()
+    dims = (1, 2, 3)
+    weight = torch.where(band, 6.0, 1.0 * m + 0.2 * (1.0 - m))
+    mse = (weight * ((z - x0) ** 2).mean(dim=1, keepdim=True)).mean(dim=dims)
+    D = ((z - scene) ** 2).sum(dim=1, keepdim=True).sqrt()
+    if formulation == "seed":
+        bg = (out * ((z - scene) ** 2).mean(dim=1, keepdim=True)).sum(dim=dims) / out.sum(dim=dims)
+        tau, s = [], []
+        for d, o in zip(D, outside):
+            values = d[o]
+            std = values.std(unbiased=False).clamp_min(1e-3)
+            tau.append(values.mean() + 2.0 * std)
+            s.append(std)
+        p = torch.sigmoid((D - torch.stack(tau).view(-1, 1, 1, 1)) / torch.stack(s).view(-1, 1, 1, 1))
+        dice = 1.0 - (2.0 * (p * m).sum(dim=dims) + 1.0) / (p.sum(dim=dims) + m.sum(dim=dims) + 1.0)
+        area = torch.log((p.sum(dim=dims) + 1.0) / (m.sum(dim=dims) + 1.0)) ** 2
+        boundary = (p * phi).mean(dim=dims)
+    else:
+        D_tgt = ((x0 - scene) ** 2).sum(dim=1, keepdim=True).sqrt()
+        mu_in = torch.stack([d[i].mean() for d, i in zip(D_tgt, m >= 0.5)]).view(-1, 1, 1, 1)
+        mu_out = torch.stack([d[o].mean() for d, o in zip(D_tgt, outside)]).view(-1, 1, 1, 1)
+        tau = 0.5 * (mu_in + mu_out)
+        s = (0.25 * (mu_in - mu_out)).clamp_min(1e-3)
+        p = torch.sigmoid((D - tau) / s)
+        q = torch.sigmoid((D_tgt - tau) / s)
+        bg = (out * (D - D_tgt) ** 2 / z.shape[1]).sum(dim=dims) / out.sum(dim=dims)
+        dice = ((p - q) ** 2).sum(dim=dims) / ((p**2).sum(dim=dims) + (q**2).sum(dim=dims) + 1.0)
+        near = 1.0 - out
+        area = torch.log(((near * p).sum(dim=dims) + 1.0) / ((near * q).sum(dim=dims) + 1.0)) ** 2
+        boundary = (phi.abs() * (p - q) ** 2).mean(dim=dims)
+    terms = {"mse": mse, "bg": bg, "dice": dice, "area": area, "boundary": boundary}
+    per_sample = 1.0 * mse + 0.6 * bg + 0.9 * dice + 0.2 * area + 0.4 * boundary
+    return (sample_weights.double() * per_sample).mean(), {k: v.mean() for k, v in terms.items()}
 
 
 @pytest.mark.parametrize("scheme", ["none", "logit_normal", "mode", "cosmap", "sigma_sqrt"])
@@ -117,83 +203,55 @@ def test_base_loss_parity_with_context_of_other_size(tiny):
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_geometry_adds_exactly_the_seed_composition(tiny):
-    """Geometry on = flow loss + weight * (the spec's starter composition on z_pred = x_t - sigma v_pred),
-    with the terms that ask "what changed" taken against the un-hinted scene, never the hinted context."""
-    from losses import (
-        area_ratio_loss,
-        background_preservation_mse_latent,
-        boundary_loss,
-        dice_loss,
-        soft_change_mask_from_latents,
-        weighted_masked_mse_latent,
-    )
-    from losses import flow_matching as fm
-
+def test_geometry_on_adds_the_reference_composition_written_out(tiny):
+    """Geometry on (``formulation: seed``) = flow loss + weight * (1.0 mse + 0.6 bg + 0.9 dice + 0.2 area +
+    0.4 boundary) on z_pred = x_t - sigma v_pred, every term and the mask targets written out in the test from
+    the pixel masks, with the terms that ask "what changed" taken against the un-hinted scene."""
     transformer, sched = tiny
     batch = _batch(transformer, seed=3)
     on = config_from_dict({"loss": {"geometry": {"noise_weighting": "none", "weight": 0.5, "formulation": "seed"}}})
-    off = config_from_dict({"loss": {"geometry": {"enabled": False}}})
     with torch.no_grad():
-        t_on, l_on = compute_loss(transformer, batch, on, torch.Generator().manual_seed(11), sched)
-        t_off, l_off = compute_loss(transformer, batch, off, torch.Generator().manual_seed(11), sched)
+        total, logs = compute_loss(transformer, batch, on, torch.Generator().manual_seed(11), sched)
+        r = _diffusers_script_velocity(transformer, sched, batch, "none", seed=11)
+    x0 = batch.target_latents
+    z_pred = r["x_t"] - r["sigmas"] * r["v"]
+    flow = ((r["v"] - (r["noise"] - x0)) ** 2).mean()
+    geo, terms = _geometry_by_hand(z_pred, x0, batch.scene_latents, _pixel_masks(2, 8, 8), torch.ones(2), "seed")
 
-        # Independent recomputation of z_pred and the seed-API composition.
-        g = torch.Generator().manual_seed(11)
-        x0, ctx = batch.target_latents, batch.context_latents
-        noise = torch.randn(x0.shape, generator=g)
-        u = compute_density_for_timestep_sampling("none", x0.shape[0], generator=g)
-        timesteps, sigmas = fm.timesteps_and_sigmas_from_density(u, sched)
-        s = sigmas.view(-1, 1, 1, 1)
-        x_t = (1 - s) * x0 + s * noise
-        v = predict_velocity(transformer, x_t, ctx, timesteps / 1000, batch.prompt_embeds,
-                             batch.pooled_prompt_embeds, 1.0)
-        z = x_t - s * v
-        M = batch.geometry.mask
-        scene = batch.scene_latents
-        l_mse = weighted_masked_mse_latent(z, x0, M, band_r=1, w_in=1.0, w_band=6.0, w_out=0.2)
-        l_bg = background_preservation_mse_latent(z, scene, M, band_r=1)
-        m_hat, _, _ = soft_change_mask_from_latents(z, scene, mask_latent=M, band_r=1, k_sigma=2.0)
-        l_dice = dice_loss(m_hat, M)
-        l_area = area_ratio_loss(m_hat, M)
-        l_bnd = boundary_loss(m_hat, batch.geometry.sdm)
-        geo = 1.0 * l_mse + 0.6 * l_bg + 0.9 * l_dice + 0.2 * l_area + 0.4 * l_bnd
-
-    torch.testing.assert_close(l_on["loss/flow"], l_off["loss/flow"])
-    torch.testing.assert_close(t_off, l_off["loss/flow"])
-    torch.testing.assert_close(l_on["loss/geometry"], geo, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(t_on, t_off + 0.5 * geo, rtol=1e-4, atol=1e-5)
-    for k in ("mse", "bg", "dice", "area", "boundary"):
-        assert f"loss/{k}" in l_on
+    tol = dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logs["loss/flow"].double(), flow.double(), **tol)
+    for k, want in terms.items():
+        torch.testing.assert_close(logs[f"loss/{k}"].double(), want, msg=k, **tol)
+    torch.testing.assert_close(logs["loss/geometry"].double(), geo, **tol)
+    torch.testing.assert_close(total.double(), flow.double() + 0.5 * geo, **tol)
+    assert 0.5 * float(geo) > 0.1 * float(flow)  # the geometry part is not lost in the tolerance
 
 
 def test_default_geometry_is_the_calibrated_formulation_against_the_scene(tiny):
-    """The trainer's default geometry term is ``geometry_loss`` on (z_pred, target, scene); the hinted context
-    only conditions the model: replacing it changes the prediction, replacing the scene changes only the terms."""
-    from losses import geometry_loss, noise_level_weight
-    from losses import flow_matching as fm
-
+    """The trainer's default geometry term is the calibrated formulation on (z_pred, target, scene), each sample
+    weighted by 1 - sigma, written out in the test; the hinted context only conditions the model: replacing the
+    scene with it leaves the prediction (and the flow loss) as it is and changes the terms."""
     transformer, sched = tiny
     batch = _batch(transformer, seed=7)
     cfg = config_from_dict({})
     assert cfg.loss.geometry.formulation == "calibrated"
     with torch.no_grad():
         _, logs = compute_loss(transformer, batch, cfg, torch.Generator().manual_seed(3), sched)
-        g = torch.Generator().manual_seed(3)
-        x0 = batch.target_latents
-        noise = torch.randn(x0.shape, generator=g)
-        u = compute_density_for_timestep_sampling("none", x0.shape[0], generator=g)
-        timesteps, sigmas = fm.timesteps_and_sigmas_from_density(u, sched)
-        s = sigmas.view(-1, 1, 1, 1)
-        x_t = (1 - s) * x0 + s * noise
-        v = predict_velocity(transformer, x_t, batch.context_latents, timesteps / 1000, batch.prompt_embeds,
-                             batch.pooled_prompt_embeds, 1.0)
-        want, _ = geometry_loss(x_t - s * v, x0, batch.scene_latents, batch.geometry,
-                                sample_weights=noise_level_weight(sigmas, "one_minus_sigma"))
+        r = _diffusers_script_velocity(transformer, sched, batch, "none", seed=3)
         hinted_as_scene = dataclasses.replace(batch, scene_latents=batch.context_latents)
         _, logs_hint = compute_loss(transformer, hinted_as_scene, cfg, torch.Generator().manual_seed(3), sched)
-    # loss/geometry logs the unweighted batch mean; the weighted total is loss/total - loss/flow.
-    torch.testing.assert_close(logs["loss/total"] - logs["loss/flow"], want, rtol=1e-4, atol=1e-6)
+    x0 = batch.target_latents
+    z_pred = r["x_t"] - r["sigmas"] * r["v"]
+    sigmas = r["sigmas"].flatten()
+    assert (sigmas < 0.9).all()  # every sample's geometry weight 1 - sigma is far from 0
+    weighted, terms = _geometry_by_hand(
+        z_pred, x0, batch.scene_latents, _pixel_masks(2, 8, 8), 1.0 - sigmas, "calibrated"
+    )
+    tol = dict(rtol=1e-4, atol=1e-6)
+    # loss/<term> logs the unweighted batch means; the weighted total is loss/total - loss/flow.
+    for k, want in terms.items():
+        torch.testing.assert_close(logs[f"loss/{k}"].double(), want, msg=k, **tol)
+    torch.testing.assert_close((logs["loss/total"] - logs["loss/flow"]).double(), weighted, **tol)
     torch.testing.assert_close(logs_hint["loss/flow"], logs["loss/flow"])
     assert abs(float(logs_hint["loss/bg"]) - float(logs["loss/bg"])) > 1e-3
 

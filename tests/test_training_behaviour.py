@@ -16,7 +16,7 @@ from conftest import tiny_run_dict
 from data.synthetic import generate_dataset
 from kontext.training.config import config_from_dict
 from kontext.tiny.model import tiny_model_path
-from train_kontext_lora import _batches, _to_device, compute_loss, setup, train
+from train_kontext_lora import compute_loss, setup, train
 
 OVERFIT_STEPS = 30
 EVAL_DRAWS = 4
@@ -46,7 +46,7 @@ def two_sample_run(tmp_path_factory: pytest.TempPathFactory):
     )
     assert cfg.loss.geometry.enabled and cfg.lora.dropout == 0.0
     run = setup(cfg)
-    batch = _to_device(next(_batches(run)), run)
+    batch = next(run.batches())
     assert batch.batch_size == 2
     run.data_state.update(epoch=0, position=0)  # training starts from the first batch, as a fresh run does
     return run, batch

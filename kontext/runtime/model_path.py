@@ -1,8 +1,23 @@
-"""Resolve ``model.pretrained_model_name_or_path`` / ``--model``: ``tiny``, a local diffusers folder, or a hub id."""
+"""Resolve ``model.pretrained_model_name_or_path`` / ``--model``: ``tiny``, a local diffusers folder, or a hub id;
+and the project's cache root (``$KONTEXT_LORA_CACHE``), where the tiny model builds and latents are cached."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Overrides the cache root (default ~/.cache/kontext-lora); see :func:`cache_root`.
+CACHE_ENV = "KONTEXT_LORA_CACHE"
+
+
+def cache_root() -> Path:
+    """The cache root: ``$KONTEXT_LORA_CACHE`` (``~`` expanded) if set and not empty, else ``~/.cache/kontext-lora``.
+
+    Callers add their own subfolder (the trainer's latent cache uses ``cache_root() / "latents"``); nothing is
+    created here.
+    """
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "kontext-lora"
 
 
 class ModelPathError(ValueError):
@@ -24,8 +39,13 @@ def resolve_model_path(name_or_path: str, option: str = "model.pretrained_model_
                 "folder, a hub id such as black-forest-labs/FLUX.1-Kontext-dev, or `tiny`"
             )
         return str(p.resolve())
-    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
+    if not is_hub_id(name_or_path):
         raise ModelPathError(
             f"{option} {name_or_path!r} is neither an existing folder nor a hub id (owner/name); check the path"
         )
     return name_or_path
+
+
+def is_hub_id(name: str) -> bool:
+    """True if ``name`` has the shape of a hub id (``owner/name``) rather than of a local path."""
+    return not name.startswith((".", "/", "~")) and name.count("/") == 1

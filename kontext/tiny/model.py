@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 from data.buckets import VAE_SCALE_FACTOR
 from data.locking import atomic_folder, exclusive_lock
+from kontext.runtime.model_path import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -558,12 +558,6 @@ def build_tiny_pipeline(
 # --------------------------------------------------------------------------------------------- caching
 
 
-def default_cache_dir() -> Path:
-    """``$KONTEXT_LORA_CACHE`` if set, else ``~/.cache/kontext-lora``."""
-    env = os.environ.get("KONTEXT_LORA_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "kontext-lora"
-
-
 def committed_matches(definition: dict[str, Any] | None = None) -> bool:
     """True if the committed folder holds a complete build of ``definition`` (default :data:`TINY_DEFINITION`)."""
     info = COMMITTED_DIR / "build_info.json"
@@ -590,7 +584,7 @@ def tiny_model_path(
     it into place atomically; the others wait for the lock and then reuse it.
 
     Args:
-        cache_dir: cache root; defaults to :func:`default_cache_dir`.
+        cache_dir: cache root; defaults to :func:`kontext.runtime.model_path.cache_root`.
         progress: show a progress bar if a build is needed.
         definition: override :data:`TINY_DEFINITION` (tests use a cheaper one).
 
@@ -599,7 +593,7 @@ def tiny_model_path(
     """
     if committed_matches(definition):
         return COMMITTED_DIR
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
     cache.mkdir(parents=True, exist_ok=True)
     name = f"tiny-flux-kontext-{definition_hash(definition)}"
     final = cache / name

@@ -49,9 +49,9 @@ from peft.utils.other import get_pattern_key
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from kontext.runtime.lora_io import LORA_WEIGHTS_NAME
 from kontext.runtime.sharing import respect_umask, shareable_model_name
 
-DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
 COMFYUI_LORA_NAME = "lora_comfyui.safetensors"
 KOHYA_PREFIX = "lora_unet_"
 METADATA_KEY = "lora_adapter_metadata"
@@ -377,10 +377,10 @@ def _part_widths(
 
 def _resolve_input(path: Path) -> Path:
     if path.is_dir():
-        candidate = path / DIFFUSERS_LORA_NAME
+        candidate = path / LORA_WEIGHTS_NAME
         if not candidate.is_file():
             raise FileNotFoundError(
-                f"{path} has no {DIFFUSERS_LORA_NAME}; pass a training output folder or a LoRA .safetensors file"
+                f"{path} has no {LORA_WEIGHTS_NAME}; pass a training output folder or a LoRA .safetensors file"
             )
         return candidate
     if not path.is_file():
@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m kontext.tools.comfyui",
         description="Convert a diffusers FLUX (Kontext) LoRA to a file ComfyUI applies at the trained strength.",
     )
-    parser.add_argument("path", help=f"a training output folder (with {DIFFUSERS_LORA_NAME}) or a LoRA file")
+    parser.add_argument("path", help=f"a training output folder (with {LORA_WEIGHTS_NAME}) or a LoRA file")
     parser.add_argument("--out", default=None, help=f"output file (default: {COMFYUI_LORA_NAME} beside the input)")
     parser.add_argument(
         "--layout",

@@ -35,17 +35,18 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from data.hint import MASK_HINT_MODES
 from kontext.runtime.generation import generate, image_latents, mask_array, mask_to_pil, quiet_progress, to_pil
-from kontext.tools.grid import change_mask_image, draw_mask_outline, make_grid
-from kontext.runtime.dtypes import DTYPES
-from kontext.tools.infer import (
+from kontext.tools.common import (
     InferenceError,
     LoraSpec,
-    load_loras,
-    load_pipeline,
+    add_model_argument,
+    add_runtime_arguments,
+    cli_main,
+    mask_hint_settings,
+    open_pipeline,
     parse_lora_spec,
-    resolve_model,
     trained_settings,
 )
+from kontext.tools.grid import change_mask_image, draw_mask_outline, make_grid
 from kontext.tools.metrics import (
     METRIC_FIELDS,
     LatentMetrics,
@@ -330,9 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure whether generated objects land in the insertion mask at the right size "
         "(docs/evaluation.md).",
     )
-    ap.add_argument(
-        "--model", default="black-forest-labs/FLUX.1-Kontext-dev", help="hub id, local diffusers folder, or `tiny`"
-    )
+    add_model_argument(ap)
     ap.add_argument(
         "--lora", metavar="PATH[:STRENGTH]", help="the LoRA to evaluate (training output folder or .safetensors)"
     )
@@ -367,9 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--grid-max-side", type=int, default=GRID_MAX_SIDE,
         help=f"longest side of grid.png in pixels; larger grids are downscaled cell by cell (default {GRID_MAX_SIDE})",
     )
-    ap.add_argument("--max-sequence-length", type=int, default=512, help="T5 prompt length")
-    ap.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: bfloat16 on cuda, float32 on cpu)")
+    add_runtime_arguments(ap)
     ap.add_argument("--out", required=True, help="report folder")
     return ap
 
@@ -397,18 +394,15 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
         variants.append(Variant(args.label_b, parse_lora_spec(args.lora_b, "--lora-b")))
     if args.base:
         variants.insert(0, Variant("base", None))
-    first = next((v.lora for v in variants if v.lora is not None), None)
-    trained = trained_settings(first) if first is not None else {}
-    mask_hint = args.mask_hint or str(trained.get("mask_hint", "fill"))
-    outline_width = args.outline_width if args.outline_width is not None else trained.get("outline_width")
+    with_lora = [v for v in variants if v.lora is not None]
+    trained = trained_settings(with_lora[0].lora if with_lora else None)
+    mask_hint, outline_width = mask_hint_settings(args.mask_hint, args.outline_width, trained)
     resolution, aspect = evaluation_buckets(args.resolution, args.aspect_buckets, trained)
     samples = load_samples(args.data, resolution, aspect, args.prompt or trained.get("default_prompt"), args.limit)
 
-    model = resolve_model(args.model)
-    pipe = load_pipeline(model, args.device, args.dtype)
-    with_lora = [v for v in variants if v.lora is not None]
-    names = load_loras(pipe, [v.lora for v in with_lora], prefix="eval")
-    for v, name in zip(with_lora, names):
+    opened = open_pipeline(args.model, [v.lora for v in with_lora], args.device, args.dtype, prefix="eval")
+    model, pipe = opened.model, opened.pipe
+    for v, name in zip(with_lora, opened.adapters):
         v.adapter = name
     pictures: dict[str, list[list[Image.Image]]] = {}
     # One bar over every generation (samples x variants); the pipeline's per-step bars stay hidden.
@@ -450,18 +444,15 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry; returns the exit status (2 for a usage error, with the message on stderr)."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = build_parser().parse_args(argv)
-    try:
-        paths = run(args)
-    except InferenceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli_main(build_parser(), run, _print_summary, argv)
+
+
+def _print_summary(paths: dict[str, Path]) -> None:
+    """Each variant's headline means and the report's path, on stdout."""
     report = json.loads(paths["json"].read_text(encoding="utf-8"))
     for label, m in report["mean"].items():
         print(f"{label}: IoU {m['iou']:.4g}, area ratio {m['area_ratio']:.4g}, latent IoU {m['latent_iou']:.4g}")
     print(f"report: {paths['report']}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -18,183 +18,28 @@ import argparse
 import contextlib
 import logging
 import sys
-import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-import yaml
 from PIL import Image, UnidentifiedImageError
 
 from data.hint import MASK_HINT_MODES
-from kontext.runtime.dtypes import DTYPES
 from kontext.runtime.generation import DEFAULT_MAX_AREA, generate
-from kontext.runtime.lora import LORA_WEIGHTS_NAME
+from kontext.tools.common import (
+    InferenceError,
+    add_model_argument,
+    add_runtime_arguments,
+    cli_main,
+    mask_hint_settings,
+    open_pipeline,
+    parse_lora_spec,
+    trained_settings,
+)
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-
-
-class InferenceError(ValueError):
-    """A command-line or input problem; the message names the argument and the fix."""
-
-
-# ------------------------------------------------------------------------------------------- model
-def resolve_model(name_or_path: str, option: str = "--model") -> str:
-    """``tiny``, a diffusers folder or a hub id -> what ``from_pretrained`` takes (see ``kontext.runtime.model_path``)."""
-    from kontext.runtime.model_path import ModelPathError, resolve_model_path
-
-    try:
-        return resolve_model_path(name_or_path, option)
-    except ModelPathError as e:
-        raise InferenceError(str(e)) from None
-
-
-def default_device() -> torch.device:
-    """CUDA when available, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def load_pipeline(model: str, device: torch.device | str | None = None, dtype: str | None = None) -> Any:
-    """Load ``FluxKontextPipeline`` from a resolved model path or hub id onto ``device``.
-
-    ``dtype`` defaults to bfloat16 on CUDA and float32 on the CPU (where bf16 matmuls are slow).
-    """
-    from diffusers import FluxKontextPipeline
-
-    device = torch.device(device) if device is not None else default_device()
-    if dtype is None:
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
-    if dtype not in DTYPES:
-        raise InferenceError(f"--dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
-    try:
-        pipe = FluxKontextPipeline.from_pretrained(model, dtype=DTYPES[dtype])
-    except OSError as e:
-        raise InferenceError(
-            f"could not load FLUX.1 Kontext from {model!r} ({e}); for the gated hub model run `huggingface-cli login` "
-            "after accepting its licence, or pass --model with a local diffusers folder or `tiny`"
-        ) from None
-    return pipe.to(device)
-
-
-# -------------------------------------------------------------------------------------------- LoRAs
-@dataclass(frozen=True)
-class LoraSpec:
-    """One ``--lora PATH[:STRENGTH]``: the folder and file name of the weights, and the strength."""
-
-    folder: Path
-    weight_name: str
-    strength: float
-    text: str
-
-    @property
-    def path(self) -> Path:
-        """The weights file."""
-        return self.folder / self.weight_name
-
-
-def _weights_in(folder: Path, option: str, text: str) -> str:
-    if (folder / LORA_WEIGHTS_NAME).is_file():
-        return LORA_WEIGHTS_NAME
-    found = sorted(p.name for p in folder.glob("*.safetensors"))
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        raise InferenceError(
-            f"{option} {text!r}: the folder {folder} holds no {LORA_WEIGHTS_NAME} (nor any .safetensors); "
-            "point it at a finished training output folder, a checkpoint-<step> folder, or the .safetensors file"
-        )
-    raise InferenceError(
-        f"{option} {text!r}: the folder {folder} holds several .safetensors files ({', '.join(found)}) and no "
-        f"{LORA_WEIGHTS_NAME}; name the file, e.g. {option} {folder / found[0]}"
-    )
-
-
-def parse_lora_spec(text: str, option: str = "--lora") -> LoraSpec:
-    """Parse ``PATH[:STRENGTH]`` (a folder with ``pytorch_lora_weights.safetensors`` or a ``.safetensors`` file).
-
-    A path that exists as written wins over a ``:`` split, so file names with colons work.
-    Raises :class:`InferenceError` naming ``option`` for a missing path or a strength that is not a number.
-    """
-    path_text, strength = text, 1.0
-    if not Path(text).expanduser().exists() and ":" in text:
-        head, tail = text.rsplit(":", 1)
-        # "C:\\x" style drive letters: a one-letter head followed by a path separator is not a strength
-        if not (len(head) == 1 and tail[:1] in ("\\", "/")):
-            try:
-                strength = float(tail)
-            except ValueError:
-                raise InferenceError(
-                    f"{option} {text!r}: the strength {tail!r} after ':' is not a number; write {option} PATH or "
-                    f"{option} PATH:0.8"
-                ) from None
-            path_text = head
-    p = Path(path_text).expanduser()
-    if not p.exists():
-        raise InferenceError(
-            f"{option} {text!r}: {p} does not exist; give a training output folder, a checkpoint folder or a "
-            ".safetensors file (optionally followed by :STRENGTH)"
-        )
-    if p.is_dir():
-        return LoraSpec(p.resolve(), _weights_in(p, option, text), strength, text)
-    if p.suffix != ".safetensors":
-        raise InferenceError(f"{option} {text!r}: {p.name} is not a .safetensors file; give the LoRA weights file")
-    return LoraSpec(p.resolve().parent, p.name, strength, text)
-
-
-def load_loras(pipe: Any, specs: Sequence[LoraSpec], prefix: str = "lora") -> list[str]:
-    """Load every LoRA as its own adapter (``<prefix>0``, ``<prefix>1``, ...) and activate them all at their strengths.
-
-    Returns the adapter names.
-    """
-    names = []
-    for k, s in enumerate(specs):
-        name = f"{prefix}{k}"
-        try:
-            with warnings.catch_warnings():
-                # PEFT warns whenever a second adapter joins a model; several named adapters are the intent here
-                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-                pipe.load_lora_weights(str(s.folder), weight_name=s.weight_name, adapter_name=name)
-        except (ValueError, KeyError, RuntimeError, OSError) as e:
-            raise InferenceError(
-                f"--lora {s.text!r}: {s.path} could not be loaded into this model ({type(e).__name__}: {e}); "
-                "check that it was trained for this base model (--model)"
-            ) from None
-        names.append(name)
-    if names:
-        pipe.set_adapters(names, adapter_weights=[s.strength for s in specs])
-    return names
-
-
-def trained_settings(spec: LoraSpec) -> dict[str, Any]:
-    """``data`` settings of the run that produced a LoRA, from ``config.yaml`` beside it (or one folder up, for a
-    checkpoint folder); ``{}`` when there is none. Keys: ``mask_hint``, ``outline_width``, ``resolution``,
-    ``aspect_buckets``, ``default_prompt`` where present."""
-    for folder in (spec.folder, spec.folder.parent):
-        cfg = folder / "config.yaml"
-        if cfg.is_file():
-            try:
-                data = yaml.safe_load(cfg.read_text(encoding="utf-8")) or {}
-            except yaml.YAMLError:
-                return {}
-            d = data.get("data") or {}
-            keys = ("mask_hint", "outline_width", "resolution", "aspect_buckets", "default_prompt")
-            return {k: d[k] for k in keys if k in d}
-    return {}
-
-
-def choose_mask_hint(explicit: str | None, specs: Sequence[LoraSpec], has_mask: bool) -> tuple[str, int | None]:
-    """The mask hint (and outline width) to draw: ``explicit`` if given, else the first LoRA's training setting,
-    else ``fill`` with a mask and ``none`` without."""
-    trained = trained_settings(specs[0]) if specs else {}
-    if explicit is not None:
-        return explicit, trained.get("outline_width") if explicit == "outline" else None
-    if not has_mask:
-        return "none", None
-    return str(trained.get("mask_hint", "fill")), trained.get("outline_width")
 
 
 # -------------------------------------------------------------------------------------------- files
@@ -232,9 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m kontext.tools.infer",
         description="Insert an object with FLUX.1 Kontext and trained LoRAs (see docs/inference.md).",
     )
-    ap.add_argument(
-        "--model", default="black-forest-labs/FLUX.1-Kontext-dev", help="hub id, local diffusers folder, or `tiny`"
-    )
+    add_model_argument(ap)
     ap.add_argument(
         "--lora",
         action="append",
@@ -261,9 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--height", type=int, help="generation height (default: the image's, scaled to <= --max-area)")
     ap.add_argument("--width", type=int, help="generation width (default: the image's, scaled to <= --max-area)")
     ap.add_argument("--max-area", type=int, default=DEFAULT_MAX_AREA, help="largest generation area in pixels")
-    ap.add_argument("--max-sequence-length", type=int, default=512, help="T5 prompt length")
-    ap.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: bfloat16 on cuda, float32 on cpu)")
+    add_runtime_arguments(ap)
     ap.add_argument("--out", required=True, help="output .png file, or a folder")
     return ap
 
@@ -312,11 +153,9 @@ def run(args: argparse.Namespace) -> list[Path]:
             f"--mask {args.mask!r} is {mask.size[0]}x{mask.size[1]} but --image is "
             f"{context.size[0]}x{context.size[1]}; give a mask of the same size"
         )
-    hint, outline_width = choose_mask_hint(args.mask_hint, specs, mask is not None)
-    if args.outline_width is not None:
-        outline_width = args.outline_width
-    pipe = load_pipeline(resolve_model(args.model), args.device, args.dtype)
-    load_loras(pipe, specs)
+    trained = trained_settings(specs[0] if specs else None)
+    hint, outline_width = mask_hint_settings(args.mask_hint, args.outline_width, trained, has_mask=mask is not None)
+    pipe = open_pipeline(args.model, specs, args.device, args.dtype).pipe
     what = f"generating {args.num_images} image{'s' if args.num_images > 1 else ''}"
     with generation_progress(pipe, what):
         gen = generate(
@@ -346,16 +185,12 @@ def run(args: argparse.Namespace) -> list[Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry; returns the exit status (2 for a usage error, with the message on stderr)."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = build_parser().parse_args(argv)
-    try:
-        paths = run(args)
-    except InferenceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli_main(build_parser(), run, _print_paths, argv)
+
+
+def _print_paths(paths: list[Path]) -> None:
     for p in paths:
         print(p)
-    return 0
 
 
 if __name__ == "__main__":

@@ -21,14 +21,15 @@ import re
 import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
+
+from kontext.runtime.lora_io import LORA_WEIGHTS_NAME
 
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE_NAME = "trainer_state.json"
-LORA_NAME = "pytorch_lora_weights.safetensors"
 # The run settings a checkpoint records, so a resume can say what it changes (see ``apply_schedule``).
 SCHEDULE_KEYS = ("learning_rate", "lr_scheduler", "lr_warmup_steps", "max_steps")
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -130,7 +131,7 @@ def verify_checkpoint(checkpoint: str | Path) -> str | None:
         isinstance(data.get(k), int) for k in ("epoch", "position")
     ):
         return f"{TRAINER_STATE_NAME} lacks the step or the data position (step, data.epoch, data.position)"
-    problem = _verify_lora(ckpt / LORA_NAME)
+    problem = _verify_lora(ckpt / LORA_WEIGHTS_NAME)
     if problem:
         return problem
     if not (ckpt / "optimizer.bin").exists() and (any(ckpt.glob("optimizer_*")) or (ckpt / "pytorch_model").is_dir()):
@@ -216,6 +217,12 @@ def weights_finite(tensors: Iterable[torch.Tensor]) -> bool:
 def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
     """The ``trainer_state.json`` of a checkpoint."""
     return json.loads((Path(checkpoint) / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+
+
+def lora_shape(lora_cfg: Any) -> dict[str, Any]:
+    """What a checkpoint records of the LoRA (``lora.rank``, ``lora.alpha``, ``lora.target_modules``): a resume
+    with another shape is refused by :func:`check_compatible`."""
+    return {"rank": lora_cfg.rank, "alpha": lora_cfg.alpha, "target_modules": sorted(lora_cfg.target_modules)}
 
 
 def check_compatible(checkpoint: Path, state: dict[str, Any], lora_shape: dict[str, Any]) -> None:
@@ -463,3 +470,38 @@ def save_failure_message(exc: BaseException, output_dir: str | Path, partial: It
         f"resume: accelerate launch train_kontext_lora.py --config {Path(output_dir) / 'config.yaml'} "
         "checkpoint.resume_from=latest"
     )
+
+
+def raise_save_failure(exc: BaseException, output_dir: str | Path, partial: Iterable[Path], what: str) -> NoReturn:
+    """Raise the user-facing error for a failed save (:func:`save_failure_message`), or ``exc`` itself when it is
+    not a full disk or a lost write."""
+    from kontext.training.launch import UserError
+
+    message = save_failure_message(exc, output_dir, partial, what)
+    if message is None:
+        raise exc
+    raise UserError(message) from None
+
+
+def try_write(write: Callable[[], Any]) -> Exception | None:
+    """Run ``write``; the error it raised (torch and safetensors report a full disk as a RuntimeError), or None."""
+    try:
+        write()
+    except (OSError, RuntimeError) as e:
+        return e
+    return None
+
+
+def stop_if_any_failed(acc: Any, failure: Exception | None, output_dir: Path, partial: Path, what: str) -> None:
+    """Raise on every rank if a checkpoint write failed on any (one all-reduce); the ``partial`` folder is removed.
+
+    Every rank calls this whatever happened locally, so a write that fails on one rank (a full disk is often one
+    node's) stops every rank together and none is left waiting at a barrier.
+    """
+    from kontext.training.distributed import any_process
+
+    if not any_process(acc, failure is not None):
+        return
+    if failure is None:  # this rank's part was fine; another's was not
+        failure = CheckpointWriteError("another process could not write its part")
+    raise_save_failure(failure, output_dir, [partial], what)

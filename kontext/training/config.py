@@ -673,6 +673,21 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def flat_config(cfg: Config) -> dict[str, Any]:
+    """The config as one level of ``section.key`` names with tracker-safe values (for TensorBoard and W&B)."""
+    flat: dict[str, Any] = {}
+
+    def walk(d: dict[str, Any], prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+
+    walk(config_to_dict(cfg), "")
+    return flat
+
+
 def dump_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML."""
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")

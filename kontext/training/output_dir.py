@@ -32,6 +32,8 @@ from typing import Any
 
 import yaml
 
+from kontext.runtime.lora_io import LORA_WEIGHTS_NAME
+
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".kontext-lora.lock"
@@ -41,7 +43,7 @@ CONFIG_NAME = "config.yaml"
 TRAINER_FILES = frozenset(
     {
         CONFIG_NAME,
-        "pytorch_lora_weights.safetensors",
+        LORA_WEIGHTS_NAME,
         "lora_comfyui.safetensors",
         MODEL_CARD_NAME,
         "training_history.json",
@@ -184,14 +186,14 @@ def open_output_dir(cfg: Any, main: bool) -> tuple[Path, Path | None]:
 
     Raises :class:`OutputDirError` or ``kontext.training.checkpoint.CheckpointError``; writes nothing but the lock.
     """
-    from kontext.training.checkpoint import LORA_NAME, list_checkpoints, read_trainer_state, resolve_resume
+    from kontext.training.checkpoint import list_checkpoints, read_trainer_state, resolve_resume
 
     path = check_location(cfg.output_dir)
     check_contents(path)  # before the lock: a folder that is not a run's gets no lock file either
     lock_output_dir(path, main=main, create=False)
     c = cfg.checkpoint
     resume = resolve_resume(path, c.resume_from, warn=logger.warning if main else (lambda _msg: None))
-    finished = (path / LORA_NAME).is_file()
+    finished = (path / LORA_WEIGHTS_NAME).is_file()
     if not c.resume_from and not c.overwrite_output_dir:
         fix = (
             "Choose a new output_dir, continue it with checkpoint.resume_from=latest (and a larger train.max_steps "
@@ -199,14 +201,14 @@ def open_output_dir(cfg: Any, main: bool) -> tuple[Path, Path | None]:
             "training starts)."
         )
         if finished:
-            raise OutputDirError(f"output_dir {path} already holds a finished run ({LORA_NAME}). {fix}")
+            raise OutputDirError(f"output_dir {path} already holds a finished run ({LORA_WEIGHTS_NAME}). {fix}")
         ckpts = list_checkpoints(path)
         if ckpts:
             raise OutputDirError(f"output_dir {path} already holds checkpoints of another run ({ckpts[-1].name}). {fix}")
     if c.resume_from and finished and not c.overwrite_output_dir:
         if resume is None:
             raise OutputDirError(
-                f"output_dir {path} holds a finished run ({LORA_NAME}) and no checkpoint to continue it from "
+                f"output_dir {path} holds a finished run ({LORA_WEIGHTS_NAME}) and no checkpoint to continue it from "
                 "(checkpoint.every_steps was 0, or its checkpoints are gone); resuming would train again from "
                 "scratch over it. Choose a new output_dir, or set checkpoint.overwrite_output_dir=true to replace it."
             )

@@ -59,6 +59,47 @@ def final_losses(history: list[dict[str, float]], last: int = 10) -> dict[str, f
     return out
 
 
+def output_files(output_dir: str | Path) -> tuple[list[str], bool]:
+    """The artefacts a finished run left in ``output_dir`` (names relative to it, in a fixed order) and whether a
+    checkpoint is there to continue from."""
+    from kontext.runtime.lora_io import LORA_WEIGHTS_NAME
+    from kontext.training.checkpoint import list_checkpoints
+
+    out = Path(output_dir)
+    names = [LORA_WEIGHTS_NAME, "lora_comfyui.safetensors", "README.md", "config.yaml", "training_history.json"]
+    files = [n for n in names if (out / n).is_file()]
+    ckpts = list_checkpoints(out)
+    if ckpts:
+        files.append(f"{ckpts[-1].name}/ (last checkpoint)")
+    if (out / "validation").is_dir():
+        files.append("validation/ (grids)")
+    return files, bool(ckpts)
+
+
+def finished_run_summary(output_dir: Path, cfg: Any, history: list[dict[str, float]], steps: int,
+                         metrics: dict[str, float]) -> str:
+    """:func:`run_summary` for the run that just finished in this process (its files, clock and launcher)."""
+    import time
+
+    from kontext.training.launch import RUN_CLOCK, launched_by_accelerate
+    from kontext.training.validation import held_out
+
+    files, can_resume = output_files(output_dir)
+    started = RUN_CLOCK.get("start")
+    return run_summary(
+        steps=steps,
+        wall_seconds=time.perf_counter() - started if started is not None else sum(h.get("step_time_s", 0.0) for h in history),
+        history=history,
+        metrics=metrics,
+        output_dir=output_dir,
+        files=files,
+        base_model=cfg.model.pretrained_model_name_or_path,
+        can_resume=can_resume,
+        launcher="accelerate launch" if launched_by_accelerate() else "python",
+        validated_on="held-out" if held_out(cfg) else "training",
+    )
+
+
 def run_summary(
     *,
     steps: int,

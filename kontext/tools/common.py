@@ -1,0 +1,234 @@
+"""What ``python -m kontext.tools.infer`` and ``python -m kontext.tools.evaluate`` share: the error type, the model
+and runtime options, ``--lora PATH[:STRENGTH]`` specs, opening the pipeline with its LoRAs, the LoRA run's
+settings (and the mask hint they imply), and the command-line entry with its exit statuses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from kontext.runtime.dtypes import DTYPES
+from kontext.runtime.lora_io import LORA_WEIGHTS_NAME
+
+DEFAULT_MODEL = "black-forest-labs/FLUX.1-Kontext-dev"
+
+
+class InferenceError(ValueError):
+    """A command-line or input problem; the message names the argument and the fix."""
+
+
+# ------------------------------------------------------------------------------------------ options
+def add_model_argument(ap: argparse.ArgumentParser) -> None:
+    """``--model`` (the base model), the first option of both commands."""
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local diffusers folder, or `tiny`")
+
+
+def add_runtime_arguments(ap: argparse.ArgumentParser) -> None:
+    """``--max-sequence-length``, ``--device`` and ``--dtype``, in this order (both commands end with them, then ``--out``)."""
+    ap.add_argument("--max-sequence-length", type=int, default=512, help="T5 prompt length")
+    ap.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: bfloat16 on cuda, float32 on cpu)")
+
+
+def cli_main(
+    parser: argparse.ArgumentParser,
+    run: Callable[[argparse.Namespace], Any],
+    show: Callable[[Any], None],
+    argv: Sequence[str] | None,
+) -> int:
+    """Parse ``argv``, ``run`` the parsed arguments and ``show`` what it returns; returns the exit status.
+
+    An :class:`InferenceError` prints ``error: <message>`` on stderr and returns 2 (argparse's own usage errors
+    exit with 2 as well); success returns 0.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parser.parse_args(argv)
+    try:
+        result = run(args)
+    except InferenceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    show(result)
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- model
+def resolve_model(name_or_path: str, option: str = "--model") -> str:
+    """``tiny``, a diffusers folder or a hub id -> what ``from_pretrained`` takes (see ``kontext.runtime.model_path``)."""
+    from kontext.runtime.model_path import ModelPathError, resolve_model_path
+
+    try:
+        return resolve_model_path(name_or_path, option)
+    except ModelPathError as e:
+        raise InferenceError(str(e)) from None
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class OpenedPipeline:
+    """What :func:`open_pipeline` returns: the resolved ``model``, the pipeline and one adapter name per LoRA."""
+
+    model: str
+    pipe: Any
+    adapters: list[str]
+
+
+def open_pipeline(
+    model: str,
+    specs: Sequence[LoraSpec],
+    device: torch.device | str | None = None,
+    dtype: str | None = None,
+    prefix: str = "lora",
+) -> OpenedPipeline:
+    """Resolve ``--model``, load ``FluxKontextPipeline`` onto ``device`` and every LoRA of ``specs`` as its own
+    adapter (see :func:`load_loras`).
+
+    ``device`` defaults to :func:`default_device`; ``dtype`` (a :data:`~kontext.runtime.dtypes.DTYPES` name)
+    to bfloat16 on CUDA and float32 on the CPU (where bf16 matmuls are slow).
+    """
+    from kontext.runtime.pipeline import PipelineLoadError, load_pipeline
+
+    resolved = resolve_model(model)
+    device = torch.device(device) if device is not None else default_device()
+    if dtype is None:
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    if dtype not in DTYPES:
+        raise InferenceError(f"--dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
+    try:
+        pipe = load_pipeline(resolved, DTYPES[dtype], option="--model").to(device)
+    except PipelineLoadError as e:
+        raise InferenceError(str(e)) from None
+    return OpenedPipeline(resolved, pipe, load_loras(pipe, specs, prefix))
+
+
+# -------------------------------------------------------------------------------------------- LoRAs
+@dataclass(frozen=True)
+class LoraSpec:
+    """One ``--lora PATH[:STRENGTH]``: the folder and file name of the weights, and the strength."""
+
+    folder: Path
+    weight_name: str
+    strength: float
+    text: str
+
+    @property
+    def path(self) -> Path:
+        """The weights file."""
+        return self.folder / self.weight_name
+
+
+def _weights_in(folder: Path, option: str, text: str) -> str:
+    if (folder / LORA_WEIGHTS_NAME).is_file():
+        return LORA_WEIGHTS_NAME
+    found = sorted(p.name for p in folder.glob("*.safetensors"))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise InferenceError(
+            f"{option} {text!r}: the folder {folder} holds no {LORA_WEIGHTS_NAME} (nor any .safetensors); "
+            "point it at a finished training output folder, a checkpoint-<step> folder, or the .safetensors file"
+        )
+    raise InferenceError(
+        f"{option} {text!r}: the folder {folder} holds several .safetensors files ({', '.join(found)}) and no "
+        f"{LORA_WEIGHTS_NAME}; name the file, e.g. {option} {folder / found[0]}"
+    )
+
+
+def parse_lora_spec(text: str, option: str = "--lora") -> LoraSpec:
+    """Parse ``PATH[:STRENGTH]`` (a folder with ``pytorch_lora_weights.safetensors`` or a ``.safetensors`` file).
+
+    A path that exists as written wins over a ``:`` split, so file names with colons work.
+    Raises :class:`InferenceError` naming ``option`` for a missing path or a strength that is not a number.
+    """
+    path_text, strength = text, 1.0
+    if not Path(text).expanduser().exists() and ":" in text:
+        head, tail = text.rsplit(":", 1)
+        # "C:\\x" style drive letters: a one-letter head followed by a path separator is not a strength
+        if not (len(head) == 1 and tail[:1] in ("\\", "/")):
+            try:
+                strength = float(tail)
+            except ValueError:
+                raise InferenceError(
+                    f"{option} {text!r}: the strength {tail!r} after ':' is not a number; write {option} PATH or "
+                    f"{option} PATH:0.8"
+                ) from None
+            path_text = head
+    p = Path(path_text).expanduser()
+    if not p.exists():
+        raise InferenceError(
+            f"{option} {text!r}: {p} does not exist; give a training output folder, a checkpoint folder or a "
+            ".safetensors file (optionally followed by :STRENGTH)"
+        )
+    if p.is_dir():
+        return LoraSpec(p.resolve(), _weights_in(p, option, text), strength, text)
+    if p.suffix != ".safetensors":
+        raise InferenceError(f"{option} {text!r}: {p.name} is not a .safetensors file; give the LoRA weights file")
+    return LoraSpec(p.resolve().parent, p.name, strength, text)
+
+
+def load_loras(pipe: Any, specs: Sequence[LoraSpec], prefix: str = "lora") -> list[str]:
+    """Load every LoRA as its own adapter (``<prefix>0``, ``<prefix>1``, ...) and activate them all at their strengths.
+
+    Returns the adapter names.
+    """
+    names = []
+    for k, s in enumerate(specs):
+        name = f"{prefix}{k}"
+        try:
+            with warnings.catch_warnings():
+                # PEFT warns whenever a second adapter joins a model; several named adapters are the intent here
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                pipe.load_lora_weights(str(s.folder), weight_name=s.weight_name, adapter_name=name)
+        except (ValueError, KeyError, RuntimeError, OSError) as e:
+            raise InferenceError(
+                f"--lora {s.text!r}: {s.path} could not be loaded into this model ({type(e).__name__}: {e}); "
+                "check that it was trained for this base model (--model)"
+            ) from None
+        names.append(name)
+    if names:
+        pipe.set_adapters(names, adapter_weights=[s.strength for s in specs])
+    return names
+
+
+def trained_settings(spec: LoraSpec | None) -> dict[str, Any]:
+    """``data`` settings of the run that produced a LoRA, from ``config.yaml`` beside it (or one folder up, for a
+    checkpoint folder); ``{}`` when there is none (or no LoRA). Keys: ``mask_hint``, ``outline_width``,
+    ``resolution``, ``aspect_buckets``, ``default_prompt`` where present."""
+    if spec is None:
+        return {}
+    for folder in (spec.folder, spec.folder.parent):
+        cfg = folder / "config.yaml"
+        if cfg.is_file():
+            try:
+                data = yaml.safe_load(cfg.read_text(encoding="utf-8")) or {}
+            except yaml.YAMLError:
+                return {}
+            d = data.get("data") or {}
+            keys = ("mask_hint", "outline_width", "resolution", "aspect_buckets", "default_prompt")
+            return {k: d[k] for k in keys if k in d}
+    return {}
+
+
+def mask_hint_settings(
+    mask_hint: str | None, outline_width: int | None, trained: dict[str, Any], has_mask: bool = True
+) -> tuple[str, int | None]:
+    """The mask hint and outline width to draw: each given value (``--mask-hint``, ``--outline-width``), else the
+    LoRA run's (``trained``, see :func:`trained_settings`), else ``fill`` (``none`` without a mask) and the
+    training default width."""
+    if mask_hint is None:
+        mask_hint = str(trained.get("mask_hint", "fill")) if has_mask else "none"
+    return mask_hint, outline_width if outline_width is not None else trained.get("outline_width")

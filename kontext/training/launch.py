@@ -1,0 +1,111 @@
+"""How the training script was launched, and what it does about it: CPU threads, the process group on a
+CPU-only machine, log levels, and the one-message error a user sees.
+
+``train_kontext_lora.py`` runs as ``python train_kontext_lora.py`` (one process) or under ``accelerate
+launch`` (one or many); these functions are the differences between the two.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import torch
+
+# The loggers of this project's packages; libraries (diffusers, transformers, ...) stay at WARNING.
+OWN_LOGGERS = ("kontext_lora", "kontext", "data", "losses")
+# When the run started (set by :func:`setup_logging`, the first thing setup does): the summary's wall time.
+RUN_CLOCK: dict[str, float] = {}
+
+
+class UserError(Exception):
+    """An error in the user's input that ends the run with one clear message (no traceback)."""
+
+
+def launched_by_accelerate(environ: Any = None) -> bool:
+    """True under ``accelerate launch`` (or torchrun), which choose the processes' CPU threads themselves."""
+    env = os.environ if environ is None else environ
+    return "LOCAL_RANK" in env or any(k.startswith("ACCELERATE_") for k in env)
+
+
+def cpu_threads_for_plain_run(environ: dict[str, str] | None = None) -> int | None:
+    """The intra-op thread count for a ``python train_kontext_lora.py`` run, or None to leave torch's choice.
+
+    None when ``OMP_NUM_THREADS`` is set (the user's choice always wins) or when accelerate launched the
+    script (it sets ``OMP_NUM_THREADS`` itself). Otherwise the physical cores this process may use, as
+    ``accelerate launch --cpu`` chooses, less the cores other work keeps busy (the 1-minute load average):
+    OpenMP threads that wait for a core held by another process spin, and on a busy 2-core box two
+    threads ran a step tens of times slower than one.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("OMP_NUM_THREADS", "").strip() or launched_by_accelerate(env):
+        return None
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable = os.cpu_count() or 1
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False) or usable
+    except ImportError:
+        physical = usable
+    cores = max(1, min(usable, physical))
+    try:
+        busy = round(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        busy = 0
+    return max(1, min(cores, usable - busy))
+
+
+def set_cpu_threads() -> int | None:
+    """Apply :func:`cpu_threads_for_plain_run` (the script's entry point calls this; imports never do)."""
+    threads = cpu_threads_for_plain_run()
+    if threads is not None:
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # and for any worker process started later
+    return threads
+
+
+def cpu_only_multiprocess() -> bool:
+    """True when launched as several processes (``WORLD_SIZE`` > 1) on a machine without any accelerator.
+
+    accelerate then only forms a gloo group (``DistributedType.MULTI_CPU``) if asked for the CPU;
+    otherwise every process silently trains alone and all of them write the same output folder.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return world > 1 and not torch.accelerator.is_available()
+
+
+def setup_logging(accelerator: Any) -> None:
+    """Our own messages at INFO on the main process; libraries only when something is wrong. Starts the run clock."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    RUN_CLOCK["start"] = time.perf_counter()
+    level = logging.INFO if accelerator.is_main_process else logging.WARNING
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.set_verbosity_error()
+
+
+def error_text(e: Exception) -> str:
+    """The user-error message as the script writes it last: plain, or framed under ``accelerate launch``.
+
+    accelerate answers a non-zero exit with its own ``CalledProcessError`` traceback, printed after the
+    script has ended, so there the message is set off by a rule and a pointer; the error stays the last line.
+    """
+    from kontext.training.output_dir import is_main_launch_process
+
+    if not launched_by_accelerate() or not is_main_launch_process():
+        return f"error: {e}\n"
+    return (
+        f"\n{'=' * 72}\n"
+        "The run stopped on the error below. The CalledProcessError traceback that accelerate prints after it only "
+        "says that this script exited with status 2.\n"
+        f"error: {e}\n"
+    )

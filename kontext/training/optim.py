@@ -1,0 +1,46 @@
+"""The optimiser a config asks for, and the check (before any data or model is touched) that it can be built."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kontext.training.launch import UserError
+
+
+def check_optional_features(cfg: Any) -> None:
+    """GPU-only and optional-package options fail here, with the install command, before any expensive work."""
+    from kontext.runtime.quantization import QuantizationUnavailable, check_available
+
+    try:
+        check_available(cfg.model.quantization)
+    except QuantizationUnavailable as e:
+        raise UserError(str(e)) from None
+    if cfg.train.optimizer == "adamw8bit":
+        if not torch.cuda.is_available():
+            raise UserError("`train.optimizer: adamw8bit` needs a CUDA GPU (bitsandbytes); use `adamw` on this machine.")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise UserError("`train.optimizer: adamw8bit` needs bitsandbytes: pip install -e '.[quantization]'.") from None
+    if cfg.train.optimizer == "prodigy":
+        try:
+            import prodigyopt  # noqa: F401
+        except ImportError:
+            raise UserError("`train.optimizer: prodigy` needs prodigyopt: pip install -e '.[prodigy]'.") from None
+
+
+def make_optimizer(cfg: Any, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """``train.optimizer`` (adamw, adamw8bit or prodigy) over ``params`` with the config's betas, eps and decay."""
+    t = cfg.train
+    kwargs = {"lr": t.learning_rate, "betas": (t.adam_beta1, t.adam_beta2), "eps": t.adam_epsilon, "weight_decay": t.weight_decay}
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    if t.optimizer == "adamw8bit":
+        import bitsandbytes as bnb  # availability checked in check_optional_features
+
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    import prodigyopt
+
+    return prodigyopt.Prodigy(params, **kwargs)
