@@ -89,24 +89,6 @@ import torch  # noqa: E402
 
 GIB = 2**30
 
-# FLUX.1's FlowMatchEulerDiscreteScheduler (the committed tiny model's scheduler_config.json is the same).
-FLUX_SCHEDULER_CONFIG: dict[str, Any] = {
-    "num_train_timesteps": 1000,
-    "shift": 3.0,
-    "use_dynamic_shifting": True,
-    "base_shift": 0.5,
-    "max_shift": 1.15,
-    "base_image_seq_len": 256,
-    "max_image_seq_len": 4096,
-    "invert_sigmas": False,
-    "shift_terminal": None,
-    "stochastic_sampling": False,
-    "time_shift_type": "exponential",
-    "use_beta_sigmas": False,
-    "use_exponential_sigmas": False,
-    "use_karras_sigmas": False,
-}
-
 # Dense (no sparsity) bf16 tensor-core peak, TFLOP/s, by a substring of torch.cuda.get_device_name();
 # the first match wins, so the more specific names come first. --peak-tflops overrides.
 PEAK_TFLOPS: list[tuple[str, float]] = [
@@ -478,9 +460,13 @@ def attach_default_lora(transformer: torch.nn.Module, cfg: Any) -> list[torch.nn
 
 
 def make_scheduler() -> Any:
+    """FLUX.1's ``FlowMatchEulerDiscreteScheduler`` (shift 3, dynamic shift 0.5-1.15 over 256-4096 tokens), read
+    from the committed tiny model's ``scheduler_config.json``, which is FLUX.1 Kontext [dev]'s."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    return FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG)
+    from kontext.tiny.model import COMMITTED_DIR
+
+    return FlowMatchEulerDiscreteScheduler.from_pretrained(str(COMMITTED_DIR), subfolder="scheduler")
 
 
 def make_batch(

@@ -96,8 +96,10 @@ def test_real_config_count():
 
 def test_scheduler_config_is_fluxs():
     tiny = json.loads((REPO / "kontext/tiny/tiny_flux_kontext/scheduler/scheduler_config.json").read_text())
-    assert {k: tiny[k] for k in rs.FLUX_SCHEDULER_CONFIG} == rs.FLUX_SCHEDULER_CONFIG
     sched = rs.make_scheduler()
+    flux = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
+            "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
+    assert {k: sched.config[k] for k in flux} == flux == {k: tiny[k] for k in flux}
     assert sched.config.shift == 3.0 and sched.config.use_dynamic_shifting
 
 
