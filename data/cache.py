@@ -33,7 +33,8 @@ from .buckets import VAE_SCALE_FACTOR
 
 # 2: entries of hinted samples also hold the un-hinted scene's latents (what the geometry terms compare with).
 # 3: no pixel mask (training reads only the latent-resolution geometry).
-CACHE_FORMAT = 3
+# 4: crop windows in whole source pixels (the resampled pixels moved by a fraction of a pixel).
+CACHE_FORMAT = 4
 GEOMETRY_FIELDS = ("mask", "band", "outside", "sdm")
 SAMPLE_TENSORS = ("context_latents", "target_latents", *(f"geometry.{f}" for f in GEOMETRY_FIELDS))
 PROMPT_TENSORS = ("prompt_embeds", "pooled_prompt_embeds")

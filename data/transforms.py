@@ -36,26 +36,35 @@ def crop_box(
     bucket: tuple[int, int],
     crop: str = "center",
     rng: np.random.Generator | None = None,
-) -> tuple[float, float, float, float]:
-    """The window (x0, y0, x1, y1) of the source image, in source pixels, that fills ``bucket`` after a cover resize.
+) -> tuple[int, int, int, int]:
+    """The window (x0, y0, x1, y1) of the source image, in whole source pixels, that fills ``bucket`` after a resize.
 
-    size: source (width, height); bucket: (W, H). The window has the bucket's aspect ratio and
-    is as large as fits; ``center`` centres it, ``random`` places it uniformly (needs ``rng``).
+    size: source (width, height); bucket: (W, H). The window spans the source's full width or
+    full height and has the bucket's aspect ratio to the nearest pixel; ``center`` centres it,
+    ``random`` places it uniformly over the whole-pixel offsets (needs ``rng``). Integer
+    arithmetic throughout: a window computed in floats can land a rounding error outside the
+    image (an offset of -1e-13), which Pillow refuses.
     """
     if crop not in CROP_MODES:
         raise ValueError(f"data.crop must be one of {CROP_MODES}, got {crop!r}")
-    w, h = size
-    bw, bh = bucket
-    scale = max(bw / w, bh / h)
-    cw, ch = bw / scale, bh / scale
+    w, h = (int(v) for v in size)
+    bw, bh = (int(v) for v in bucket)
+    if w < 1 or h < 1 or bw < 1 or bh < 1:
+        raise ValueError(f"crop_box: image size {size} and bucket {bucket} must be positive")
+    if w * bh >= h * bw:  # the source is at least as wide as the bucket: keep its height
+        ch = h
+        cw = min(w, max(1, (2 * h * bw + bh) // (2 * bh)))  # round(h * bw / bh) in integers
+    else:
+        cw = w
+        ch = min(h, max(1, (2 * w * bh + bw) // (2 * bw)))
     if crop == "center":
-        ux = uy = 0.5
+        x0, y0 = (w - cw) // 2, (h - ch) // 2
     else:
         if rng is None:
             raise ValueError("crop='random' needs an rng (see data.transforms.sample_rng)")
         ux, uy = float(rng.random()), float(rng.random())
-    x0 = (w - cw) * ux
-    y0 = (h - ch) * uy
+        x0 = min(w - cw, int(ux * (w - cw + 1)))
+        y0 = min(h - ch, int(uy * (h - ch + 1)))
     return (x0, y0, x0 + cw, y0 + ch)
 
 

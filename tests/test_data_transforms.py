@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from scipy import ndimage
 
@@ -16,6 +18,7 @@ from data import (
     apply_mask_hint,
     apply_mask_hint_pil,
     area_resize,
+    crop_box,
     make_buckets,
     nearest_bucket,
     prepare_sample,
@@ -133,6 +136,59 @@ def test_random_crop_is_deterministic_per_seed_epoch_index() -> None:
     c = prepare_sample(raw, (64, 64), crop="random", rng=sample_rng(1, 3, 3))["mask"]
     torch.testing.assert_close(a, b)
     assert not torch.equal(a, c)
+
+
+# ------------------------------------------------------------------ crop window
+
+
+def _solid_triplet(w: int, h: int) -> RawSample:
+    return RawSample(f"{w}x{h}", Image.new("RGB", (w, h), (9, 9, 9)), Image.new("RGB", (w, h)), Image.new("L", (w, h), 255), "p")
+
+
+# Sizes whose float window fell a rounding error outside the image (Pillow: "box offset can't be negative").
+@pytest.mark.parametrize(
+    "size,resolution,aspect", [((1000, 872), 128, True), ((1920, 1080), 512, False), ((412, 421), 128, False), ((412, 421), 1024, True)]
+)
+def test_crop_window_of_sizes_that_failed_in_floats(size: tuple[int, int], resolution: int, aspect: bool) -> None:
+    buckets = make_buckets(resolution, aspect)
+    bucket = buckets[nearest_bucket(*size, buckets)]
+    out = prepare_sample(_solid_triplet(*size), bucket)
+    assert out["mask"].shape == (1, bucket[1], bucket[0])
+    assert float(out["mask"].min()) == 1.0, "a white mask stays white: the window lies inside the image"
+
+
+_BUCKET_LISTS = {(res, aspect): make_buckets(res, aspect) for res in (16, 64, 128, 512) for aspect in (False, True)}
+
+
+def test_crop_window_is_whole_pixels_inside_the_image_at_the_bucket_aspect() -> None:
+    for w in range(300, 1401, 7):
+        for h in range(300, 1401, 23):
+            for (res, _), buckets in _BUCKET_LISTS.items():
+                bw, bh = buckets[nearest_bucket(w, h, buckets)]
+                for box in (crop_box((w, h), (bw, bh)), crop_box((w, h), (bw, bh), "random", sample_rng(w, h, res))):
+                    x0, y0, x1, y1 = box
+                    assert all(type(v) is int for v in box) and 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h, (w, h, bw, bh, box)
+                    assert x1 - x0 == w or y1 - y0 == h, "as large as fits"
+                    # The bucket's aspect ratio to the nearest whole pixel along the cropped side.
+                    assert abs((x1 - x0) * bh - (y1 - y0) * bw) <= max(bw, bh) / 2, (w, h, bw, bh, box)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    w=st.integers(1, 400),
+    h=st.integers(1, 400),
+    bucket_list=st.sampled_from([k for k in sorted(_BUCKET_LISTS) if k[0] <= 128]),  # small outputs keep it fast
+    crop=st.sampled_from(("center", "random")),
+    flip=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_whole_transform_accepts_every_size(w: int, h: int, bucket_list: tuple[int, bool], crop: str, flip: bool, seed: int) -> None:
+    buckets = _BUCKET_LISTS[bucket_list]
+    bw, bh = buckets[nearest_bucket(w, h, buckets)]
+    out = prepare_sample(_solid_triplet(w, h), (bw, bh), flip=flip, crop=crop, rng=sample_rng(seed, 0, 0))
+    assert out["context"].shape == (3, bh, bw) and out["mask"].shape == (1, bh, bw)
+    assert out["mask"].numpy().min() == 1.0
+    np.testing.assert_allclose(out["context"].numpy(), 9 / 127.5 - 1, atol=1e-6)  # numpy: cheaper than torch per call
 
 
 # ------------------------------------------------------------------ hint
