@@ -209,6 +209,25 @@ def test_error_names_the_file(tmp_path: Path):
         load_config(None, ["train.max_steps"])
 
 
+def test_unquoted_no_is_the_string_choice_no(tmp_path: Path):
+    """YAML 1.1 reads `no`/`off` as false: where a choice is spelt 'no', that is what was meant."""
+    p = tmp_path / "cpu.yaml"
+    p.write_text("train:\n  mixed_precision: no\n")
+    cfg = load_config(p)
+    assert cfg.train.mixed_precision == "no"
+    assert load_config(None, ["train.mixed_precision=off"]).train.mixed_precision == "no"
+    dump_config(cfg, tmp_path / "resolved.yaml")  # the resolved config reads back the same
+    assert load_config(tmp_path / "resolved.yaml").train.mixed_precision == "no"
+    # Generic over every choice list that has the words; elsewhere a boolean is still refused.
+    from kontext.training.config import _coerce
+
+    assert _coerce("k", True, typing.Literal["yes", "no", "ask"]) == "yes"
+    with pytest.raises(ConfigError, match="`train.mixed_precision` must be one of"):
+        load_config(None, ["train.mixed_precision=yes"])
+    with pytest.raises(ConfigError, match="`data.mask_hint` must be one of"):
+        load_config(None, ["data.mask_hint=no"])
+
+
 def test_yaml_loader_is_safe(tmp_path: Path):
     p = tmp_path / "evil.yaml"
     p.write_text("output_dir: !!python/object/apply:os.system ['echo pwned']\n")

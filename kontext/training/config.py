@@ -357,6 +357,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return _coerce(key, value, inner[0])
     if origin is Literal:
         choices = typing.get_args(tp)
+        # YAML 1.1 reads an unquoted no/yes (and off/on) as false/true; where the choices spell
+        # those words, that is what the user wrote (`mixed_precision: no`).
+        if isinstance(value, bool) and ("yes" if value else "no") in choices:
+            return "yes" if value else "no"
         if value not in choices:
             hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
             sugg = f" Did you mean {hint[0]!r}?" if hint else ""
