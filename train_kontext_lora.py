@@ -38,7 +38,7 @@ from kontext.runtime.dtypes import DTYPES
 from kontext.runtime.flux import predict_velocity
 from kontext.runtime.lora import attach_lora, make_lora_config
 from kontext.runtime.lora_io import LORA_WEIGHTS_NAME, check_replicas_agree, register_checkpoint_hooks, save_lora
-from kontext.runtime.model_path import ModelPathError, resolve_model_path
+from kontext.runtime.model_path import ModelPathError, resolve_model_path, text_length_warning
 from kontext.runtime.pipeline import PipelineLoadError, load_pipeline
 from kontext.tools.comfyui import export_comfyui
 from kontext.tools.model_card import write_model_card
@@ -259,6 +259,8 @@ def setup(cfg: Config) -> Run:
     model_path = main_process_first(accelerator, lambda: resolve_model(cfg.model.pretrained_model_name_or_path))
     cfg.model.pretrained_model_name_or_path = model_path
     if accelerator.is_main_process:
+        if warning := text_length_warning(model_path, cfg.model.max_sequence_length):
+            logger.warning(warning)
         remove_incomplete(output_dir)
         if cfg.checkpoint.overwrite_output_dir and resume_ckpt is None:
             remove_checkpoints(output_dir)  # the old run's checkpoints must never be resumed into this one

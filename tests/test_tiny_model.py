@@ -10,6 +10,7 @@ a full rebuild, compared with the committed quality, is marked ``rebuild`` and l
 from __future__ import annotations
 
 import copy
+import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -259,6 +260,22 @@ def test_tiny_is_the_committed_build_and_nothing_is_built(monkeypatch: pytest.Mo
     assert size <= 20 * 2**20, f"committed tiny model is {size / 2**20:.1f} MiB; the budget is 20 MiB"
 
 
+def test_base_records_its_prompt_length_and_longer_requests_warn(tmp_path: Path) -> None:
+    from kontext.runtime.model_path import text_length_warning, trained_text_length
+
+    committed = str(tiny.COMMITTED_DIR)
+    assert trained_text_length(committed) == tiny.TINY_DEFINITION["pretraining"]["max_sequence_length"] == 32
+    warning = text_length_warning(committed, 512)
+    assert warning is not None and "model.max_sequence_length is 512" in warning and "set model.max_sequence_length to 32" in warning
+    assert text_length_warning(committed, 32) is None and text_length_warning(committed, 16) is None
+    assert "--max-sequence-length is 77" in (text_length_warning(committed, 77, "--max-sequence-length") or "")
+    # Nothing recorded, nothing to say: hub ids, folders without build_info.json or without the key.
+    assert text_length_warning("black-forest-labs/FLUX.1-Kontext-dev", 512) is None
+    assert text_length_warning(str(tmp_path), 512) is None
+    (tmp_path / "build_info.json").write_text('{"seed": 0}')
+    assert text_length_warning(str(tmp_path), 512) is None
+
+
 def test_committed_base_inserts_into_the_hinted_region(pipe: Any) -> None:
     """The base edits like FLUX.1 Kontext: it changes the hinted region and keeps the rest of the scene.
 
@@ -382,6 +399,8 @@ def test_build_is_deterministic(tmp_path: Path) -> None:
     definition = _cheap_definition()
     a = tiny.build_tiny_pipeline(tmp_path / "a", definition=definition, progress=False)
     b = tiny.build_tiny_pipeline(tmp_path / "b", definition=definition, progress=False)
+    # The builder records the prompt length the transformer was trained with.
+    assert json.loads((a / "build_info.json").read_text())["max_sequence_length"] == definition["pretraining"]["max_sequence_length"]
     for component in ("transformer", "vae", "text_encoder", "text_encoder_2"):
         (fa,) = sorted((a / component).glob("*.safetensors"))
         (fb,) = sorted((b / component).glob("*.safetensors"))

@@ -1,10 +1,17 @@
 """Resolve ``model.pretrained_model_name_or_path`` / ``--model``: ``tiny``, a local diffusers folder, or a hub id;
-and the project's cache root (``$KONTEXT_LORA_CACHE``), where the tiny model builds and latents are cached."""
+the project's cache root (``$KONTEXT_LORA_CACHE``), where the tiny model builds and latents are cached; and what a
+local base model's folder records about its training (the prompt length)."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+
+# A base folder's record of how it was built (the tiny builder writes it) and its key for the T5 prompt length the
+# transformer was trained with.
+BUILD_INFO_NAME = "build_info.json"
+TRAINED_TEXT_LENGTH_KEY = "max_sequence_length"
 
 # Overrides the cache root (default ~/.cache/kontext-lora); see :func:`cache_root`.
 CACHE_ENV = "KONTEXT_LORA_CACHE"
@@ -49,3 +56,30 @@ def resolve_model_path(name_or_path: str, option: str = "model.pretrained_model_
 def is_hub_id(name: str) -> bool:
     """True if ``name`` has the shape of a hub id (``owner/name``) rather than of a local path."""
     return not name.startswith((".", "/", "~")) and name.count("/") == 1
+
+
+def trained_text_length(model_path: str) -> int | None:
+    """The T5 prompt length (tokens) the base at ``model_path`` was trained with, where its folder records it
+    (``build_info.json``, key ``max_sequence_length``); None for hub ids and folders without the record."""
+    info = Path(model_path).expanduser() / BUILD_INFO_NAME
+    try:
+        value = json.loads(info.read_text()).get(TRAINED_TEXT_LENGTH_KEY)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def text_length_warning(model_path: str, requested: int, option: str = "model.max_sequence_length") -> str | None:
+    """A warning when ``requested`` prompt tokens exceed what the base at ``model_path`` was trained with, else None.
+
+    The extra positions are padding tokens the base never saw in training; on the tiny base they are enough to make
+    it repaint the whole image instead of the hinted region. ``option`` names the setting in the message.
+    """
+    trained = trained_text_length(model_path)
+    if trained is None or requested <= trained:
+        return None
+    return (
+        f"{option} is {requested}, but the base model {model_path} was trained with {trained}-token prompts "
+        f"({BUILD_INFO_NAME}: {TRAINED_TEXT_LENGTH_KEY}). The extra padding tokens are unlike anything it saw and can "
+        f"make it repaint the whole image; set {option} to {trained} for this base."
+    )

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from data.buckets import VAE_SCALE_FACTOR
 from data.locking import atomic_folder, exclusive_lock
-from kontext.runtime.model_path import cache_root
+from kontext.runtime.model_path import TRAINED_TEXT_LENGTH_KEY, cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -538,6 +538,9 @@ def build_tiny_pipeline(
         "definition_hash": definition_hash(definition),
         "builder_version": BUILDER_VERSION,
         "seed": seed,
+        # The prompt length the transformer was trained with: longer prompts at use feed it padding tokens it
+        # never saw (kontext.runtime.model_path.text_length_warning reads this key).
+        **({TRAINED_TEXT_LENGTH_KEY: pre["max_sequence_length"]} if pre_info else {}),
         **vae_info,
         **pre_info,
         "build_seconds": round(time.perf_counter() - start, 1),
