@@ -214,13 +214,18 @@ def test_evaluate_at_a_resolution_uses_the_trained_aspect_buckets(tiny_model_dir
     from data.synthetic import generate_dataset
 
     lora = make_lora(tiny_model_dir, tmp_path / "lora", 3)
-    (lora / "config.yaml").write_text(yaml.safe_dump({"data": {"resolution": 128, "aspect_buckets": True}}))
+    run = {"data": {"resolution": 128, "aspect_buckets": True}, "model": {"max_sequence_length": 16},
+           "validation": {"guidance_scale": 3.0}}
+    (lora / "config.yaml").write_text(yaml.safe_dump(run))
     wide = generate_dataset(tmp_path / "wide", num_samples=1, size=(128, 64), seed=5, progress=False)
-    common = ["--model", "tiny", "--data", str(wide), "--steps", "1", "--max-sequence-length", "64",
-              "--lora", str(lora), "--resolution", "64"]
+    common = ["--model", "tiny", "--data", str(wide), "--steps", "1", "--lora", str(lora), "--resolution", "64"]
     assert main(common + ["--out", str(tmp_path / "a")]) == 0
     settings = json.loads((tmp_path / "a" / "metrics.json").read_text())["settings"]
     assert settings["resolution"] == 64 and settings["aspect_buckets"] is True
+    # The run's prompt length and guidance, recorded with the file they came from.
+    assert settings["max_sequence_length"] == 16 and settings["guidance"] == 3.0
+    assert settings["run_config"] == str(lora / "config.yaml")
+    assert "- max_sequence_length: `16`" in (tmp_path / "a" / "report.md").read_text()
     (sample,) = load_samples(str(wide), 64, True, None, None)
     assert sample.context.size == (96, 48)  # the wide bucket of 64 px, as training makes it
     ncols = len(SAMPLE_COLUMNS) + len(VARIANT_COLUMNS)

@@ -218,6 +218,65 @@ def test_parse_lora_spec(tmp_path, loras):
         parse_lora_spec(str(empty))
 
 
+def _run_folder(tiny_model_dir: Path, out: Path, seed: int, **config) -> Path:
+    """A LoRA folder with the ``config.yaml`` a training run leaves beside it (only the given sections)."""
+    import yaml
+
+    folder = make_lora(tiny_model_dir, out, seed).parent
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    return folder
+
+
+def test_run_settings_are_the_defaults_and_flags_override(tiny_model_dir, tmp_path, caplog):
+    from kontext.tools.common import guidance_setting, prompt_length_setting, trained_settings
+    from kontext.tools.infer import trained_size
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    (folder / "config.yaml").write_text(
+        "model: {max_sequence_length: 24}\ndata: {mask_hint: outline, resolution: 128, aspect_buckets: true}\n"
+        "validation: {guidance_scale: 3.5}\n"
+    )
+    trained = trained_settings(parse_lora_spec(str(folder)))
+    assert trained == {"config": str(folder / "config.yaml"), "mask_hint": "outline", "resolution": 128,
+                       "aspect_buckets": True, "max_sequence_length": 24, "guidance": 3.5}
+    assert trained_settings(parse_lora_spec(str(folder / "pytorch_lora_weights.safetensors"))) == trained
+    assert guidance_setting(None, trained) == 3.5 and guidance_setting(1.0, trained) == 1.0
+    assert guidance_setting(None, {}) == 2.5
+    tiny = str(tiny_model_dir)
+    assert prompt_length_setting(None, trained, tiny) == 24
+    assert prompt_length_setting(None, {}, tiny) == 32  # the base's own record
+    assert prompt_length_setting(None, {}, "black-forest-labs/FLUX.1-Kontext-dev") == 512
+    assert not caplog.records
+    assert prompt_length_setting(64, trained, tiny) == 64
+    assert "--max-sequence-length is 64" in caplog.text and "pass --max-sequence-length 32" in caplog.text
+    # Size: the aspect bucket training gave an image of this shape; without buckets, resolution**2 pixels.
+    assert trained_size((640, 480), trained) == (144, 112)
+    assert trained_size((640, 480), {"resolution": 128}) == (144, 112)
+    assert trained_size((100, 100), {"resolution": 128}) == (128, 128)
+    assert trained_size((640, 480), {}) is None
+
+
+def test_infer_generates_as_the_run_trained_and_records_it(scene, tiny_model_dir, tmp_path):
+    import json
+
+    run = _run_folder(tiny_model_dir, tmp_path / "run", 4, model={"max_sequence_length": 16},
+                      data={"resolution": 32, "aspect_buckets": False}, validation={"guidance_scale": 3.0})
+    out = tmp_path / "r.png"
+    args = ["--model", "tiny", "--image", str(scene["image"]), "--mask", str(scene["mask"]), "--prompt", "a can",
+            "--steps", "1", "--lora", str(run), "--out", str(out)]
+    assert main(args) == 0
+    image = Image.open(out)
+    assert image.size == (32, 32)  # 64x48 at about 32x32 pixels, in multiples of 16
+    settings = json.loads(image.text["kontext-lora"])
+    assert settings["max_sequence_length"] == 16 and settings["guidance"] == 3.0 and settings["size"] == [32, 32]
+    assert settings["run_config"] == str(run / "config.yaml") and settings["seed"] == 0
+    assert main(args[:-2] + ["--width", "64", "--guidance", "2.0", "--max-sequence-length", "8", "--out", str(out)]) == 0
+    settings = json.loads(Image.open(out).text["kontext-lora"])
+    assert settings["size"] == [64, 48] and settings["guidance"] == 2.0 and settings["max_sequence_length"] == 8
+
+
 @pytest.mark.slow
 def test_infer_module_command(scene, loras, tmp_path):
     a, _ = loras

@@ -1,6 +1,7 @@
 """What ``python -m kontext.tools.infer`` and ``python -m kontext.tools.evaluate`` share: the error type, the model
 and runtime options, ``--lora PATH[:STRENGTH]`` specs, opening the pipeline with its LoRAs, the LoRA run's
-settings (and the mask hint they imply), and the command-line entry with its exit statuses.
+settings (and the mask hint, prompt length and guidance they imply), and the command-line entry with its exit
+statuses.
 """
 
 from __future__ import annotations
@@ -21,6 +22,21 @@ from kontext.runtime.dtypes import DTYPES
 from kontext.runtime.lora_io import LORA_WEIGHTS_NAME
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-Kontext-dev"
+# Without a flag or a LoRA run's config.yaml: FLUX.1 Kontext's own prompt length and guidance.
+DEFAULT_MAX_SEQUENCE_LENGTH = 512
+DEFAULT_GUIDANCE = 2.5
+# What a LoRA run's config.yaml says about generating with it: the tools' name -> (section, key).
+RUN_SETTINGS = {
+    "mask_hint": ("data", "mask_hint"),
+    "outline_width": ("data", "outline_width"),
+    "resolution": ("data", "resolution"),
+    "aspect_buckets": ("data", "aspect_buckets"),
+    "default_prompt": ("data", "default_prompt"),
+    "max_sequence_length": ("model", "max_sequence_length"),
+    "guidance": ("validation", "guidance_scale"),
+}
+
+logger = logging.getLogger(__name__)
 
 
 class InferenceError(ValueError):
@@ -35,7 +51,12 @@ def add_model_argument(ap: argparse.ArgumentParser) -> None:
 
 def add_runtime_arguments(ap: argparse.ArgumentParser) -> None:
     """``--max-sequence-length``, ``--device`` and ``--dtype``, in this order (both commands end with them, then ``--out``)."""
-    ap.add_argument("--max-sequence-length", type=int, default=512, help="T5 prompt length")
+    ap.add_argument(
+        "--max-sequence-length",
+        type=int,
+        help="T5 prompt length (default: the LoRA run's model.max_sequence_length, else what the base was trained "
+        f"with where its folder records it, else {DEFAULT_MAX_SEQUENCE_LENGTH})",
+    )
     ap.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: bfloat16 on cuda, float32 on cpu)")
 
@@ -205,9 +226,13 @@ def load_loras(pipe: Any, specs: Sequence[LoraSpec], prefix: str = "lora") -> li
 
 
 def trained_settings(spec: LoraSpec | None) -> dict[str, Any]:
-    """``data`` settings of the run that produced a LoRA, from ``config.yaml`` beside it (or one folder up, for a
-    checkpoint folder); ``{}`` when there is none (or no LoRA). Keys: ``mask_hint``, ``outline_width``,
-    ``resolution``, ``aspect_buckets``, ``default_prompt`` where present."""
+    """The settings of the run that produced a LoRA, from ``config.yaml`` beside it (or one folder up, for a
+    checkpoint folder); ``{}`` when there is none (or no LoRA).
+
+    Keys (where the config has them): those of :data:`RUN_SETTINGS` (``mask_hint``, ``outline_width``,
+    ``resolution``, ``aspect_buckets``, ``default_prompt``, ``max_sequence_length``, ``guidance`` = the run's
+    ``validation.guidance_scale``) and ``config``, the file's path.
+    """
     if spec is None:
         return {}
     for folder in (spec.folder, spec.folder.parent):
@@ -217,9 +242,12 @@ def trained_settings(spec: LoraSpec | None) -> dict[str, Any]:
                 data = yaml.safe_load(cfg.read_text(encoding="utf-8")) or {}
             except yaml.YAMLError:
                 return {}
-            d = data.get("data") or {}
-            keys = ("mask_hint", "outline_width", "resolution", "aspect_buckets", "default_prompt")
-            return {k: d[k] for k in keys if k in d}
+            out: dict[str, Any] = {"config": str(cfg)}
+            for name, (section, key) in RUN_SETTINGS.items():
+                values = data.get(section) if isinstance(data, dict) else None
+                if isinstance(values, dict) and key in values:
+                    out[name] = values[key]
+            return out
     return {}
 
 
@@ -232,3 +260,31 @@ def mask_hint_settings(
     if mask_hint is None:
         mask_hint = str(trained.get("mask_hint", "fill")) if has_mask else "none"
     return mask_hint, outline_width if outline_width is not None else trained.get("outline_width")
+
+
+def guidance_setting(guidance: float | None, trained: dict[str, Any]) -> float:
+    """The guidance embedding value: ``--guidance``, else the LoRA run's ``validation.guidance_scale``, else 2.5."""
+    return float(guidance if guidance is not None else trained.get("guidance", DEFAULT_GUIDANCE))
+
+
+def prompt_length_setting(given: int | None, trained: dict[str, Any], model_path: str) -> int:
+    """The T5 prompt length: ``--max-sequence-length``, else the LoRA run's ``model.max_sequence_length``, else
+    the length the base at ``model_path`` was trained with (where its folder records it), else 512.
+
+    Logs a warning when the length exceeds what the base was trained with (see
+    :func:`kontext.runtime.model_path.text_length_warning`).
+    """
+    from kontext.runtime.model_path import text_length_warning, trained_text_length
+
+    if given is not None:
+        length, option = given, "--max-sequence-length"
+    elif "max_sequence_length" in trained:
+        length, option = int(trained["max_sequence_length"]), f"model.max_sequence_length of the LoRA run ({trained['config']})"
+    else:
+        length, option = trained_text_length(model_path) or DEFAULT_MAX_SEQUENCE_LENGTH, "--max-sequence-length"
+    if length < 1:
+        raise InferenceError(f"--max-sequence-length must be >= 1; got {length}")
+    warning = text_length_warning(model_path, length, option, fix="pass --max-sequence-length {trained}")
+    if warning:
+        logger.warning(warning)
+    return length

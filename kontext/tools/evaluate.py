@@ -41,9 +41,11 @@ from kontext.tools.common import (
     add_model_argument,
     add_runtime_arguments,
     cli_main,
+    guidance_setting,
     mask_hint_settings,
     open_pipeline,
     parse_lora_spec,
+    prompt_length_setting,
     trained_settings,
 )
 from kontext.tools.grid import change_mask_image, draw_mask_outline, make_grid
@@ -358,7 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--composite", action="store_true", help="composite results inside the mask before measuring")
     ap.add_argument("--steps", type=int, default=28, help="sampler steps")
-    ap.add_argument("--guidance", type=float, default=2.5, help="guidance embedding value")
+    ap.add_argument(
+        "--guidance", type=float, help="guidance embedding value (default: the LoRA run's validation.guidance_scale, else 2.5)"
+    )
     ap.add_argument("--seed", type=int, default=0, help="sample i uses seed + i (the same for every variant)")
     ap.add_argument("--limit", type=int, help="evaluate only the first N samples")
     ap.add_argument("--grid-limit", type=int, default=32, help="rows of grid.png at most")
@@ -397,11 +401,13 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     with_lora = [v for v in variants if v.lora is not None]
     trained = trained_settings(with_lora[0].lora if with_lora else None)
     mask_hint, outline_width = mask_hint_settings(args.mask_hint, args.outline_width, trained)
+    guidance = guidance_setting(args.guidance, trained)
     resolution, aspect = evaluation_buckets(args.resolution, args.aspect_buckets, trained)
     samples = load_samples(args.data, resolution, aspect, args.prompt or trained.get("default_prompt"), args.limit)
 
     opened = open_pipeline(args.model, [v.lora for v in with_lora], args.device, args.dtype, prefix="eval")
     model, pipe = opened.model, opened.pipe
+    max_sequence_length = prompt_length_setting(args.max_sequence_length, trained, model)
     for v, name in zip(with_lora, opened.adapters):
         v.adapter = name
     pictures: dict[str, list[list[Image.Image]]] = {}
@@ -418,8 +424,8 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
                 composite=args.composite,
                 seed=args.seed,
                 steps=args.steps,
-                guidance=args.guidance,
-                max_sequence_length=args.max_sequence_length,
+                guidance=guidance,
+                max_sequence_length=max_sequence_length,
                 progress=bar,
             )
     from data.hint import apply_mask_hint_pil
@@ -427,6 +433,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     hinted = [apply_mask_hint_pil(s.context, s.mask, mask_hint, outline_width) for s in samples]
     settings = {
         "model": model,
+        "run_config": trained.get("config"),
         "data": str(Path(args.data).expanduser().resolve()),
         "samples": len(samples),
         "mask_hint": mask_hint,
@@ -434,7 +441,8 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
         "aspect_buckets": aspect if resolution is not None else None,
         "composite": bool(args.composite),
         "steps": args.steps,
-        "guidance": args.guidance,
+        "guidance": guidance,
+        "max_sequence_length": max_sequence_length,
         "seed": args.seed,
     }
     return write_report(

@@ -8,21 +8,26 @@
 
 ``--lora PATH[:STRENGTH]`` takes a training output folder (or checkpoint folder) holding
 ``pytorch_lora_weights.safetensors``, or a ``.safetensors`` file; give it several times to combine LoRAs.
-The mask hint is drawn from ``--mask`` with the code training uses; by default it is the one the first LoRA
-was trained with (its folder's ``config.yaml``). See ``docs/inference.md``.
+The mask hint is drawn from ``--mask`` with the code training uses. Mask hint, generation size (the trained
+``data.resolution`` and its aspect bucket), prompt length and guidance default to the first LoRA's run (its
+folder's ``config.yaml``); each flag overrides. The settings used are logged and stored in every PNG written
+(text chunk ``kontext-lora``). See ``docs/inference.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
+import math
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
 
 from data.hint import MASK_HINT_MODES
 from kontext.runtime.generation import DEFAULT_MAX_AREA, generate
@@ -31,15 +36,19 @@ from kontext.tools.common import (
     add_model_argument,
     add_runtime_arguments,
     cli_main,
+    guidance_setting,
     mask_hint_settings,
     open_pipeline,
     parse_lora_spec,
+    prompt_length_setting,
     trained_settings,
 )
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+# The PNG text chunk that records the settings of a written image.
+SETTINGS_CHUNK = "kontext-lora"
 
 
 # -------------------------------------------------------------------------------------------- files
@@ -68,6 +77,27 @@ def output_paths(out: str, num_images: int, seeds: Sequence[int]) -> list[Path]:
     if p.exists() and not p.is_dir():
         raise InferenceError(f"--out {out!r} is an existing file without an image suffix; give a folder or a .png path")
     return [p / f"result-seed{s}.png" for s in seeds]
+
+
+def trained_size(image_size: tuple[int, int], trained: dict[str, Any]) -> tuple[int, int] | None:
+    """The generation size (W, H) at the LoRA run's ``data.resolution`` for an image of ``image_size``, or None
+    without one: the nearest aspect bucket when the run used ``data.aspect_buckets`` (the size training gave
+    such an image), else about ``resolution**2`` pixels at the image's aspect ratio, in multiples of 16."""
+    from data import make_buckets, nearest_bucket
+    from data.buckets import BUCKET_MULTIPLE
+
+    resolution = trained.get("resolution")
+    if not isinstance(resolution, int) or isinstance(resolution, bool):
+        return None
+    w, h = image_size
+    if trained.get("aspect_buckets"):
+        try:
+            buckets = make_buckets(resolution, True)
+        except ValueError as e:
+            raise InferenceError(f"the LoRA run's data.resolution ({trained.get('config')}): {e}") from None
+        return buckets[nearest_bucket(w, h, buckets)]
+    scale = resolution / math.sqrt(w * h)
+    return tuple(max(BUCKET_MULTIPLE, round(v * scale / BUCKET_MULTIPLE) * BUCKET_MULTIPLE) for v in (w, h))  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -100,9 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed + k")
     ap.add_argument("--num-images", type=int, default=1, help="number of images")
     ap.add_argument("--steps", type=int, default=28, help="sampler steps")
-    ap.add_argument("--guidance", type=float, default=2.5, help="guidance embedding value (Kontext default 2.5)")
-    ap.add_argument("--height", type=int, help="generation height (default: the image's, scaled to <= --max-area)")
-    ap.add_argument("--width", type=int, help="generation width (default: the image's, scaled to <= --max-area)")
+    ap.add_argument(
+        "--guidance",
+        type=float,
+        help="guidance embedding value (default: the LoRA run's validation.guidance_scale, else Kontext's 2.5)",
+    )
+    size_default = "default: the LoRA run's data.resolution (its aspect bucket), else the image's; <= --max-area"
+    ap.add_argument("--height", type=int, help=f"generation height ({size_default})")
+    ap.add_argument("--width", type=int, help=f"generation width ({size_default})")
     ap.add_argument("--max-area", type=int, default=DEFAULT_MAX_AREA, help="largest generation area in pixels")
     add_runtime_arguments(ap)
     ap.add_argument("--out", required=True, help="output .png file, or a folder")
@@ -155,7 +190,13 @@ def run(args: argparse.Namespace) -> list[Path]:
         )
     trained = trained_settings(specs[0] if specs else None)
     hint, outline_width = mask_hint_settings(args.mask_hint, args.outline_width, trained, has_mask=mask is not None)
-    pipe = open_pipeline(args.model, specs, args.device, args.dtype).pipe
+    guidance = guidance_setting(args.guidance, trained)
+    width, height = args.width, args.height
+    if width is None and height is None:
+        width, height = trained_size(context.size, trained) or (None, None)
+    opened = open_pipeline(args.model, specs, args.device, args.dtype)
+    pipe = opened.pipe
+    max_sequence_length = prompt_length_setting(args.max_sequence_length, trained, opened.model)
     what = f"generating {args.num_images} image{'s' if args.num_images > 1 else ''}"
     with generation_progress(pipe, what):
         gen = generate(
@@ -170,16 +211,36 @@ def run(args: argparse.Namespace) -> list[Path]:
             num_images=args.num_images,
             seed=args.seed,
             num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
-            width=args.width,
-            height=args.height,
+            guidance_scale=guidance,
+            width=width,
+            height=height,
             max_area=args.max_area,
-            max_sequence_length=args.max_sequence_length,
+            max_sequence_length=max_sequence_length,
         )
+    settings = {
+        "model": opened.model,
+        "loras": [{"path": str(s.path), "strength": s.strength} for s in specs],
+        "run_config": trained.get("config"),
+        "prompt": args.prompt,
+        "size": list(gen.raw_images[0].size),
+        "mask_hint": hint,
+        "outline_width": outline_width,
+        "steps": args.steps,
+        "guidance": guidance,
+        "max_sequence_length": max_sequence_length,
+        "composite": bool(args.composite),
+        "feather": args.feather,
+    }
+    logger.info("settings: %s", json.dumps(settings))
     paths = output_paths(args.out, args.num_images, gen.seeds)
-    for p, im in zip(paths, gen.images):
+    for p, im, seed in zip(paths, gen.images, gen.seeds):
         p.parent.mkdir(parents=True, exist_ok=True)
-        im.save(p)
+        if p.suffix.lower() == ".png":
+            info = PngInfo()
+            info.add_text(SETTINGS_CHUNK, json.dumps({**settings, "seed": seed}))
+            im.save(p, pnginfo=info)
+        else:
+            im.save(p)
     return paths
 
 
