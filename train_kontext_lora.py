@@ -49,7 +49,8 @@ from kontext.training.checkpoint import (CheckpointError, apply_schedule, check_
                                          temp_path, try_write, weights_finite)
 from kontext.training.config import Config, ConfigError, dump_config, flat_config, load_config
 from kontext.training.distributed import all_finite, any_process, main_process_first
-from kontext.training.launch import UserError, cpu_only_multiprocess, error_text, set_cpu_threads, setup_logging
+from kontext.training.launch import (UserError, cpu_only_multiprocess, error_text, set_cpu_threads, setup_logging,
+                                     stderr_to_stdout_under_accelerate)
 from kontext.training.optim import check_optional_features, make_optimizer
 from kontext.training.output_dir import (OutputDirError, is_main_launch_process, lock_output_dir, open_output_dir,
                                          unlock_all, unlock_output_dir)
@@ -689,5 +690,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    stderr_to_stdout_under_accelerate()  # each message once under `accelerate launch` (see kontext.training.launch)
     set_cpu_threads()
     sys.exit(main())

@@ -130,6 +130,48 @@ def test_config_error_under_accelerate_is_set_off_and_last(tmp_path, monkeypatch
     assert "max_stepz" in tail and "max_steps" in tail
 
 
+def test_stderr_relayed_by_accelerate_goes_to_stdout(monkeypatch):
+    """accelerate's single-process launcher relays stderr through a pipe and prints all of it again after a
+    failure; the script's stderr joins its stdout there, so that pipe stays empty and each line shows once."""
+    import os
+    import sys
+
+    for k in [k for k in os.environ if k.startswith("ACCELERATE_") or k == "LOCAL_RANK"]:
+        monkeypatch.delenv(k)
+    assert not launch.stderr_to_stdout_under_accelerate()  # a plain `python` run: nothing changes
+    assert not launch.stderr_is_relayed_by_accelerate({"ACCELERATE_USE_CPU": "False", "LOCAL_RANK": "0"})  # torchrun
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "False")  # what the single-process launcher sets
+    relay_r, relay_w = os.pipe()
+    out_r, out_w = os.pipe()
+    stdout = os.fdopen(out_w, "w")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    saved = os.dup(2)
+    try:
+        os.dup2(relay_w, 2)
+        assert launch.stderr_is_relayed_by_accelerate()
+        assert launch.stderr_to_stdout_under_accelerate()
+        os.write(2, b"error: once\n")
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(relay_w)
+        stdout.close()
+    with os.fdopen(relay_r, "rb") as relay, os.fdopen(out_r, "rb") as out:
+        assert relay.read() == b"" and out.read() == b"error: once\n"
+
+
+def test_importing_the_pipeline_says_nothing_about_torchvision():
+    """FluxKontextPipeline's import makes transformers fall back to PIL image processors for components this
+    project never loads; that notice is dropped, other transformers messages are not."""
+    log = logging.getLogger("transformers.utils.import_utils")
+
+    def passes(message: str) -> bool:
+        return bool(log.filter(log.makeRecord(log.name, logging.WARNING, __file__, 0, message, (), None)))
+
+    assert not passes("`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil`")
+    assert passes("another notice")
+
+
 @pytest.mark.slow
 def test_accelerate_launch_config_error_is_impossible_to_miss(tmp_path):
     from test_launch import accelerate_cmd, subprocess_env
@@ -138,11 +180,12 @@ def test_accelerate_launch_config_error_is_impossible_to_miss(tmp_path):
                               "--dynamo_backend", "no", "train_kontext_lora.py", *_bad_config_args(tmp_path)]
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=180)
     assert proc.returncode != 0
-    err = proc.stderr
-    framed = err.index("=" * 72)
-    assert "error: " in err[framed:] and "max_stepz" in err[framed:]
-    # accelerate's own traceback comes after it; the pointer says what it is
-    assert err.index("The run stopped on the error below") < err.rindex("CalledProcessError")
+    out, err = proc.stdout, proc.stderr
+    # The script's output reaches the terminal once (on stdout), not again in accelerate's RuntimeError.
+    framed = out.index("=" * 72)
+    assert "error: " in out[framed:] and "max_stepz" in out[framed:]
+    assert (out + err).count("Unknown config key") == 1 and "torchvision" not in out + err
+    assert "CalledProcessError" in err  # accelerate's own traceback, after the script's message
 
 
 def test_summary_names_the_committed_tiny_model_as_tiny(tmp_path):

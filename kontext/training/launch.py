@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
+import sys
 import time
 from typing import Any
 
@@ -28,6 +30,38 @@ def launched_by_accelerate(environ: Any = None) -> bool:
     """True under ``accelerate launch`` (or torchrun), which choose the processes' CPU threads themselves."""
     env = os.environ if environ is None else environ
     return "LOCAL_RANK" in env or any(k.startswith("ACCELERATE_") for k in env)
+
+
+def stderr_is_relayed_by_accelerate(environ: Any = None) -> bool:
+    """True when this process's stderr is the pipe through which ``accelerate launch`` relays it.
+
+    accelerate's single-process launcher (no ``LOCAL_RANK``: torchrun starts the multi-process runs and
+    leaves stderr alone) reads the script's stderr through a pipe and writes it through as it comes; on a
+    non-zero exit it then raises ``CalledProcessError`` from a ``RuntimeError`` that holds the last 512 KiB
+    of it, so every message, warning and progress bar of a failed run is printed a second time after the
+    script ends, under a ``RuntimeError:`` line that reads like the cause.
+    """
+    env = os.environ if environ is None else environ
+    if not launched_by_accelerate(env) or "LOCAL_RANK" in env:
+        return False
+    try:
+        return stat.S_ISFIFO(os.fstat(2).st_mode)
+    except OSError:
+        return False
+
+
+def stderr_to_stdout_under_accelerate() -> bool:
+    """Under :func:`stderr_is_relayed_by_accelerate`, write this process's stderr to its stdout (the same
+    terminal): everything the script prints then appears once, and accelerate's traceback after a failure holds
+    only its own lines. Returns whether it did. The script's entry point calls this; imports never do."""
+    if not stderr_is_relayed_by_accelerate():
+        return False
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(sys.stdout.fileno(), 2)
+    # Both streams now share one file: flush stdout per line so that its lines keep their place among stderr's.
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    return True
 
 
 def cpu_threads_for_plain_run(environ: dict[str, str] | None = None) -> int | None:
@@ -96,8 +130,9 @@ def setup_logging(accelerator: Any) -> None:
 def error_text(e: Exception) -> str:
     """The user-error message as the script writes it last: plain, or framed under ``accelerate launch``.
 
-    accelerate answers a non-zero exit with its own ``CalledProcessError`` traceback, printed after the
-    script has ended, so there the message is set off by a rule and a pointer; the error stays the last line.
+    accelerate answers a non-zero exit with its own ``CalledProcessError`` traceback (after a bare
+    ``RuntimeError`` line: :func:`stderr_to_stdout_under_accelerate` leaves it nothing to repeat), printed after
+    the script has ended, so there the message is set off by a rule and a pointer; the error stays the last line.
     """
     from kontext.training.output_dir import is_main_launch_process
 
@@ -105,7 +140,7 @@ def error_text(e: Exception) -> str:
         return f"error: {e}\n"
     return (
         f"\n{'=' * 72}\n"
-        "The run stopped on the error below. The CalledProcessError traceback that accelerate prints after it only "
-        "says that this script exited with status 2.\n"
+        "The run stopped on the error below. The RuntimeError and CalledProcessError traceback that accelerate "
+        "prints after it only say that this script exited with status 2.\n"
         f"error: {e}\n"
     )
