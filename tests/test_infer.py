@@ -318,7 +318,7 @@ def test_load_pipeline_errors_name_the_path_and_the_setting(tmp_path):
         load_pipeline(str(tmp_path / "empty"), torch.float32, option="--model")
     msg = str(e.value)
     assert msg.startswith(f"Could not load FLUX.1 Kontext from {str(tmp_path / 'empty')!r} (")
-    assert "`huggingface-cli login`" in msg and "point --model at a local diffusers folder (or `tiny`)" in msg
+    assert "`hf auth login`" in msg and "point --model at a local diffusers folder (or `tiny`)" in msg
     with pytest.raises(PipelineLoadError, match="model.quantization must be one of none, nf4, int8; got 'int4'"):
         load_pipeline(str(tmp_path / "empty"), torch.float32, quantization="int4")
 

@@ -82,6 +82,6 @@ def load_pipeline(
     except OSError as e:
         raise PipelineLoadError(
             f"Could not load FLUX.1 Kontext from {model_path!r} ({e}). For the gated hub model run "
-            f"`huggingface-cli login` after accepting its licence, or point {option} "
+            f"`hf auth login` after accepting its licence, or point {option} "
             "at a local diffusers folder (or `tiny`)."
         ) from None
