@@ -643,7 +643,8 @@ def finish(run: Run, reason: str) -> None:
         if cfg.export.comfyui:
             export_comfyui(path, transformer_config=transformer.config)
         (run.output_dir / "training_history.json").write_text(json.dumps(run.history, indent=1), encoding="utf-8")
-        write_model_card(run.output_dir, cfg, metrics, run.history)
+        prompts = [run.dataset.prompt_of(i) for i in range(len(run.dataset))]  # what the LoRA was trained with
+        write_model_card(run.output_dir, cfg, metrics, run.history, prompts)
         acc.print(f"Done: {path}")
         acc.print(finished_run_summary(run.output_dir, cfg, run.history, run.start_step, metrics))
     acc.wait_for_everyone()

@@ -80,5 +80,38 @@ def test_model_card_dtype_base_model_and_comfyui_advice(tmp_path):
     )
     card = write_model_card(tmp_path, cfg, {}, []).read_text()
     assert str(tmp_path) not in card
-    assert "base_model: my_kontext" in card and "torch_dtype=torch.float32" in card and "bfloat16" not in card
+    assert "base_model: my_kontext" in card and "dtype=torch.float32" in card and "bfloat16" not in card
     assert "lora_comfyui.safetensors" in card and "alpha 16.0 != rank 8" in card and "0.5 x" in card
+    # A local base: the snippet names the folder and says to give its path.
+    assert "from_pretrained('my_kontext', dtype=torch.float32)  # the local base folder" in card
+
+
+def _card_snippet(card: str) -> str:
+    return card[card.index("```python\n") + len("```python\n"):].split("```", 1)[0]
+
+
+def test_model_card_shows_the_trained_prompts_and_its_snippet_runs(tmp_path, tiny_model_dir, monkeypatch):
+    from conftest import make_random_lora
+
+    from kontext.training.config import config_from_dict
+    from kontext.tools.model_card import write_model_card
+
+    out = tmp_path / "out"
+    cfg = config_from_dict(
+        {"output_dir": str(out), "model": {"pretrained_model_name_or_path": str(tiny_model_dir), "dtype": "float32",
+                                           "max_sequence_length": 32},
+         "data": {"root": str(tmp_path / "data"), "default_prompt": "the config's default"}}
+    )
+    per_sample = ["insert the red can"] * 3 + ["insert the blue can", "insert the jar", "insert the bag", "insert the box"]
+    make_random_lora(tiny_model_dir, out, 0)
+    card = write_model_card(out, cfg, {}, [], per_sample).read_text()
+    assert "the config's default" not in card, "per-sample prompts: the default was not trained"
+    assert "5 different per-sample prompts over 7 samples" in card
+    assert "`insert the red can` (3 samples)" in card and card.count("(1 sample)") == 2  # the most frequent three
+    # The diffusers snippet runs as written in the run's folder (and loads the LoRA it names).
+    monkeypatch.chdir(out)
+    scope: dict = {}
+    exec(_card_snippet(card), scope)
+    assert scope["pipe"].transformer.peft_config
+    one = write_model_card(out, cfg, {}, [], ["insert the red can"] * 4).read_text()
+    assert "- Prompt (every sample): `insert the red can`" in one and "the config's default" not in one

@@ -116,8 +116,10 @@ def test_end_to_end_outputs_and_lora_loads(tmp_path, tiny_model_dir, tiny_datase
 
     assert (out / "lora_comfyui.safetensors").is_file()
     card = (out / "README.md").read_text()
-    assert "base_model:" in card and "insert the can" in card
-    assert str(Path(tiny_model_dir).resolve()) not in card and "torch_dtype=torch.float32" in card
+    # what was trained: the synthetic set's own prompt, not the config's default
+    assert "base_model:" in card and "Prompt (every sample): `Insert the Kolo orange soda can" in card
+    assert "insert the can" not in card
+    assert str(Path(tiny_model_dir).resolve()) not in card and "dtype=torch.float32" in card
     assert meta["transformer.base_model_name_or_path"] == Path(tiny_model_dir).resolve().name
 
 

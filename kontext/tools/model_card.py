@@ -2,21 +2,63 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from kontext.runtime.sharing import shareable_model_name
 
+# How many of the per-sample prompts the card quotes.
+PROMPTS_SHOWN = 3
 
-def write_model_card(output_dir: str | Path, cfg: Any, metrics: dict[str, float], history: list[dict[str, float]]) -> Path:
-    """Write ``output_dir/README.md``: base model, prompt, key settings, final metrics, last validation grid.
+
+def prompt_lines(prompts: Sequence[str]) -> list[str]:
+    """The card's lines on what the LoRA was trained with: the one prompt, or the most frequent few and counts."""
+    counts = Counter(prompts)
+    if not counts:
+        return ["- Prompt: none (the run had no training samples)"]
+    if len(counts) == 1:
+        return [f"- Prompt (every sample): `{prompts[0]}`"]
+    shown = counts.most_common(PROMPTS_SHOWN)
+    lines = [f"- Prompts: {len(counts)} different per-sample prompts over {len(prompts)} samples; the most frequent:"]
+    lines += [f"  - `{text}` ({n} sample{'s' if n > 1 else ''})" for text, n in shown]
+    return lines
+
+
+def _load_base_lines(base_path: str, base: str, dtype: str) -> list[str]:
+    """The snippet's lines that load the base model, in a form that runs as written where one exists."""
+    from kontext.tiny.model import COMMITTED_DIR
+
+    if Path(base_path).expanduser().resolve() == COMMITTED_DIR.resolve():
+        return [
+            "from kontext.tiny.model import tiny_model_path  # the tiny base committed with kontext-lora",
+            f"pipe = FluxKontextPipeline.from_pretrained(tiny_model_path(), dtype=torch.{dtype})",
+        ]
+    # A hub id (owner/name) loads anywhere; of a local base folder the card records only the name.
+    comment = "" if "/" in base else "  # the local base folder it was trained on: give its path"
+    return [f"pipe = FluxKontextPipeline.from_pretrained({base!r}, dtype=torch.{dtype}){comment}"]
+
+
+def write_model_card(
+    output_dir: str | Path,
+    cfg: Any,
+    metrics: dict[str, float],
+    history: list[dict[str, float]],
+    prompts: Sequence[str] | None = None,
+) -> Path:
+    """Write ``output_dir/README.md``: base model, prompts, key settings, final metrics, last validation grid.
 
     Args:
         cfg: the resolved ``kontext.training.config.Config`` of the run.
         metrics: final validation metrics (name -> value); may be empty.
         history: per-step logged scalars (``[{"step": int, "loss/total": float, ...}, ...]``).
+        prompts: the prompt of every training sample (what the LoRA learned); None: ``data.default_prompt``.
     """
     output_dir = Path(output_dir)
+    if prompts is None:
+        prompts = [cfg.data.default_prompt] if cfg.data.default_prompt else []
+    prompts = list(prompts)
     grids = sorted((output_dir / "validation").glob("step-*.png"), key=lambda p: int(p.stem.split("-")[1]))
     last = history[-1] if history else {}
     geo = cfg.loss.geometry
@@ -37,8 +79,9 @@ def write_model_card(output_dir: str | Path, cfg: Any, metrics: dict[str, float]
         f"Trained with kontext-lora for {last.get('step', 0)} steps on `{data_name}`.",
         "",
         f"- Base model: `{base}`",
-        f"- Prompt: `{cfg.data.default_prompt or '(per-sample prompts)'}`",
+        *prompt_lines(prompts),
         f"- Mask hint drawn into the context: `{cfg.data.mask_hint}` (use the same at inference)",
+        f"- Prompt length: {cfg.model.max_sequence_length} T5 tokens",
         f"- LoRA: rank {cfg.lora.rank}, alpha {cfg.lora.alpha}, targets {', '.join(cfg.lora.target_modules)}",
         f"- Resolution {cfg.data.resolution}, batch {cfg.train.batch_size} x {cfg.train.gradient_accumulation_steps} "
         f"accumulation, learning rate {cfg.train.learning_rate} ({cfg.train.lr_scheduler})",
@@ -66,11 +109,17 @@ def write_model_card(output_dir: str | Path, cfg: Any, metrics: dict[str, float]
         "",
         "## Use with diffusers",
         "",
+        "Run from this folder (or give its path to `load_lora_weights`):",
+        "",
         "```python",
         "import torch",
         "from diffusers import FluxKontextPipeline",
-        f"pipe = FluxKontextPipeline.from_pretrained({base!r}, torch_dtype=torch.{dtype})",
-        "pipe.load_lora_weights('path/to/this/folder')",
+        *_load_base_lines(str(cfg.model.pretrained_model_name_or_path), base, dtype),
+        "pipe.load_lora_weights('.')  # reads pytorch_lora_weights.safetensors",
+        "# Generate with the mask hint it was trained with drawn into the scene (kontext-lora does that):",
+        "# from kontext.runtime.generation import generate",
+        f"# generate(pipe, scene, {(Counter(prompts).most_common(1)[0][0] if prompts else 'prompt')!r}, mask, "
+        f"mask_hint={cfg.data.mask_hint!r}, max_sequence_length={cfg.model.max_sequence_length}).images[0]",
         "```",
         "",
         "## Which file where",
