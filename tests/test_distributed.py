@@ -206,6 +206,7 @@ def test_fsdp2_export_gathers_the_sharded_lora(tmp_path, tiny_model_dir):
         torch.testing.assert_close(v, whole[k.removeprefix("transformer.")], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_an_error_on_the_main_process_stops_every_rank(tmp_path, tiny_model_dir, tiny_dataset_dir):
     """data.synthetic over a folder of real data fails on the main process (the generator's check), inside the
     main-process-first section: the other rank must stop with the same message, not wait at the barrier."""
@@ -257,6 +258,7 @@ SAVE_FAILURE_WORKER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_a_checkpoint_write_failing_on_one_rank_stops_every_rank(tmp_path):
     """A full disk on rank 1 only: both ranks stop with a message (rank 0 was fine and would otherwise wait
     at the next barrier for ever), and the partial folder is removed."""
@@ -273,3 +275,61 @@ def test_a_checkpoint_write_failing_on_one_rank_stops_every_rank(tmp_path):
     assert rank1.startswith("no space left on device while writing checkpoint-4"), rank1
     assert "checkpoint-4" in rank0 and "another process could not write its part" in rank0, rank0
     assert not (out / "checkpoint-4.tmp").exists()
+
+
+class _OneOfTwoRanks:
+    """The accelerator of one process of two, without a process group: ``reduce`` adds the other rank's value."""
+
+    num_processes = 2
+    device = torch.device("cpu")
+
+    def __init__(self, rank: int, other: float = 0.0) -> None:
+        self.process_index, self.is_main_process, self.other = rank, rank == 0, other
+
+    def reduce(self, t: torch.Tensor, reduction: str) -> torch.Tensor:
+        assert reduction == "sum"
+        return t + self.other
+
+
+def test_each_rank_learns_of_the_main_process_failing(monkeypatch):
+    """What each rank of the two-process run above decides (the broadcast of the outcome given)."""
+    import kontext.training.distributed as dist
+    from kontext.training.launch import UserError
+
+    shared: list[str | None] = []
+    monkeypatch.setattr(dist, "_share_outcome", lambda failure: shared.append(failure) or failure)
+
+    def fails():
+        raise UserError("data.synthetic.enabled is true, but data.root holds a user's data")
+
+    with pytest.raises(UserError, match="^data.synthetic.enabled is true"):  # the main process: its own error
+        dist.main_process_first(_OneOfTwoRanks(0), fails)
+    assert shared == ["data.synthetic.enabled is true, but data.root holds a user's data"]
+    # The other rank never runs the work and stops with the main process's message instead of waiting.
+    monkeypatch.setattr(dist, "_share_outcome", lambda failure: shared[0])
+    with pytest.raises(UserError, match="^the main process failed: data.synthetic.enabled is true"):
+        dist.main_process_first(_OneOfTwoRanks(1), lambda: pytest.fail("rank 1 ran the work after a failure"))
+    monkeypatch.setattr(dist, "_share_outcome", lambda failure: None)  # it went well: then rank 1 runs it too
+    assert dist.main_process_first(_OneOfTwoRanks(1), lambda: "done") == "done"
+    assert dist.main_process_first(_OneOfTwoRanks(1), lambda: "done", everyone=False) is None
+
+
+def test_each_rank_stops_when_one_rank_cannot_write_its_checkpoint_part(tmp_path):
+    """What each rank of the two-process run above decides (the other rank's vote given): a full disk on rank 1
+    stops both with a message, and the partial folder is removed."""
+    import errno
+
+    from kontext.training.checkpoint import stop_if_any_failed
+    from kontext.training.launch import UserError
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    for rank, failure, other, needle in [(1, full, 0.0, "no space left on device while writing checkpoint-4"),
+                                         (0, None, 1.0, "another process could not write its part")]:
+        tmp = tmp_path / "checkpoint-4.tmp"
+        tmp.mkdir()
+        (tmp / "random_states_0.pkl").write_bytes(b"partial")
+        with pytest.raises(UserError) as info:
+            stop_if_any_failed(_OneOfTwoRanks(rank, other), failure, tmp_path, tmp, "checkpoint-4")
+        assert needle in str(info.value) and "checkpoint-4" in str(info.value), (rank, str(info.value))
+        assert not tmp.exists()
+    stop_if_any_failed(_OneOfTwoRanks(0, 0.0), None, tmp_path, tmp_path / "checkpoint-4.tmp", "checkpoint-4")  # all fine

@@ -44,7 +44,6 @@ def _common(data: Path, out: Path) -> list[str]:
     return ["--model", "tiny", "--data", str(data), "--steps", "2", "--max-sequence-length", "64", "--limit", str(LIMIT), "--out", str(out)]
 
 
-@pytest.mark.slow
 def test_evaluate_two_loras_side_by_side(tiny_model_dir, tiny_dataset_dir, loras, tmp_path, capsys):
     geo, plain = loras
     out = tmp_path / "report"

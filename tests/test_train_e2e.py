@@ -39,7 +39,6 @@ def _transformer_out(transformer, seed=0):
         )[0]
 
 
-@pytest.mark.slow
 def test_end_to_end_outputs_and_lora_loads(tmp_path, tiny_model_dir, tiny_dataset_dir, capsys):
     import os
     import stat
@@ -123,7 +122,6 @@ def test_end_to_end_outputs_and_lora_loads(tmp_path, tiny_model_dir, tiny_datase
     assert meta["transformer.base_model_name_or_path"] == Path(tiny_model_dir).resolve().name
 
 
-@pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run(tmp_path, tiny_model_dir, tiny_dataset_dir):
     """8 steps straight == 4 steps, pre-empted with a checkpoint, resumed to 8 (weights and per-step losses)."""
     common = dict(
@@ -160,17 +158,6 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, tiny_model_dir, tiny_dat
     assert diff <= 1e-6, diff
 
 
-@pytest.mark.slow
-def test_uncached_path_trains_and_encodes_on_the_fly(tmp_path, tiny_model_dir, tiny_dataset_dir):
-    cfg = tiny_cfg(tmp_path, tiny_model_dir, tiny_dataset_dir, data={"cache_latents": False},
-                   train={"max_steps": 2}, checkpoint={"every_steps": 0})
-    run = run_training(cfg)
-    assert len(run.history) == 2
-    assert (Path(cfg.output_dir) / "pytorch_lora_weights.safetensors").is_file()
-    assert not list(Path(cfg.output_dir).glob("checkpoint-*"))
-
-
-@pytest.mark.slow
 def test_cached_and_uncached_runs_agree_and_free_the_text_encoders(tmp_path, tiny_model_dir, tiny_dataset_dir, monkeypatch):
     """Both data paths build the same batches (same losses step by step); each encodes the prompts once, frees CLIP
     and T5 before training, and validation still generates from the stored prompt embeddings."""

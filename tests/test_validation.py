@@ -302,7 +302,6 @@ def test_validation_log_line_is_rounded_and_says_which_samples(lora_pipe, datase
     assert numbers and all(len(x.lstrip("-").replace(".", "").lstrip("0")) <= 4 for x in numbers), line
 
 
-@pytest.mark.slow
 def test_training_with_holdout_validates_on_held_out_samples(tmp_path, tiny_model_dir, tiny_dataset_dir, caplog):
     import logging
 
