@@ -817,6 +817,8 @@ def test_resuming_a_finished_run_never_touches_it(tmp_path, tiny_model_dir, tiny
     for overrides, needle in cases:
         err = _run_main_expect_user_error(["--config", str(config), *overrides], capsys)
         assert needle in err and "train.max_steps above 4" in err, err
+        # all three ways on, whatever resume_from says: more steps, a new folder, or overwrite
+        assert "choose a new output_dir" in err and "checkpoint.overwrite_output_dir=true" in err, err
         assert tree_state(fin) == before, overrides
 
     # The same run with no checkpoint to continue from (checkpoint.every_steps: 0): never a fresh start over it.

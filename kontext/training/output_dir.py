@@ -195,11 +195,7 @@ def open_output_dir(cfg: Any, main: bool) -> tuple[Path, Path | None]:
     resume = resolve_resume(path, c.resume_from, warn=logger.warning if main else (lambda _msg: None))
     finished = (path / LORA_WEIGHTS_NAME).is_file()
     if not c.resume_from and not c.overwrite_output_dir:
-        fix = (
-            "Choose a new output_dir, continue it with checkpoint.resume_from=latest (and a larger train.max_steps "
-            "if it finished), or set checkpoint.overwrite_output_dir=true (its checkpoints are then deleted when "
-            "training starts)."
-        )
+        fix = _ways_on("Continue it with checkpoint.resume_from=latest (and a larger train.max_steps if it finished)")
         if finished:
             raise OutputDirError(f"output_dir {path} already holds a finished run ({LORA_WEIGHTS_NAME}). {fix}")
         ckpts = list_checkpoints(path)
@@ -217,10 +213,19 @@ def open_output_dir(cfg: Any, main: bool) -> tuple[Path, Path | None]:
         if cfg.train.max_steps <= done:
             raise OutputDirError(
                 f"output_dir {path} holds a run that finished at step {done}; resuming it with train.max_steps="
-                f"{cfg.train.max_steps} would train nothing and only rewrite its outputs. To train it longer, "
-                f"resume with a train.max_steps above {done}."
+                f"{cfg.train.max_steps} would train nothing and only rewrite its outputs. "
+                + _ways_on(f"Train it longer with a train.max_steps above {done} (e.g. train.max_steps={2 * done})")
             )
     return path, resume
+
+
+def _ways_on(longer: str) -> str:
+    """The three ways on from a folder that holds a run: ``longer`` (how to continue it), a new folder, or
+    replacing it; every refusal over a run that can be continued ends with all three."""
+    return (
+        f"{longer}; or choose a new output_dir; or set checkpoint.overwrite_output_dir=true to replace it (its "
+        "checkpoints are then deleted when training starts)."
+    )
 
 
 # ---------------------------------------------------------------------------------------------
