@@ -92,14 +92,3 @@ def test_plain_python_run(tmp_path, tiny_model_dir, tiny_dataset_dir):
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     _check_finished(tmp_path / "out")
-
-
-def test_config_error_exits_2_with_message(tmp_path, tiny_model_dir, tiny_dataset_dir):
-    # A run the fixtures could start, but for one misspelt key: it must stop before writing its output folder.
-    cmd = [sys.executable, "train_kontext_lora.py", "--config", "configs/example_tiny.yaml"]
-    cmd += tiny_overrides(tiny_model_dir, tiny_dataset_dir, tmp_path) + ["train.max_stepz=3"]
-    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert "max_stepz" in proc.stderr and "max_steps" in proc.stderr
-    assert not (tmp_path / "out").exists()
-    assert not (tmp_path / "cache").exists()
