@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -84,24 +85,66 @@ def test_summary_has_steps_time_rounded_losses_metrics_files_and_commands(tmp_pa
 def test_cpu_threads_for_a_plain_run(monkeypatch):
     monkeypatch.setattr(launch.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     monkeypatch.setattr(launch.os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
-    assert launch.cpu_threads_for_plain_run({}) in (1, 2, 3, 4)  # physical cores, at most the usable ones
+    assert launch.cpu_threads_for_run({}) in (1, 2, 3, 4)  # physical cores, at most the usable ones
     # a busy box: the cores other work holds are left to it
     monkeypatch.setattr(launch.os, "getloadavg", lambda: (3.2, 3.0, 3.0))
-    assert launch.cpu_threads_for_plain_run({}) == 1
-    # the user's OMP_NUM_THREADS, and accelerate's own choice, are never overridden
-    assert launch.cpu_threads_for_plain_run({"OMP_NUM_THREADS": "3"}) is None
-    assert launch.cpu_threads_for_plain_run({"LOCAL_RANK": "0"}) is None
-    assert launch.cpu_threads_for_plain_run({"ACCELERATE_MIXED_PRECISION": "no"}) is None
+    assert launch.cpu_threads_for_run({}) == 1
+    # the user's OMP_NUM_THREADS is never overridden
+    assert launch.cpu_threads_for_run({"OMP_NUM_THREADS": "3"}) is None
+
+
+def test_cpu_threads_under_a_launcher(monkeypatch):
+    """A launcher's considered choice stays; its default of one thread (accelerate without --cpu on a machine without
+    a GPU, torchrun) is replaced by the cores, shared by the processes of the machine."""
+    monkeypatch.setattr(launch.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(launch.os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
+    monkeypatch.setattr(launch.torch.accelerator, "is_available", lambda: False)
+    import psutil
+
+    monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 4)
+    env = {"ACCELERATE_MIXED_PRECISION": "no", "OMP_NUM_THREADS": "1"}
+    default = (["python", "accelerate", "launch", "train_kontext_lora.py"], {"PATH": "/bin"})
+    assert launch.cpu_threads_for_run(env, launcher=default) == 4
+    assert launch.cpu_threads_for_run({**env, "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}, launcher=default) == 2
+    chosen = [
+        (["accelerate", "launch", "--num_cpu_threads_per_process", "1", "x.py"], {}),
+        (["accelerate", "launch", "--num_cpu_threads_per_process=1", "x.py"], {}),
+        (["accelerate", "launch", "--cpu", "x.py"], {}),
+        (["accelerate", "launch", "x.py"], {"OMP_NUM_THREADS": "1"}),  # the user's environment
+        None,  # an unreadable launcher is left alone
+    ]
+    for launcher in chosen:
+        assert launch.cpu_threads_for_run(env, launcher=launcher) is None, launcher
+    # on an accelerator the launcher's setting stays whatever it is
+    monkeypatch.setattr(launch.torch.accelerator, "is_available", lambda: True)
+    assert launch.cpu_threads_for_run(env, launcher=default) is None
+
+
+def test_the_launchers_command_line_and_environment_are_read_from_proc():
+    child = subprocess.Popen(
+        [sys.executable, "-c", "print('ready', flush=True); import sys; sys.stdin.read()", "launch",
+         "--num_cpu_threads_per_process", "3"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={"OMP_NUM_THREADS": "5", "KONTEXT_PROBE": "x y"},
+    )
+    try:
+        assert child.stdout.readline() == b"ready\n"  # it runs its own command line now
+        argv, env = launch._launcher_process(child.pid)
+    finally:
+        child.communicate(b"")
+    assert argv[-3:] == ["launch", "--num_cpu_threads_per_process", "3"]
+    assert env["OMP_NUM_THREADS"] == "5" and env["KONTEXT_PROBE"] == "x y"
+    assert launch.launcher_chose_threads((argv, env))
+    assert launch._launcher_process(2**22 + 12345) is None  # no such process
 
 
 def test_set_cpu_threads_applies_them(monkeypatch):
     calls = []
-    monkeypatch.setattr(launch, "cpu_threads_for_plain_run", lambda: 1)
+    monkeypatch.setattr(launch, "cpu_threads_for_run", lambda: 1)
     monkeypatch.setattr(launch.torch, "set_num_threads", calls.append)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert launch.set_cpu_threads() == 1
     assert calls == [1] and launch.os.environ["OMP_NUM_THREADS"] == "1"
-    monkeypatch.setattr(launch, "cpu_threads_for_plain_run", lambda: None)
+    monkeypatch.setattr(launch, "cpu_threads_for_run", lambda: None)
     calls.clear()
     assert launch.set_cpu_threads() is None and calls == []
 

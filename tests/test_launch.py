@@ -75,6 +75,8 @@ def test_accelerate_launch_single_process(tmp_path, tiny_model_dir, tiny_dataset
         "no",
         "--dynamo_backend",
         "no",
+        "--num_cpu_threads_per_process",
+        "2",
         "train_kontext_lora.py",
         "--config",
         "configs/example_tiny.yaml",
@@ -83,6 +85,8 @@ def test_accelerate_launch_single_process(tmp_path, tiny_model_dir, tiny_dataset
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     _check_finished(tmp_path / "out")
+    # The step computes with the threads the launcher was asked for, and nothing else competes for them.
+    assert "with 2 intra-op threads per process; the next batch is prepared between steps" in proc.stdout + proc.stderr
 
 
 @pytest.mark.slow

@@ -64,17 +64,50 @@ def stderr_to_stdout_under_accelerate() -> bool:
     return True
 
 
-def cpu_threads_for_plain_run(environ: dict[str, str] | None = None) -> int | None:
-    """The intra-op thread count for a ``python train_kontext_lora.py`` run, or None to leave torch's choice.
+def _launcher_process(pid: int | None = None) -> tuple[list[str], dict[str, str]] | None:
+    """The command line and environment of the process that started this one (``/proc``), or None if unreadable."""
+    pid = os.getppid() if pid is None else pid
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            pairs = [e.decode(errors="replace").partition("=") for e in f.read().split(b"\0") if e]
+    except OSError:
+        return None
+    return argv, {k: v for k, _, v in pairs}
 
-    None when ``OMP_NUM_THREADS`` is set (the user's choice always wins) or when accelerate launched the
-    script (it sets ``OMP_NUM_THREADS`` itself). Otherwise the physical cores this process may use, as
-    ``accelerate launch --cpu`` chooses, less the cores other work keeps busy (the 1-minute load average):
-    OpenMP threads that wait for a core held by another process spin, and on a busy 2-core box two
-    threads ran a step tens of times slower than one.
+
+def launcher_chose_threads(launcher: tuple[list[str], dict[str, str]] | None) -> bool:
+    """Whether the thread count a launcher (``accelerate launch``, torchrun) put in ``OMP_NUM_THREADS`` was chosen:
+    by the user (``--num_cpu_threads_per_process``, or ``OMP_NUM_THREADS`` in the launcher's own environment), or
+    by the launcher with a look at the machine (``accelerate launch --cpu``). False when the launcher filled in its
+    default of one thread: ``accelerate launch script.py`` without ``--cpu`` on a machine without a GPU, and torchrun,
+    run every process on one core. An unreadable launcher counts as a choice (it is left alone)."""
+    if launcher is None:
+        return True
+    argv, env = launcher
+    if env.get("OMP_NUM_THREADS", "").strip():
+        return True
+    return any(a.startswith(("--num_cpu_threads_per_process", "--cpu")) for a in argv)
+
+
+def cpu_threads_for_run(environ: Any = None, launcher: Any = "parent") -> int | None:
+    """The intra-op thread count to set for this run on the CPU, or None to leave the one it has.
+
+    None when the thread count was chosen: the user's ``OMP_NUM_THREADS`` in a plain ``python`` run, or a launcher's
+    considered choice (:func:`launcher_chose_threads`; ``launcher`` is its ``(argv, environ)``, by default read from
+    the parent process). Otherwise (a plain run, or a launcher's default of one thread) the physical cores this process
+    may use, shared by the processes of this machine (``LOCAL_WORLD_SIZE``), less the cores other work keeps busy
+    (the 1-minute load average): OpenMP threads that wait for a core held by another process spin, and on a busy
+    2-core box two threads ran a step tens of times slower than one. Runs on an accelerator are left alone.
     """
     env = os.environ if environ is None else environ
-    if env.get("OMP_NUM_THREADS", "").strip() or launched_by_accelerate(env):
+    if launched_by_accelerate(env):
+        if launcher_chose_threads(_launcher_process() if launcher == "parent" else launcher):
+            return None
+    elif env.get("OMP_NUM_THREADS", "").strip():
+        return None
+    if torch.accelerator.is_available():
         return None
     try:
         usable = len(os.sched_getaffinity(0))
@@ -86,17 +119,18 @@ def cpu_threads_for_plain_run(environ: dict[str, str] | None = None) -> int | No
         physical = psutil.cpu_count(logical=False) or usable
     except ImportError:
         physical = usable
-    cores = max(1, min(usable, physical))
+    local = max(1, int(env.get("LOCAL_WORLD_SIZE", "1") or 1))
+    cores = max(1, min(usable, physical) // local)
     try:
         busy = round(os.getloadavg()[0])
     except (AttributeError, OSError):
         busy = 0
-    return max(1, min(cores, usable - busy))
+    return max(1, min(cores, (usable - busy) // local))
 
 
 def set_cpu_threads() -> int | None:
-    """Apply :func:`cpu_threads_for_plain_run` (the script's entry point calls this; imports never do)."""
-    threads = cpu_threads_for_plain_run()
+    """Apply :func:`cpu_threads_for_run` (the script's entry point calls this; imports never do)."""
+    threads = cpu_threads_for_run()
     if threads is not None:
         torch.set_num_threads(threads)
         os.environ["OMP_NUM_THREADS"] = str(threads)  # and for any worker process started later
