@@ -95,6 +95,9 @@ def compute_loss(
     u = fm.sample_timestep_density(
         tc.weighting_scheme, bsz, tc.logit_mean, tc.logit_std, tc.mode_scale, generator=generator
     )
+    geo, op = cfg.loss.geometry, cfg.loss.on_policy
+    # Drawn after the flow's noise and timesteps, so that turning on-policy on leaves those unchanged.
+    on_policy = geo.enabled and op.enabled and float(torch.rand((), generator=generator)) < op.fraction
     timesteps, sigmas = fm.timesteps_and_sigmas_from_density(u, train_scheduler)
     if tc.resolution_shift:
         # Train at the noise levels the pipeline samples at this resolution (FLUX's dynamic shift).
@@ -105,16 +108,24 @@ def compute_loss(
     sig = sigmas.view(-1, 1, 1, 1)
     x0f = x0.float()
     x_t = fm.add_noise(x0f, noise, sig)
-
-    v_pred = predict_velocity(
-        transformer,
-        x_t.to(x0.dtype),
-        ctx,
-        (timesteps.to(device) / 1000.0),
-        batch.prompt_embeds,
-        batch.pooled_prompt_embeds,
-        cfg.model.guidance_scale,
-    )
+    t_in = timesteps.to(device) / train_scheduler.config.num_train_timesteps  # the pipeline's timestep / 1000
+    embeds, pooled = batch.prompt_embeds, batch.pooled_prompt_embeds
+    if on_policy:
+        # The model's own sample at a noise level where the extent is being set, and one prediction from it with
+        # gradient, in the same forward as the teacher-forced one (one forward per backward, as DDP requires).
+        x_s, sigma_s = on_policy_rollout(transformer, batch, op, cfg.model.guidance_scale, generator, train_scheduler.config)
+        v_both = predict_velocity(
+            transformer,
+            torch.cat([x_t, x_s]).to(x0.dtype),
+            torch.cat([ctx, ctx]),
+            torch.cat([t_in, sigma_s.expand(bsz).to(device)]),
+            torch.cat([embeds, embeds]),
+            torch.cat([pooled, pooled]),
+            cfg.model.guidance_scale,
+        ).float()
+        v_pred, v_s = v_both[:bsz], v_both[bsz:]
+    else:
+        v_pred = predict_velocity(transformer, x_t.to(x0.dtype), ctx, t_in, embeds, pooled, cfg.model.guidance_scale)
     # Losses in float32 whatever the model's dtype.
     v_pred = v_pred.float()
     target = fm.velocity_target(x0f, noise)
@@ -125,10 +136,14 @@ def compute_loss(
     logs: dict[str, torch.Tensor] = {"loss/flow": base.detach()}
     total = base
 
-    geo = cfg.loss.geometry
     if geo.enabled:
         # The clean latents the velocity implies; the geometry terms judge them against target and context.
-        z_pred = fm.predicted_clean_latents(x_t, v_pred, sig)
+        if on_policy:
+            z_pred = fm.predicted_clean_latents(x_s, v_s, sigma_s.expand(bsz).to(device))
+            sample_weights, scale = None, op.weight
+        else:
+            z_pred = fm.predicted_clean_latents(x_t, v_pred, sig)
+            sample_weights, scale = noise_level_weight(sigmas, geo.noise_weighting), 1.0
         weights = GeometryLossWeights(mse=geo.mse, bg=geo.bg, dice=geo.dice, area=geo.area, boundary=geo.boundary)
         # "What did the model change" is asked against the un-hinted scene, not the grey-filled context.
         geo_total, parts = geometry_loss(
@@ -143,13 +158,45 @@ def compute_loss(
             k_sigma=geo.k_sigma,
             formulation=geo.formulation,
             temperature=geo.temperature,
-            sample_weights=noise_level_weight(sigmas, geo.noise_weighting),
+            sample_weights=sample_weights,
         )
+        geo_total = scale * geo_total
         total = total + geo.weight * geo_total
         logs["loss/geometry"] = geo_total.detach()
         logs.update({f"loss/{k}": v.detach() for k, v in parts.items()})
     logs["loss/total"] = total.detach()
     return total, logs
+
+
+@torch.no_grad()
+def on_policy_rollout(
+    transformer: torch.nn.Module,
+    batch: TrainBatch,
+    op: Any,
+    guidance_scale: float,
+    generator: torch.Generator,
+    scheduler_config: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's own sample part-way down the sampler: ``(x_s [B, 16, h, w] float32, sigma_s scalar tensor)``.
+
+    Draws ``sigma_stop`` uniformly in ``[op.sigma_min, op.sigma_max]`` and fresh noise from ``generator``, then
+    takes Euler steps with the current LoRA along the pipeline's schedule of ``op.sampler_steps`` steps
+    (:func:`losses.flow_matching.sampling_sigmas`) until the first schedule sigma at or below ``sigma_stop``.
+    No gradient flows through the rollout (DRaFT-1 / ReFL): only the prediction made from ``x_s`` is trained.
+    """
+    x0, ctx = batch.target_latents, batch.context_latents
+    b, _, h, w = x0.shape
+    sigmas = fm.sampling_sigmas(op.sampler_steps, (h // 2) * (w // 2), scheduler_config)
+    stop = op.sigma_min + (op.sigma_max - op.sigma_min) * float(torch.rand((), generator=generator))
+    steps = int((sigmas > stop).sum())  # the schedule falls from 1 to 0: sigmas[steps] is the first <= stop
+    x = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
+    for i in range(steps):
+        t = sigmas[i].expand(b).to(x0.device)
+        v = predict_velocity(
+            transformer, x.to(x0.dtype), ctx, t, batch.prompt_embeds, batch.pooled_prompt_embeds, guidance_scale
+        )
+        x = fm.euler_step(x, v.float(), sigmas[i], sigmas[i + 1])
+    return x, sigmas[steps]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +234,8 @@ class Run:
         c = self.cfg
         # The un-hinted scene is read only by the geometry terms: without them it is not encoded.
         stream = inputs.batches(
-            self.dataset, self.sampler, self.data_state, self.encode_images, c.loss.geometry.enabled, c.data.prefetch
+            self.dataset, self.sampler, self.data_state, self.encode_images, c.loss.geometry.enabled,
+            inputs.use_prefetch(c.data.prefetch, self.accelerator.device),
         )
         for batch in stream:
             yield batch.to(self.accelerator.device, DTYPES[c.model.dtype])
@@ -361,6 +409,12 @@ def setup(cfg: Config) -> Run:
         accelerator.print(f"Resumed from {resume_ckpt} at step {run.start_step}.")
     if accelerator.is_main_process and cfg.logging.report_to != "none":
         accelerator.init_trackers(cfg.logging.project_name, config=flat_config(cfg))
+    if device.type == "cpu":
+        prefetch = inputs.use_prefetch(cfg.data.prefetch, device)
+        logger.info(
+            "Training on the CPU with %d intra-op threads per process; the next batch is prepared %s.",
+            torch.get_num_threads(), "in a background thread" if prefetch else "between steps (data.prefetch)",
+        )
     return run
 
 

@@ -48,7 +48,10 @@ __all__ = [
 LOSS_TERMS = ("mse", "bg", "dice", "area", "boundary")
 FORMULATIONS = ("calibrated", "seed")
 
-NoiseWeightScheme = Literal["none", "one_minus_sigma", "one_minus_sigma_sq", "cosine"]
+NoiseWeightScheme = Literal["none", "one_minus_sigma", "one_minus_sigma_sq", "cosine", "inverse_sigma"]
+NOISE_WEIGHTINGS = ("none", "one_minus_sigma", "one_minus_sigma_sq", "cosine", "inverse_sigma")
+# inverse_sigma's floor: below it the weight stays 1 / INVERSE_SIGMA_FLOOR instead of growing without bound.
+INVERSE_SIGMA_FLOOR = 0.1
 
 
 @dataclass
@@ -80,14 +83,20 @@ def noise_level_weight(sigmas: Tensor, scheme: NoiseWeightScheme | str = "one_mi
     At high ``sigma`` the predicted clean latents are a blurry average, so their geometry says little.
 
     Schemes: ``"none"`` -> 1; ``"one_minus_sigma"`` -> ``1 - sigma``; ``"one_minus_sigma_sq"`` ->
-    ``(1 - sigma)^2``; ``"cosine"`` -> ``cos(pi/2 * sigma)``.
+    ``(1 - sigma)^2``; ``"cosine"`` -> ``cos(pi/2 * sigma)``; ``"inverse_sigma"`` -> ``1 / max(sigma, 0.1)``.
+
+    Where a scheme pushes: through ``z_pred = x_t - sigma * v_pred`` a squared term of ``z_pred`` has
+    curvature ``sigma^2`` in the velocity, so its push on ``v_pred`` is ``sigma^2 * w(sigma)``:
+    ``sigma^2 (1 - sigma)`` for ``one_minus_sigma`` (most at sigma 0.4-0.8, nothing at pure noise), ``sigma`` for
+    ``inverse_sigma`` (growing toward pure noise, where the sampler sets the object's extent, and of the flow
+    loss's order).
 
     Args:
         sigmas: ``[B]`` or ``[B, 1, ..., 1]`` noise levels in ``[0, 1]``.
         scheme: one of the names above.
 
     Returns:
-        ``[B]`` float32 weights in ``[0, 1]``.
+        ``[B]`` float32 weights: in ``[0, 1]``, or in ``[1, 10]`` for ``inverse_sigma``.
     """
     s = sigmas.detach().float().reshape(sigmas.shape[0], -1)
     if s.shape[1] != 1:
@@ -101,9 +110,9 @@ def noise_level_weight(sigmas: Tensor, scheme: NoiseWeightScheme | str = "one_mi
         return (1.0 - s).clamp(0.0, 1.0).square()
     if scheme == "cosine":
         return torch.cos(0.5 * math.pi * s.clamp(0.0, 1.0))
-    raise ValueError(
-        f"noise weighting scheme must be 'none', 'one_minus_sigma', 'one_minus_sigma_sq' or 'cosine'; got {scheme!r}"
-    )
+    if scheme == "inverse_sigma":
+        return 1.0 / s.clamp(INVERSE_SIGMA_FLOOR, 1.0)
+    raise ValueError(f"noise weighting scheme must be one of {NOISE_WEIGHTINGS}; got {scheme!r}")
 
 
 class _ChannelErrors(torch.autograd.Function):

@@ -25,11 +25,13 @@ from torch import Tensor
 __all__ = [
     "add_noise",
     "calculate_shift",
+    "euler_step",
     "expand_sigmas",
     "flow_matching_loss",
     "loss_weighting",
     "predicted_clean_latents",
     "sample_timestep_density",
+    "sampling_sigmas",
     "shift_sigmas_for_resolution",
     "time_shift",
     "timesteps_and_sigmas_from_density",
@@ -252,3 +254,39 @@ def masked_flow_weight(mask_latent: Tensor, unmasked_weight: float = 0.1) -> Ten
         raise ValueError(f"unmasked_weight must be in [0, 1]; got {unmasked_weight}")
     w = unmasked_weight + (1.0 - unmasked_weight) * mask_latent.float()
     return w / w.mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-8)
+
+
+def sampling_sigmas(num_steps: int, image_seq_len: int, scheduler_config: Any) -> Tensor:
+    """The sigmas ``FluxKontextPipeline`` samples at, with the final 0: ``[num_steps + 1]`` float32, from 1 down.
+
+    ``linspace(1, 1/num_steps, num_steps)`` shifted by :func:`time_shift` with ``mu`` from
+    :func:`calculate_shift` of the packed token count and the scheduler's config, as the pipeline passes
+    them to ``FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=..., mu=...)``.
+
+    Args:
+        num_steps: sampler steps.
+        image_seq_len: packed target tokens, ``(h/2) * (w/2)`` for ``[B, 16, h, w]`` latents.
+        scheduler_config: the base model's scheduler config (a mapping or an object with those attributes).
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1; got {num_steps}")
+    get = scheduler_config.get if isinstance(scheduler_config, dict) else lambda k, d: getattr(scheduler_config, k, d)
+    mu = calculate_shift(
+        image_seq_len,
+        get("base_image_seq_len", 256),
+        get("max_image_seq_len", 4096),
+        get("base_shift", 0.5),
+        get("max_shift", 1.15),
+    )
+    base = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
+    kind = get("time_shift_type", "exponential")
+    shifted = time_shift(mu, base, 1.0, kind).to(torch.float32)
+    return torch.cat([shifted, torch.zeros(1)])
+
+
+def euler_step(x: Tensor, v_pred: Tensor, sigma: float | Tensor, sigma_next: float | Tensor) -> Tensor:
+    """One step of the flow sampler from ``sigma`` to ``sigma_next``: ``x + (sigma_next - sigma) * v_pred``.
+
+    ``FlowMatchEulerDiscreteScheduler.step``'s update (deterministic sampling), in ``x``'s dtype.
+    """
+    return x + (sigma_next - sigma) * v_pred.to(x.dtype)

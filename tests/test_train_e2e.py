@@ -122,13 +122,16 @@ def test_end_to_end_outputs_and_lora_loads(tmp_path, tiny_model_dir, tiny_datase
     assert meta["transformer.base_model_name_or_path"] == Path(tiny_model_dir).resolve().name
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path, tiny_model_dir, tiny_dataset_dir):
-    """8 steps straight == 4 steps, pre-empted with a checkpoint, resumed to 8 (weights and per-step losses)."""
+@pytest.mark.parametrize("on_policy", [False, True], ids=["teacher_forced", "on_policy"])
+def test_resumed_run_equals_uninterrupted_run(tmp_path, tiny_model_dir, tiny_dataset_dir, on_policy):
+    """8 steps straight == 4 steps, pre-empted with a checkpoint, resumed to 8 (weights and per-step losses); also
+    with the geometry terms judged on the model's own samples (their rollouts draw from the step's stream)."""
     common = dict(
         train={"max_steps": 8, "lr_scheduler": "cosine", "lr_warmup_steps": 2, "gradient_accumulation_steps": 2},
         lora={"rank": 4, "alpha": 8, "dropout": 0.1},
         data={"random_flip": True},
         checkpoint={"every_steps": 3, "total_limit": 5},
+        loss={"on_policy": {"enabled": on_policy, "fraction": 0.5, "sampler_steps": 4}},
     )
     a = tiny_cfg(tmp_path / "a", tiny_model_dir, tiny_dataset_dir, **common)
     run_a = run_training(a)

@@ -143,7 +143,12 @@ class DataConfig:
         2048, "Without `cache_latents`: MiB of decoded, resized images kept in memory instead of decoding files every step.",
         min=0,
     )
-    prefetch: bool = _f(True, "Prepare the next batch (read, hint, and without `cache_latents` VAE-encode) in a background thread while the model computes.")
+    prefetch: Literal["auto", True, False] = _f(
+        "auto",
+        "Prepare the next batch (read, hint, and without `cache_latents` VAE-encode) in a background thread while "
+        "the model computes. `auto`: on when training on an accelerator; off on a CPU, where the step's own "
+        "threads already hold every core the launcher gave and a second thread only takes one from them.",
+    )
     max_pixels: int = _f(64_000_000, "Reject images with more pixels than this (decompression-bomb guard).", min=1)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -217,8 +222,11 @@ class GeometryConfig:
         "`seed`: the original specification's composition (see docs/losses.md).",
     )
     weight: float = _f(1.0, "Global multiplier of the geometry total.", min=0.0)
-    noise_weighting: Literal["none", "one_minus_sigma", "one_minus_sigma_sq", "cosine"] = _f(
-        "one_minus_sigma", "Per-sample weight by noise level: z_pred is a blur at high sigma."
+    noise_weighting: Literal["none", "one_minus_sigma", "one_minus_sigma_sq", "cosine", "inverse_sigma"] = _f(
+        "one_minus_sigma",
+        "Per-sample weight by noise level. Through z_pred a term pushes the velocity with sigma^2 times this "
+        "weight: `one_minus_sigma` pushes most at sigma 0.4-0.8; `inverse_sigma` (1/max(sigma, 0.1)) pushes "
+        "in proportion to sigma, most where the sampler sets the object's extent (see docs/losses.md).",
     )
     mse: float = _f(1.0, "Weight of the boundary-band weighted MSE against the target latents.", min=0.0)
     bg: float = _f(0.6, "Weight of background preservation against the context latents.", min=0.0)
@@ -247,11 +255,32 @@ class MaskedFlowConfig:
 
 
 @dataclass
+class OnPolicyConfig:
+    """Geometry judged on the model's own samples (reward fine-tuning in the manner of ReFL/DRaFT).
+
+    On a chosen micro-batch the sampler runs from noise with the current LoRA, without gradient, down to a
+    noise level drawn in ``[sigma_min, sigma_max]`` (where the sampler sets the object's extent); one
+    prediction with gradient there gives the clean latents the model itself is heading for, and the geometry
+    terms judge those instead of the teacher-forced prediction. The flow loss is unchanged.
+    """
+
+    enabled: bool = _f(False, "Judge the geometry terms on the model's own samples (needs `loss.geometry.enabled`).")
+    fraction: float = _f(
+        0.5, "Share of micro-batches judged on-policy (drawn per step from its seeded stream).", exclusive_min=0.0, max=1.0
+    )
+    sampler_steps: int = _f(12, "Steps of the sampler's schedule the rollout follows (as at inference).", min=2)
+    sigma_min: float = _f(0.55, "Lowest noise level the rollout stops at.", exclusive_min=0.0, max=1.0)
+    sigma_max: float = _f(0.9, "Highest noise level the rollout stops at.", exclusive_min=0.0, max=1.0)
+    weight: float = _f(1.0, "Multiplier of the on-policy geometry total (no noise-level weight).", min=0.0)
+
+
+@dataclass
 class LossConfig:
     """Loss terms."""
 
     geometry: GeometryConfig = field(default_factory=GeometryConfig)
     masked: MaskedFlowConfig = field(default_factory=MaskedFlowConfig)
+    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
 
 
 @dataclass
@@ -664,6 +693,19 @@ def _check_cross_field(cfg: Config) -> None:
         raise ConfigError(
             "`validation.data_root` and `validation.holdout` both choose the validation samples; set only one.",
             ("validation.data_root", "validation.holdout"),
+        )
+    op = cfg.loss.on_policy
+    if op.enabled and not cfg.loss.geometry.enabled:
+        raise ConfigError(
+            "`loss.on_policy.enabled: true` judges the geometry terms on the model's own samples, but "
+            "`loss.geometry.enabled` is false; turn the geometry terms on or on-policy off.",
+            ("loss.on_policy.enabled", "loss.geometry.enabled"),
+        )
+    if op.sigma_min > op.sigma_max:
+        raise ConfigError(
+            f"`loss.on_policy.sigma_min` ({op.sigma_min}) is above `loss.on_policy.sigma_max` ({op.sigma_max}); "
+            "swap them.",
+            ("loss.on_policy.sigma_min", "loss.on_policy.sigma_max"),
         )
     if not cfg.lora.target_modules:
         raise ConfigError(
