@@ -288,12 +288,13 @@ def test_overwrite_output_dir_removes_the_old_runs_checkpoints(tmp_path, tiny_mo
 
 
 class Proc:
-    """The trainer as a subprocess, its merged stdout/stderr collected by a thread."""
+    """The trainer (or ``script``, a wrapper around it) as a subprocess, its merged stdout/stderr collected by a
+    thread."""
 
-    def __init__(self, config: Path, cwd: Path) -> None:
+    def __init__(self, config: Path, cwd: Path, script: Path = REPO / "train_kontext_lora.py") -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", TQDM_MININTERVAL="0")
         self.p = subprocess.Popen(
-            [sys.executable, str(REPO / "train_kontext_lora.py"), "--config", str(config)],
+            [sys.executable, str(script), "--config", str(config)],
             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
         self.chunks: list[bytes] = []
@@ -309,7 +310,7 @@ class Proc:
     def text(self) -> str:
         return b"".join(self.chunks).decode("utf-8", "replace")
 
-    def wait_for(self, pattern: str, timeout: float = 90.0) -> re.Match:
+    def wait_for(self, pattern: str, timeout: float = 300.0) -> re.Match:  # a hang guard
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             m = re.search(pattern, self.text)
@@ -332,9 +333,8 @@ class Proc:
         return rc, time.monotonic() - t0
 
 
-def _long_run_config(tmp_path: Path, model_dir: Path, data_dir: Path, accum: int = 1) -> tuple[Path, dict]:
-    d = cfg_dict(tmp_path / "out", model_dir, data_dir, tmp_path / "cache",
-                 train={"max_steps": 100_000, "gradient_accumulation_steps": accum},
+def _long_run_config(tmp_path: Path, model_dir: Path, data_dir: Path) -> tuple[Path, dict]:
+    d = cfg_dict(tmp_path / "out", model_dir, data_dir, tmp_path / "cache", train={"max_steps": 100_000},
                  checkpoint={"every_steps": 0, "total_limit": 2})
     return write_yaml(tmp_path / "config.yaml", d), d
 
@@ -352,7 +352,7 @@ def test_signal_checkpoints_and_exits_with_resume_hint(sig, tmp_path, tiny_model
     # Training has started once the progress bar shows a finished update.
     proc.wait_for(r"train:[^\r\n]*?\b[1-9]\d*/100000")
     proc.p.send_signal(sig)
-    rc, _ = proc.finish(timeout=120)  # a hang guard, not a speed requirement
+    rc, _ = proc.finish(timeout=300)  # a hang guard, not a speed requirement
     text = proc.text
     assert rc == 0, text[-3000:]
     assert f"{sig.name} received" in text
@@ -379,23 +379,91 @@ def test_signal_checkpoints_and_exits_with_resume_hint(sig, tmp_path, tiny_model
     assert [h["step"] for h in run.history][-2:] == [step, step + 1]
 
 
+# The trainer with the rename of its checkpoint held until the process ends: the test sends the second signal
+# once the trainer says it is inside that save, so the signal lands mid-save however slow the machine is.
+HELD_SAVE = """
+import sys, time
+sys.path.insert(0, {repo!r})
+import train_kontext_lora as tk
+
+def held_finalize(*args, **kwargs):
+    print("test: holding the checkpoint rename", flush=True)
+    while True:  # short sleeps: the signal handler runs between them, whichever thread the signal reached
+        time.sleep(0.05)
+
+tk.finalize = held_finalize
+sys.exit(tk.main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.slow
 def test_second_signal_exits_at_once(tmp_path, tiny_model_dir, tiny_dataset_dir):
-    """Long updates (32 accumulated micro-batches) so the second SIGTERM lands while the first is honoured."""
-    config, _ = _long_run_config(tmp_path, tiny_model_dir, tiny_dataset_dir, accum=32)
-    proc = Proc(config, tmp_path)
+    """A real process: the first SIGTERM after an update, the second while the checkpoint it asked for is written."""
+    config, _ = _long_run_config(tmp_path, tiny_model_dir, tiny_dataset_dir)
+    script = tmp_path / "held_save.py"
+    script.write_text(HELD_SAVE.format(repo=str(REPO)))
+    proc = Proc(config, tmp_path, script)
     proc.wait_for(r"train:[^\r\n]*?\b[1-9]\d*/100000")
     proc.p.send_signal(signal.SIGTERM)
-    proc.wait_for("SIGTERM received: finishing", timeout=30)
+    proc.wait_for("test: holding the checkpoint rename")
+    assert "SIGTERM received: finishing the current step" in proc.text
     proc.p.send_signal(signal.SIGTERM)
-    rc, _ = proc.finish(timeout=120)  # a hang guard; "at once" is shown by what was not done below
+    rc, _ = proc.finish(timeout=300)  # a hang guard
     assert rc == 128 + signal.SIGTERM, proc.text[-3000:]
-    assert "received again: exiting now" in proc.text
+    assert "SIGTERM received again: exiting now without a checkpoint" in proc.text
     assert "Stopped by signal" not in proc.text
+    # The interrupted save stays a .tmp folder, never a checkpoint.
     out = tmp_path / "out"
-    for p in out.glob("checkpoint-*"):
-        if re.fullmatch(r"checkpoint-\d+", p.name):
-            assert (p / TRAINER_STATE_NAME).is_file()
+    assert list_checkpoints(out) == [] and len(list(out.glob("checkpoint-*.tmp"))) == 1
+
+
+def test_second_signal_during_the_save_exits_without_a_checkpoint(tmp_path, tiny_model_dir, tiny_dataset_dir,
+                                                                 monkeypatch, capfd):
+    """In-process: the first SIGTERM arrives during the first update, the second while its checkpoint is written
+    (``signal.raise_signal`` runs the handler before it returns; the exit is caught instead of taken)."""
+    import types
+
+    import kontext.training.signals as signals
+
+    class Exited(BaseException):
+        pass
+
+    def exit_now(code: int):
+        raise Exited(code)
+
+    monkeypatch.setattr(signals, "os", types.SimpleNamespace(_exit=exit_now))
+    real_loss, real_finalize = tk.compute_loss, tk.finalize
+    calls: list[int] = []
+
+    def loss_then_signal(*a, **k):
+        if not calls:
+            signal.raise_signal(signal.SIGTERM)
+        calls.append(1)
+        return real_loss(*a, **k)
+
+    def finalize_after_signal(*a, **k):
+        signal.raise_signal(signal.SIGTERM)
+        return real_finalize(*a, **k)
+
+    monkeypatch.setattr(tk, "compute_loss", loss_then_signal)
+    monkeypatch.setattr(tk, "finalize", finalize_after_signal)
+    out = tmp_path / "out"
+    run = tk.setup(config_from_dict(cfg_dict(out, tiny_model_dir, tiny_dataset_dir, tmp_path / "cache",
+                                             checkpoint={"every_steps": 0})))
+    capfd.readouterr()
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(Exited) as info:
+            tk.train(run)
+    finally:
+        tk.unlock_all()
+    assert info.value.args == (128 + signal.SIGTERM,)
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert len(calls) == 1 and [h["step"] for h in run.history] == [1]  # the update in flight finished, no other
+    err = capfd.readouterr().err
+    assert "SIGTERM received: finishing the current step" in err
+    assert "SIGTERM received again: exiting now without a checkpoint" in err
+    assert list_checkpoints(out) == [] and (out / "checkpoint-1.tmp").is_dir()
 
 
 def test_stop_request_restores_previous_handlers():
@@ -404,8 +472,7 @@ def test_stop_request_restores_previous_handlers():
     before = signal.getsignal(signal.SIGTERM)
     with StopRequest() as stop:
         assert stop.requested is None
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.05)
+        signal.raise_signal(signal.SIGTERM)  # to this thread; the handler has run when it returns
         assert stop.requested == "SIGTERM"
     assert signal.getsignal(signal.SIGTERM) is before
 
@@ -960,14 +1027,12 @@ def test_signal_message_names_what_it_waits_for(capfd):
 
     with StopRequest() as stop:
         with busy("the validation at step 40 (2 x 28 denoising steps)"):
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.05)
+            signal.raise_signal(signal.SIGTERM)  # the handler has run when it returns
         assert stop.requested == "SIGTERM"
     err = capfd.readouterr().err
     assert "SIGTERM received: waiting for the validation at step 40 (2 x 28 denoising steps) to finish, then saving" in err
     with StopRequest():
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.05)
+        signal.raise_signal(signal.SIGINT)
     assert "SIGINT received: finishing the current step, then saving" in capfd.readouterr().err
 
 
@@ -979,7 +1044,7 @@ def test_sigterm_during_validation_says_it_waits_for_the_validation(tmp_path, ti
     real_generate = kv.generate
 
     def generate_after_sigterm(*a, **k):
-        os.kill(os.getpid(), signal.SIGTERM)  # the scheduler's notice arrives while validation generates
+        signal.raise_signal(signal.SIGTERM)  # the scheduler's notice arrives while validation generates
         return real_generate(*a, **k)
 
     monkeypatch.setattr(kv, "generate", generate_after_sigterm)
@@ -992,3 +1057,8 @@ def test_sigterm_during_validation_says_it_waits_for_the_validation(tmp_path, ti
     assert "SIGTERM received: waiting for the validation at step 1 (1 x 2 denoising steps) to finish, then saving" in err
     assert "finishing the current step" not in err
     assert list_checkpoints(tmp_path / "out") == [tmp_path / "out" / "checkpoint-2"]
+    tk.finish(run, "signal")
+    out = capfd.readouterr().out
+    assert "Stopped by signal at step 2; checkpoint saved. Resume with:" in out
+    assert f"--config {tmp_path / 'out' / 'config.yaml'} checkpoint.resume_from=latest" in out
+    assert not (tmp_path / "out" / LORA_FILE).exists(), "a pre-empted run must not look finished"
