@@ -36,10 +36,10 @@ def _samples(vae, areas, drift, seed=0):
     for area, child in zip(areas, rng.spawn(len(areas))):
         t, variants = scaled_insertions(child, 128, 128, area, SCALES, drift=drift)
         mask = torch.from_numpy(np.asarray(t.mask, dtype=np.float32) / 255.0)[None, None]
-        with torch.no_grad():
-            z_tgt = encode_images(vae, pil_to_tensor(t.target)).float()
-            z_scene = encode_images(vae, pil_to_tensor(t.context)).float()
-            preds = {s: encode_images(vae, pil_to_tensor(v)).float() for s, v in variants.items()}
+        with torch.no_grad():  # one VAE call per sample (a third of the time of one per image)
+            z = encode_images(vae, torch.cat([pil_to_tensor(im) for im in (t.target, t.context, *variants.values())]))
+        z = z.float().split(1)
+        z_tgt, z_scene, preds = z[0], z[1], dict(zip(variants, z[2:]))
         out.append((z_tgt, z_scene, preds, compute_mask_targets(mask, tuple(z_tgt.shape[-2:]))))
     return out
 
