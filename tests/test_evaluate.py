@@ -185,8 +185,34 @@ def test_evaluate_shows_one_progress_bar_over_samples_and_variants(tiny_dataset_
     # the console's means are rounded (4 significant digits at most)
     import re
 
-    means = [line for line in capsys.readouterr().out.splitlines() if "IoU" in line]
+    means = [line for line in capsys.readouterr().out.splitlines() if "IoU" in line and "verdict" not in line]
     assert len(means) == 2 and not any(re.search(r"[1-9]\d{4}", line) for line in means), means
+
+
+def _rows(n: int, **metrics: float) -> list[dict[str, float]]:
+    base = {"iou": 0.7, "psnr_outside": 24.0, "changed_area": 100.0, "mask_area": 100.0, "threshold_degenerate": 0.0}
+    return [dict(base, **metrics) for _ in range(n)]
+
+
+@pytest.mark.parametrize(
+    "rows, label",
+    [
+        # the reported case: a LoRA that repainted the whole image reads as "too small" by its area ratio alone
+        (_rows(4, iou=0.0, changed_area=3.6, psnr_outside=12.6), "repaints outside the mask"),
+        (_rows(2, threshold_degenerate=1.0) + _rows(2), "repaints outside the mask"),  # half the backgrounds moved
+        (_rows(4, changed_area=40.0, iou=0.4), "too small"),
+        (_rows(4, changed_area=300.0, iou=0.33), "too large"),
+        (_rows(4, changed_area=110.0, iou=0.05), "beside the mask"),
+        (_rows(4, changed_area=90.0), "on target"),
+        (_rows(3, threshold_degenerate=1.0, changed_area=1.0) + _rows(7, changed_area=120.0), "on target"),
+    ],
+)
+def test_each_variant_gets_a_verdict_from_its_metrics(rows, label):
+    from kontext.tools.evaluate import variant_verdict
+
+    verdict = variant_verdict(rows)
+    assert verdict.label == label, verdict
+    assert verdict.line("geo").startswith(f"geo: {label} (")
 
 
 def test_resolution_keeps_the_runs_aspect_buckets():
@@ -205,7 +231,7 @@ def test_resolution_keeps_the_runs_aspect_buckets():
     assert ap.parse_args(base + ["--no-aspect-buckets"]).aspect_buckets is False
 
 
-def test_evaluate_at_a_resolution_uses_the_trained_aspect_buckets(tiny_model_dir, tmp_path):
+def test_evaluate_at_a_resolution_uses_the_trained_aspect_buckets(tiny_model_dir, tmp_path, capsys):
     import json
 
     import yaml
@@ -225,6 +251,11 @@ def test_evaluate_at_a_resolution_uses_the_trained_aspect_buckets(tiny_model_dir
     assert settings["max_sequence_length"] == 16 and settings["guidance"] == 3.0
     assert settings["run_config"] == str(lora / "config.yaml")
     assert "- max_sequence_length: `16`" in (tmp_path / "a" / "report.md").read_text()
+    # Every variant's verdict: in the report, in metrics.json and on the console.
+    verdict = json.loads((tmp_path / "a" / "metrics.json").read_text())["verdict"]["A"]
+    line = f"A: {verdict['label']} ({verdict['reason']})"
+    assert f"## Verdict\n\n- {line}" in (tmp_path / "a" / "report.md").read_text()
+    assert f"verdict: {line}" in capsys.readouterr().out
     (sample,) = load_samples(str(wide), 64, True, None, None)
     assert sample.context.size == (96, 48)  # the wide bucket of 64 px, as training makes it
     ncols = len(SAMPLE_COLUMNS) + len(VARIANT_COLUMNS)
