@@ -181,14 +181,17 @@ def on_policy_rollout(
 
     Draws ``sigma_stop`` uniformly in ``[op.sigma_min, op.sigma_max]`` and fresh noise from ``generator``, then
     takes Euler steps with the current LoRA along the pipeline's schedule of ``op.sampler_steps`` steps
-    (:func:`losses.flow_matching.sampling_sigmas`) until the first schedule sigma at or below ``sigma_stop``.
+    (:func:`losses.flow_matching.sampling_sigmas`) until the first schedule sigma at or below ``sigma_stop`` (at
+    most to the last non-zero one).
     No gradient flows through the rollout (DRaFT-1 / ReFL): only the prediction made from ``x_s`` is trained.
     """
     x0, ctx = batch.target_latents, batch.context_latents
     b, _, h, w = x0.shape
     sigmas = fm.sampling_sigmas(op.sampler_steps, (h // 2) * (w // 2), scheduler_config)
     stop = op.sigma_min + (op.sigma_max - op.sigma_min) * float(torch.rand((), generator=generator))
-    steps = int((sigmas > stop).sum())  # the schedule falls from 1 to 0: sigmas[steps] is the first <= stop
+    # The schedule falls from 1 to 0: sigmas[steps] is the first at or below the stop, and never the final 0 (a
+    # prediction at sigma 0 is the sample itself, with nothing to train).
+    steps = min(int((sigmas > stop).sum()), op.sampler_steps - 1)
     x = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
     for i in range(steps):
         t = sigmas[i].expand(b).to(x0.device)
@@ -256,7 +259,7 @@ def check_output_dir(cfg: Config) -> tuple[Path, Path | None, dict[str, Any] | N
 
 
 def resolve_model(name_or_path: str) -> str:
-    """``tiny`` -> the cached tiny model folder (built on first use); a folder -> absolute; a hub id unchanged."""
+    """``tiny`` -> the committed tiny model folder; a folder -> absolute; a hub id unchanged."""
     try:
         return resolve_model_path(name_or_path)
     except ModelPathError as e:

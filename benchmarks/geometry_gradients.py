@@ -10,15 +10,24 @@ LoRA weights, and prints ``|g_term| / |g_flow|`` and the cosine between the two,
 
 A term whose ratio is a few percent barely steers training, whatever its value; one with a cosine near 1
 mostly reweights the flow loss.
+
+``--profile`` shows *where over the noise level* each geometry variant of the scale-fidelity benchmark pushes:
+at fixed sigmas it measures the geometry total's gradient norm against the (masked) flow loss's, the flow loss
+taken at that sigma too. For ``masked_on_policy`` the sigma is where the rollout stops (the on-policy prediction's
+noise level; every micro-batch on-policy)::
+
+    python benchmarks/geometry_gradients.py --profile --batches 3
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 
@@ -37,11 +46,71 @@ def _cos(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return dot / max(_norm(a) * _norm(b), 1e-30)
 
 
-def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+PROFILE_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9, 0.97)
+PROFILE_VARIANTS = ("masked_geometry", "masked_geometry_inverse_sigma", "masked_on_policy")
+
+
+@contextlib.contextmanager
+def noise_level(tk: Any, sigma: float) -> Iterator[None]:
+    """Every sample of the trainer's step at noise level ``sigma`` (its timestep sampling replaced for the duration)."""
+    fm = tk.fm
+    original = fm.timesteps_and_sigmas_from_density
+
+    def fixed(u: torch.Tensor, scheduler: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        s = torch.full_like(u, sigma, dtype=torch.float32)
+        return s * scheduler.config.num_train_timesteps, s
+
+    fm.timesteps_and_sigmas_from_density = fixed
+    try:
+        yield
+    finally:
+        fm.timesteps_and_sigmas_from_density = original
+
+
+def sigma_profile(tk: Any, sf: Any, work: Path, model: str, data: Path, batches: int) -> dict[str, dict[float, float]]:
+    """``{variant: {sigma: mean |g_geometry| / |g_flow|}}`` over ``batches`` training batches (printed as a table)."""
+    from kontext.training.config import config_from_dict
+
+    out: dict[str, dict[float, float]] = {}
+    for v in PROFILE_VARIANTS:
+        cfg_dict = sf.run_config(work / f"profile-{v}", model, data, work / "cache", sf.QUICK, v, 0)
+        cfg = config_from_dict(cfg_dict)
+        cfg.train.resolution_shift = False  # the sigma asked for is the sigma used
+        run = tk.setup(cfg)
+        params = [p for p in run.transformer.parameters() if p.requires_grad]
+        stream = run.batches()
+        batch_list = [next(stream) for _ in range(batches)]
+        geo, op = cfg.loss.geometry, cfg.loss.on_policy
+        out[v] = {}
+        for sigma in PROFILE_SIGMAS:
+            if op.enabled:
+                op.fraction, op.sigma_min, op.sigma_max = 1.0, sigma, sigma
+            ratios = []
+            with noise_level(tk, sigma):
+                for i, batch in enumerate(batch_list):
+                    geo.enabled = False
+                    flow, _ = tk.compute_loss(run.transformer, batch, cfg, torch.Generator().manual_seed(i), run.train_scheduler)
+                    g_flow = torch.autograd.grad(flow, params)
+                    geo.enabled = True
+                    total, logs = tk.compute_loss(run.transformer, batch, cfg, torch.Generator().manual_seed(i), run.train_scheduler)
+                    g_total = torch.autograd.grad(total, params)
+                    if op.enabled:  # the flow part of the on-policy pass is the same loss at the same draws
+                        assert torch.allclose(logs["loss/flow"], flow.detach())
+                    ratios.append(_norm([a - b for a, b in zip(g_total, g_flow, strict=True)]) / max(_norm(g_flow), 1e-30))
+            out[v][sigma] = sum(ratios) / len(ratios)
+            print(f"{v} sigma {sigma}: |g_geometry| / |g_flow| {out[v][sigma]:.3f}", flush=True)
+    print("\n| variant | " + " | ".join(f"sigma {s}" for s in PROFILE_SIGMAS) + " |\n|---|" + "---|" * len(PROFILE_SIGMAS))
+    for v, row in out.items():
+        print(f"| {v} | " + " | ".join(f"{row[s]:.3f}" for s in PROFILE_SIGMAS) + " |")
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=6)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--set", action="append", default=[], metavar="TERM=WEIGHT", help="override a term weight")
+    parser.add_argument("--profile", action="store_true", help="each geometry variant's gradient share over sigma")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -54,6 +123,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     work = Path(tempfile.mkdtemp(prefix="geometry_gradients_"))
     data = generate_dataset(work / "data", sf.QUICK.train_samples, sf.QUICK.size, seed=0, area_range=sf.TRAIN_AREAS,
                             aspect_range=sf.TRAIN_ASPECT, progress=False)
+    if args.profile:
+        return sigma_profile(tk, sf, work, resolve_model_path("tiny", "--model"), data, args.batches)
     cfg_dict = sf.run_config(work / "run", resolve_model_path("tiny", "--model"), data, work / "cache", sf.QUICK,
                              "geometry", 0)
     for item in args.set:

@@ -76,7 +76,7 @@ def _rollout_by_hand(transformer, sched, batch, cfg, seed):
     sigmas = fm.sampling_sigmas(op.sampler_steps, (h // 2) * (w // 2), sched.config)
     i = 0
     with torch.no_grad():
-        while float(sigmas[i]) > stop:
+        while float(sigmas[i]) > stop and i < op.sampler_steps - 1:
             v = predict_velocity(transformer, x, batch.context_latents, sigmas[i].expand(b), batch.prompt_embeds,
                                  batch.pooled_prompt_embeds, cfg.model.guidance_scale)
             x = x + (sigmas[i + 1] - sigmas[i]) * v
@@ -153,3 +153,18 @@ def test_on_policy_config_errors_name_the_keys():
         config_from_dict({"loss": {"on_policy": {"sigma_min": 0.9, "sigma_max": 0.6}}})
     with pytest.raises(ConfigError, match=r"loss\.on_policy\.fraction"):
         config_from_dict({"loss": {"on_policy": {"fraction": 0.0}}})
+
+
+def test_a_stop_below_the_schedule_predicts_at_its_last_noise_level(tiny):
+    """sigma_stop under the last non-zero sigma of the schedule: the prediction is made there, never at sigma 0
+    (where z_pred is the sample itself and nothing would be trained)."""
+    from train_kontext_lora import on_policy_rollout
+
+    transformer, sched = tiny
+    batch = _batch(transformer, seed=6)
+    op = config_from_dict({"loss": {"on_policy": {"enabled": True, "sigma_min": 0.01, "sigma_max": 0.01,
+                                                  "sampler_steps": 4}}}).loss.on_policy
+    sigmas = fm.sampling_sigmas(4, 16, sched.config)
+    assert float(sigmas[-2]) > 0.01
+    _, sigma_s = on_policy_rollout(transformer, batch, op, 1.0, torch.Generator().manual_seed(0), sched.config)
+    assert float(sigma_s) == float(sigmas[-2]) > 0
