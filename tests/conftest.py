@@ -14,7 +14,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
-    """The cached tiny FLUX.1 Kontext folder (built on first use; later runs reuse it)."""
+    """The committed tiny FLUX.1 Kontext folder (nothing is built)."""
     from kontext.tiny.model import tiny_model_path
 
     return tiny_model_path(progress=False)

@@ -135,7 +135,7 @@ CONTRACT_KEYS = {
     "model.pretrained_model_name_or_path": (
         "black-forest-labs/FLUX.1-Kontext-dev", "model.pretrained_model_name_or_path=tiny", "tiny"
     ),
-    "data.root": ("data/my_object", "data.root=/tmp/kontext-data", str(Path("/tmp/kontext-data").resolve())),
+    "data.root": ("datasets/my_object", "data.root=/tmp/kontext-data", str(Path("/tmp/kontext-data").resolve())),
     "lora.rank": (16, "lora.rank=4", 4),
     "lora.alpha": (16.0, "lora.alpha=2", 2.0),
     "train.max_steps": (1000, "train.max_steps=7", 7),

@@ -69,6 +69,8 @@ def test_summary_has_steps_time_rounded_losses_metrics_files_and_commands(tmp_pa
     assert "  checkpoint-20/ (last checkpoint)" in text
     assert f"--config {tmp_path / 'run' / 'config.yaml'} checkpoint.resume_from=latest train.max_steps=40" in text
     assert "python -m kontext.tools.evaluate --model black-forest-labs/FLUX.1-Kontext-dev --lora" in text
+    # every way on from a finished run: more steps, a new folder, or replacing it
+    assert "a new output_dir=..., or checkpoint.overwrite_output_dir=true" in text
 
     held = run_summary(
         steps=3, wall_seconds=2, history=[], metrics={"val/iou": 0.5}, output_dir=tmp_path, files=[], base_model="m",
@@ -80,6 +82,38 @@ def test_summary_has_steps_time_rounded_losses_metrics_files_and_commands(tmp_pa
         steps=3, wall_seconds=2, history=[], metrics={}, output_dir=tmp_path, files=[], base_model="m", can_resume=False
     )
     assert "resume_from" not in no_ckpt and "cannot be continued" in no_ckpt and "Validation" not in no_ckpt
+
+
+def test_summary_says_how_to_make_the_held_out_folder_it_evaluates_on(tmp_path):
+    import shlex
+
+    from data.synthetic import main as synthetic_main
+    from kontext.training.config import config_from_dict
+    from kontext.training.summary import finished_run_summary
+
+    def summary(**sections) -> list[str]:
+        cfg = config_from_dict({"data": {"root": str(tmp_path / "data")}, **sections})
+        return finished_run_summary(tmp_path / "run", cfg, [], 4, {}).splitlines()
+
+    def evaluate_data(lines: list[str]) -> str:
+        (cmd,) = [shlex.split(line) for line in lines if "kontext.tools.evaluate" in line]
+        assert cmd[cmd.index("--out") + 1] == str(tmp_path / "run_eval"), "the report goes beside the run, not in it"
+        return cmd[cmd.index("--data") + 1]
+
+    # The synthetic default: a command that writes new scenes of the product, then the evaluation on them.
+    lines = summary(data={"root": str(tmp_path / "data"), "synthetic": {"enabled": True, "size": 32, "seed": 3}})
+    (make,) = [shlex.split(line) for line in lines if "data.synthetic" in line]
+    assert make[:3] == ["python", "-m", "data.synthetic"] and make[make.index("--seed") + 1] == "4"
+    make[make.index("--num-samples") + 1] = "2"  # fewer samples, the same command
+    synthetic_main(make[3:])
+    folder = Path(evaluate_data(lines))
+    assert folder == tmp_path / "data_heldout" and len(list((folder / "mask").iterdir())) == 2
+    # A held-out set the run validated on is the one to evaluate on.
+    assert evaluate_data(summary(validation={"data_root": str(folder)})) == str(folder)
+    # The user's data: which samples to put there.
+    text = "\n".join(summary())
+    assert "put samples the LoRA never saw into" in text and evaluate_data(text.splitlines()) == str(folder)
+    assert "copy the last 3 samples of" in "\n".join(summary(validation={"holdout": 3}))
 
 
 def test_cpu_threads_for_a_plain_run(monkeypatch):

@@ -32,7 +32,8 @@ class ModelPathError(ValueError):
 
 
 def resolve_model_path(name_or_path: str, option: str = "model.pretrained_model_name_or_path") -> str:
-    """``tiny`` -> the cached tiny model folder (built on first use); a folder -> its absolute path (it must hold
+    """``tiny`` -> the committed tiny model folder (:func:`kontext.tiny.model.tiny_model_path`); a folder -> its
+    absolute path (it must hold
     ``model_index.json``); ``owner/name`` -> unchanged (a hub id). ``option`` names the setting in errors."""
     if name_or_path == "tiny":
         from kontext.tiny.model import tiny_model_path

@@ -71,7 +71,7 @@ class ModelConfig:
 
     pretrained_model_name_or_path: str = _f(
         "black-forest-labs/FLUX.1-Kontext-dev",
-        "A hub id, a local diffusers folder, or `tiny` for the embedded tiny model (built on first use).",
+        "A hub id, a local diffusers folder, or `tiny` for the embedded tiny model (committed with the package).",
         nonempty=True,
     )
     revision: Optional[str] = _f(None, "Hub revision of the base model.")
@@ -106,7 +106,7 @@ class DataConfig:
 
     source: Literal["folder", "hf"] = _f("folder", "`folder`: the on-disk layout; `hf`: a Hugging Face dataset.")
     root: str = _f(
-        "data/my_object",
+        "datasets/my_object",
         "Dataset folder (or, for `source: hf`, a hub dataset name or local path). Local paths are recorded absolute.",
         nonempty=True,
     )

@@ -76,6 +76,46 @@ def output_files(output_dir: str | Path) -> tuple[list[str], bool]:
     return files, bool(ckpts)
 
 
+# Samples in the held-out set the summary's command generates for a synthetic run.
+HELDOUT_SAMPLES = 8
+
+
+def held_out_folder(cfg: Any) -> tuple[str, list[str]]:
+    """The folder the summary's evaluate command reads, and the lines that say how to make it first.
+
+    ``validation.data_root`` when the run validated on one (it exists); for the synthetic set a command that
+    writes new scenes of the same product beside it (another seed); otherwise how to split the user's data.
+    """
+    if cfg.validation.data_root:
+        return str(cfg.validation.data_root), []
+    if cfg.data.source != "folder":
+        return "<held-out folder>", [
+            "Evaluate on samples the LoRA never saw: write some in the folder layout (context/, target/, mask/, "
+            "prompts/; docs/data.md), then:"
+        ]
+    root = Path(str(cfg.data.root))
+    folder = str(root.parent / f"{root.name}_heldout")
+    if cfg.data.synthetic.enabled:
+        s = cfg.data.synthetic
+        return folder, [
+            "Make a held-out folder (new scenes of the same product: another seed), then evaluate on it:",
+            f"  python -m data.synthetic --root {shlex.quote(folder)} --num-samples {HELDOUT_SAMPLES} --size {s.size} "
+            f"--seed {s.seed + 1}",
+        ]
+    layout = "(context/, target/, mask/, prompts/ as in data.root)"
+    if cfg.validation.holdout:
+        how = (
+            f"copy the last {cfg.validation.holdout} samples of {root} in name order (validation.holdout kept them "
+            f"out of training) into {folder} {layout}"
+        )
+    else:
+        how = (
+            f"put samples the LoRA never saw into {folder} {layout}: it trained on every sample of {root} "
+            "(validation.holdout: N keeps the last N out of training)"
+        )
+    return folder, [f"Make a held-out folder: {how}; then evaluate on it:"]
+
+
 def finished_run_summary(output_dir: Path, cfg: Any, history: list[dict[str, float]], steps: int,
                          metrics: dict[str, float]) -> str:
     """:func:`run_summary` for the run that just finished in this process (its files, clock and launcher)."""
@@ -85,6 +125,7 @@ def finished_run_summary(output_dir: Path, cfg: Any, history: list[dict[str, flo
     from kontext.training.validation import held_out
 
     files, can_resume = output_files(output_dir)
+    heldout, make_heldout = held_out_folder(cfg)
     started = RUN_CLOCK.get("start")
     return run_summary(
         steps=steps,
@@ -97,6 +138,8 @@ def finished_run_summary(output_dir: Path, cfg: Any, history: list[dict[str, flo
         can_resume=can_resume,
         launcher="accelerate launch" if launched_by_accelerate() else "python",
         validated_on="held-out" if held_out(cfg) else "training",
+        heldout=heldout,
+        make_heldout=make_heldout,
     )
 
 
@@ -112,6 +155,8 @@ def run_summary(
     can_resume: bool,
     launcher: str = "accelerate launch",
     validated_on: str = "training",
+    heldout: str = "<held-out folder>",
+    make_heldout: list[str] | None = None,
 ) -> str:
     """The end-of-run summary as lines of text.
 
@@ -125,6 +170,8 @@ def run_summary(
         base_model: the base model as ``kontext.tools.evaluate --model`` takes it.
         can_resume: whether a final checkpoint exists (``checkpoint.every_steps`` > 0).
         launcher: how the resume command starts the trainer.
+        heldout: the folder the evaluate command reads; make_heldout: the lines before it that say how to make
+            that folder (see :func:`held_out_folder`; default: a plain "Evaluate on a held-out folder:").
     """
     out = Path(output_dir)
     n = min(10, len(history))
@@ -147,10 +194,15 @@ def run_summary(
         ]
     else:
         lines.append("No checkpoint was kept (checkpoint.every_steps = 0), so this run cannot be continued.")
+    lines.append(
+        "Or train anew: a new output_dir=..., or checkpoint.overwrite_output_dir=true to replace this run."
+    )
+    data = heldout if heldout.startswith("<") else shlex.quote(heldout)
+    lines += make_heldout if make_heldout else ["Evaluate on a held-out folder:"]
     lines += [
-        "Evaluate on a held-out folder:",
         f"  python -m kontext.tools.evaluate --model {shlex.quote(_model_argument(base_model))} --lora {shlex.quote(str(out))} "
-        f"--data <held-out folder> --out {shlex.quote(str(out / 'eval'))}",
+        # beside the run, not in it: a folder the trainer did not write would stop it from being continued
+        f"--data {data} --out {shlex.quote(str(out.parent / (out.name + '_eval')))}",
         "=" * 72,
     ]
     return "\n".join(lines)
