@@ -73,6 +73,13 @@ def cli_main(
     exit with 2 as well); success returns 0.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Libraries only when something is wrong (as in training): diffusers' notes on a LoRA without text-encoder
+    # layers, for one, concern nothing the user can change.
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.set_verbosity_error()
     args = parser.parse_args(argv)
     try:
         result = run(args)
