@@ -99,7 +99,6 @@ def test_evaluate_two_loras_side_by_side(tiny_model_dir, tiny_dataset_dir, loras
     assert "| iou | higher |" in report and "geometry" in report and "plain" in report
 
 
-@pytest.mark.slow
 def test_evaluate_base_equals_zero_strength_lora(tiny_model_dir, tiny_dataset_dir, loras, tmp_path):
     geo, _ = loras
     out = tmp_path / "base"

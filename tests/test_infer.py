@@ -154,7 +154,6 @@ def test_infer_writes_n_images(scene, loras, tmp_path, capsys):
     assert (tmp_path / "one-0.png").is_file() and (tmp_path / "one-1.png").is_file()
 
 
-@pytest.mark.slow
 def test_infer_lora_strengths(scene, loras, tmp_path):
     a, b = loras
     mask = ["--mask", str(scene["mask"]), "--composite"]
@@ -171,29 +170,6 @@ def test_infer_lora_strengths(scene, loras, tmp_path):
     assert np.array_equal(run("file", "--lora", f"{a / 'pytorch_lora_weights.safetensors'}:1.0"), full)
     assert np.array_equal(run("pair", "--lora", str(a), "--lora", f"{b}:0"), full)
     assert not np.array_equal(run("both", "--lora", str(a), "--lora", f"{b}:1"), full)
-
-
-def test_lora_strengths_on_the_transformer(pipe, loras):
-    """The strengths of test_infer_lora_strengths on one transformer forward instead of whole generations."""
-    from test_train_e2e import _transformer_out
-
-    from kontext.tools.common import load_loras
-
-    def out(*texts):
-        try:
-            load_loras(pipe, [parse_lora_spec(t) for t in texts])
-            return _transformer_out(pipe.transformer)
-        finally:
-            pipe.unload_lora_weights()
-
-    a, b = loras
-    base = _transformer_out(pipe.transformer)
-    assert torch.equal(out(f"{a}:0"), base)  # strength 0 is the base model
-    full = out(str(a))
-    assert not torch.allclose(full, base)
-    torch.testing.assert_close(out(str(a), f"{b}:0"), full)  # a second LoRA at strength 0 changes nothing
-    assert not torch.allclose(out(str(a), str(b)), full)
-    assert torch.equal(_transformer_out(pipe.transformer), base)  # unloaded: the shared pipeline is the base again
 
 
 @pytest.mark.parametrize(
