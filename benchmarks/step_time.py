@@ -1,6 +1,7 @@
 """Step time and memory of the trainer against a straightforward encode-every-step loop (not a test).
 
-Run:  python benchmarks/step_time.py [--resolutions 256 512] [--repeats 2] [--steps 3] [--threads 1]
+Run:  python benchmarks/step_time.py [--resolutions 256 512] [--repeats 2] [--steps 3] [--threads 1 2] [--only NAME ...]
+ or:  accelerate launch --cpu --num_processes 1 --num_cpu_threads_per_process 2 benchmarks/step_time.py --threads 1 2
 
 Both sides train the committed tiny FLUX.1 Kontext (``kontext.tiny.model.tiny_model_path()``) on the same 8
 synthetic triplets with the ``fill`` hint: batch 2, LoRA rank 16 on the default target modules, AdamW at
@@ -9,20 +10,26 @@ lr 1e-4 constant, float32, gradient-norm clipping at 1.0.
 - **project**: the trainer's own ``setup`` and ``train`` (``train_kontext_lora.py``), each with the
   geometry losses on and off: cached (``data.cache_latents: true``); uncached with a centre crop (each
   sample is VAE-encoded on its first use and its latents kept; timed after one epoch); and uncached with
-  ``data.random_crop: true``, which VAE-encodes every batch in every step (with and without
-  ``data.prefetch``).
+  ``data.random_crop: true``, which VAE-encodes every batch in every step; all with the default
+  ``data.prefetch: auto`` (off on a CPU), the random crop also with ``data.prefetch: true``.
 - **baseline**: a loop written here the way a first LoRA script is written: every step opens the PNGs,
   resizes them, draws the hint, encodes context and target with the VAE and the prompts with CLIP and T5,
   and takes the flow-matching step (no geometry losses). It is the in-repo stand-in for diffusers' Kontext
-  example, whose measured figures docs/performance.md quotes.
+  example (``benchmarks/peer_step_time.py`` runs the example itself).
+- **bare transformer forward + backward**: the cached run's LoRA transformer on one fixed batch, the flow
+  loss and its backward only (no data, no optimiser, no checks): what the trainer's step is built around.
 
-All settings live in one process and are timed interleaved, the order reversed every other repeat
-(A B C, C B A, ...), so that they see the same machine load. Reported per resolution: the median s/step of
-each setting and its ratio to the baseline, and each setting's peak RSS per phase (load, cache, train,
-validate), above the process's RSS just before that setting was set up (the process holds every setting at
-once, so absolute RSS would count the others). On a GPU also the peak allocated device memory per phase.
-The 1-, 5- and 15-minute load averages are printed at the start and at the end: on a shared machine other
-work slows both sides alike, but read the ratios together with the load.
+Every setting is timed at every ``--threads`` count (``torch.set_num_threads`` before each block; under
+``accelerate launch --cpu --num_cpu_threads_per_process N`` the launcher's N is only the starting value). All
+(setting, threads) blocks live in one process and are timed interleaved, the order reversed every other repeat
+(A B C, C B A, ...), so that they see the same machine load; each block records its thread count and the
+1-minute load average at its start and end. Reported per resolution: the median s/step of each setting at each
+thread count, its ratio to the baseline at the same thread count, the load during its blocks, and the thread
+scaling s/step(fewest threads) / s/step(most) of each setting, the whole trainer step next to the bare
+forward/backward; then each setting's peak RSS per phase (load, cache, train, validate), above the process's RSS
+just before that setting was set up (the process holds every setting at once, so absolute RSS would count the
+others). On a GPU also the peak allocated device memory per phase. On a shared machine other work slows every
+setting alike, but read the ratios together with the load.
 """
 
 from __future__ import annotations
@@ -142,24 +149,24 @@ def project_run(work: Path, model: Path, data: Path, resolution: int, cached: bo
             "export.comfyui=false",
         ],
     )
-    real_build = T._build_dataset
+    real_build = T.inputs.build_dataset
 
     def build_in_cache_phase(*a: Any, **k: Any) -> Any:
         with MEM.phase(f"{name}|cache"):
             return real_build(*a, **k)
 
     MEM.baseline()
-    T._build_dataset = build_in_cache_phase
+    T.inputs.build_dataset = build_in_cache_phase
     try:
         with MEM.phase(f"{name}|load"):
             run = T.setup(cfg)
     finally:
-        T._build_dataset = real_build
+        T.inputs.build_dataset = real_build
     run.bench_name = name  # type: ignore[attr-defined]
     return run
 
 
-def project_steps(run: T.Run, steps: int, geometry: bool, prefetch: bool = True) -> list[float]:
+def project_steps(run: T.Run, steps: int, geometry: bool, prefetch: bool | str = "auto") -> list[float]:
     run.cfg.loss.geometry.enabled = geometry
     run.cfg.data.prefetch = prefetch
     run.cfg.train.max_steps = run.start_step + steps
@@ -169,6 +176,39 @@ def project_steps(run: T.Run, steps: int, geometry: bool, prefetch: bool = True)
     if reason != "done":
         raise RuntimeError(f"training stopped: {reason}")
     return [h["step_time_s"] for h in run.history[n0:]]
+
+
+class Bare:
+    """The cached run's LoRA transformer on one fixed batch: forward, flow-matching loss, backward (timed); the
+    gradients are dropped after each step, outside the timing."""
+
+    def __init__(self, run: T.Run) -> None:
+        from kontext.runtime.flux import predict_velocity
+
+        self.run, self.predict = run, predict_velocity
+        self.batch = next(run.batches())
+        g = torch.Generator().manual_seed(0)
+        x0 = self.batch.target_latents
+        self.noise = torch.randn(x0.shape, generator=g).to(x0)
+        self.sigma = torch.full((x0.shape[0],), 0.5, device=x0.device, dtype=x0.dtype)
+
+    def step(self) -> float:
+        b, run = self.batch, self.run
+        s = self.sigma.view(-1, 1, 1, 1)
+        t0 = time.perf_counter()
+        x_t = (1 - s) * b.target_latents + s * self.noise
+        v = self.predict(run.transformer, x_t, b.context_latents, self.sigma, b.prompt_embeds, b.pooled_prompt_embeds,
+                         run.cfg.model.guidance_scale)
+        loss = torch.nn.functional.mse_loss(v.float(), (self.noise - b.target_latents).float())
+        loss.backward()
+        float(loss.detach())
+        dt = time.perf_counter() - t0
+        run.optimizer.zero_grad(set_to_none=True)
+        return dt
+
+    def steps(self, n: int) -> list[float]:
+        with MEM.phase(f"{self.run.bench_name}|bare"):  # type: ignore[attr-defined]
+            return [self.step() for _ in range(n)]
 
 
 def project_validate(run: T.Run) -> None:
@@ -301,7 +341,8 @@ def load_text() -> str:
         return "load average unavailable"
 
 
-def bench_resolution(work: Path, model: Path, resolution: int, repeats: int, steps: int) -> dict[str, Any]:
+def bench_resolution(work: Path, model: Path, resolution: int, repeats: int, steps: int, threads: list[int],
+                     only: list[str] | None) -> dict[tuple[str, int], float]:
     from data.synthetic import generate_dataset
 
     data = work / f"data_{resolution}"
@@ -310,6 +351,7 @@ def bench_resolution(work: Path, model: Path, resolution: int, repeats: int, ste
     cached = project_run(work, model, data, resolution, cached=True)
     uncached = project_run(work, model, data, resolution, cached=False)
     cropping = project_run(work, model, data, resolution, cached=False, random_crop=True)
+    bare = Bare(cached)
     settings: dict[str, Any] = {
         "baseline (encode every step)": lambda n: base.steps(n),
         "project cached, geometry off": lambda n: project_steps(cached, n, False),
@@ -318,27 +360,46 @@ def bench_resolution(work: Path, model: Path, resolution: int, repeats: int, ste
         "project uncached, geometry on": lambda n: project_steps(uncached, n, True),
         "project random crop, geometry off": lambda n: project_steps(cropping, n, False),
         "project random crop, geometry on": lambda n: project_steps(cropping, n, True),
-        "project random crop, geom. off, no prefetch": lambda n: project_steps(cropping, n, False, prefetch=False),
+        "project random crop, geom. off, prefetch on": lambda n: project_steps(cropping, n, False, prefetch=True),
+        "bare transformer forward + backward": lambda n: bare.steps(n),
     }
-    for run_steps in settings.values():
-        run_steps(1)  # warm-up: first-call allocations and lazy imports
-    # Uncached with a centre crop encodes each sample on first use: time the steady state after one epoch.
-    project_steps(uncached, SAMPLES // BATCH, True)
-    times: dict[str, list[float]] = {k: [] for k in settings}
-    names = list(settings)
+    base_name = "baseline (encode every step)"
+    if only:
+        settings = {k: v for k, v in settings.items() if k == base_name or any(o in k for o in only)}
+    blocks = [(name, n) for name in settings for n in threads]
+    for name, n in blocks:
+        torch.set_num_threads(n)
+        settings[name](1)  # warm-up: first-call allocations, lazy imports, the thread team
+    if "project uncached, geometry on" in settings:
+        # Uncached with a centre crop encodes each sample on first use: time the steady state after one epoch.
+        project_steps(uncached, SAMPLES // BATCH, True)
+    times: dict[tuple[str, int], list[float]] = {b: [] for b in blocks}
+    loads: dict[tuple[str, int], list[float]] = {b: [] for b in blocks}
     for rep in range(repeats):
-        for name in names if rep % 2 == 0 else names[::-1]:
-            times[name] += settings[name](steps)
+        for name, n in blocks if rep % 2 == 0 else blocks[::-1]:
+            torch.set_num_threads(n)
+            loads[(name, n)].append(os.getloadavg()[0])
+            times[(name, n)] += settings[name](steps)
+            loads[(name, n)].append(os.getloadavg()[0])
+            if torch.get_num_threads() != n:
+                raise RuntimeError(f"{name}: ran on {torch.get_num_threads()} threads, not {n}")
+    torch.set_num_threads(max(threads))
     base.validate()
     project_validate(cached)
     project_validate(uncached)
     project_validate(cropping)
     med = {k: statistics.median(v) for k, v in times.items()}
-    b = med["baseline (encode every step)"]
-    print(f"\n== {resolution} px: s/step (median of {repeats} x {steps} interleaved steps) ==")
-    print(f"{'setting':<44} {'s/step':>8} {'min':>7} {'max':>7} {'vs baseline':>12}")
-    for k in names:
-        print(f"{k:<44} {med[k]:>8.3f} {min(times[k]):>7.3f} {max(times[k]):>7.3f} {med[k] / b:>12.2f}")
+    print(f"\n== {resolution} px: s/step (median of {repeats} x {steps} interleaved steps), per thread count ==")
+    print(f"{'setting':<44}{'thr':>4} {'s/step':>8} {'min':>7} {'max':>7} {'vs baseline':>12}  load 1-min")
+    for name, n in blocks:
+        b = med[(base_name, n)]
+        print(f"{name:<44}{n:>4} {med[(name, n)]:>8.3f} {min(times[(name, n)]):>7.3f} {max(times[(name, n)]):>7.3f} "
+              f"{med[(name, n)] / b:>12.2f}  {min(loads[(name, n)]):.2f}-{max(loads[(name, n)]):.2f}")
+    if len(threads) > 1:
+        lo, hi = min(threads), max(threads)
+        print(f"\n-- {resolution} px: thread scaling, s/step at {lo} thread(s) / at {hi} ({hi / lo:.1f} would be perfect) --")
+        for name in settings:
+            print(f"{name:<44} {med[(name, lo)] / med[(name, hi)]:>6.2f}")
     print(f"\n-- {resolution} px: peak RSS per phase, MiB above the RSS before the setting was set up --")
     whose = {"baseline": base.name, "project cached": cached.bench_name, "project uncached": uncached.bench_name,
              "project random crop": cropping.bench_name}
@@ -358,9 +419,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resolutions", type=int, nargs="+", default=[256, 512])
     ap.add_argument("--repeats", type=int, default=2, help="interleaved repetitions per setting")
     ap.add_argument("--steps", type=int, default=3, help="steps per repetition")
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (both sides)")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                    help="torch intra-op thread counts; every setting is timed at each (default: 1 2)")
+    ap.add_argument("--only", nargs="+", default=None, metavar="TEXT",
+                    help="time only the settings whose name contains one of these (the baseline always runs)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(max(args.threads))
     logging.disable(logging.WARNING)
     import diffusers
 
@@ -369,13 +433,14 @@ def main(argv: list[str] | None = None) -> int:
 
     model = tiny_model_path(progress=False)
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}; model {model.name}")
+    launcher = os.environ.get("OMP_NUM_THREADS", "unset")
+    print(f"torch {torch.__version__}, threads {args.threads} (OMP_NUM_THREADS {launcher}), {where}; model {model.name}")
     print(f"start: {load_text()}")
     MEM = PhaseMemory()
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for r in args.resolutions:
-                bench_resolution(Path(tmp), model, r, args.repeats, args.steps)
+                bench_resolution(Path(tmp), model, r, args.repeats, args.steps, args.threads, args.only)
                 gc.collect()
     finally:
         MEM.close()
