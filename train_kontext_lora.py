@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from data import BucketBatchSampler
 from data.dataset import TrainBatch
+from data.errors import WriteError, write_text_atomic
 from data.synthetic import generate_dataset
 from kontext.runtime.dtypes import DTYPES
 from kontext.runtime.flux import predict_velocity
@@ -695,17 +696,24 @@ def finish(run: Run, reason: str) -> None:
         metrics = validate(run, run.start_step)
     transformer = acc.unwrap_model(run.transformer)
     check_replicas_agree(acc, transformer)
+    if acc.is_main_process:  # before the LoRA file, whose presence makes the run a finished one
+        write_text_atomic(run.output_dir / "training_history.json", json.dumps(run.history, indent=1), "the training history")
+        prompts = [run.dataset.prompt_of(i) for i in range(len(run.dataset))]  # what the LoRA was trained with
+        write_model_card(run.output_dir, cfg, metrics, run.history, prompts)
     try:  # every process takes part in the gather (FSDP shards); the main one writes
         path = save_lora(transformer, run.output_dir, DTYPES[cfg.export.save_dtype],
                          cfg.model.pretrained_model_name_or_path, write=acc.is_main_process)
-    except (OSError, RuntimeError) as e:  # a half-written final LoRA must not look like a finished run
+    except Exception as e:  # a half-written final LoRA must not look like a finished run
         raise_save_failure(e, run.output_dir, [run.output_dir / LORA_WEIGHTS_NAME], "the final LoRA")
     if acc.is_main_process:
         if cfg.export.comfyui:
-            export_comfyui(path, transformer_config=transformer.config)
-        (run.output_dir / "training_history.json").write_text(json.dumps(run.history, indent=1), encoding="utf-8")
-        prompts = [run.dataset.prompt_of(i) for i in range(len(run.dataset))]  # what the LoRA was trained with
-        write_model_card(run.output_dir, cfg, metrics, run.history, prompts)
+            try:
+                export_comfyui(path, transformer_config=transformer.config)
+            except WriteError as e:
+                raise UserError(
+                    f"The LoRA is saved ({path}), but {e} Write the ComfyUI file later with: "
+                    f"python -m kontext.tools.comfyui {path}"
+                ) from None
         acc.print(f"Done: {path}")
         acc.print(finished_run_summary(run.output_dir, cfg, run.history, run.start_step, metrics))
     acc.wait_for_everyone()
@@ -742,7 +750,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         run_training(cfg)
-    except (ConfigError, UserError) as e:
+    except (ConfigError, UserError, WriteError) as e:
         sys.stderr.write(error_text(e))
         sys.stderr.flush()
         return 2

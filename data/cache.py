@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .buckets import VAE_SCALE_FACTOR
+from .errors import writing
 
 # 2: entries of hinted samples also hold the un-hinted scene's latents (what the geometry terms compare with).
 # 3: no pixel mask (training reads only the latent-resolution geometry).
@@ -38,6 +39,10 @@ CACHE_FORMAT = 4
 GEOMETRY_FIELDS = ("mask", "band", "outside", "sdm")
 SAMPLE_TENSORS = ("context_latents", "target_latents", *(f"geometry.{f}" for f in GEOMETRY_FIELDS))
 PROMPT_TENSORS = ("prompt_embeds", "pooled_prompt_embeds")
+CACHE_WRITE_FIX = (
+    "Free some space there, or set data.cache_dir to a writable folder with room (or data.cache_latents=false "
+    "to encode every step instead); entries already written are kept and reused."
+)
 
 EncodeImages = Callable[[torch.Tensor], torch.Tensor]
 EncodePrompts = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
@@ -50,15 +55,16 @@ def cache_key(parts: dict[str, Any]) -> str:
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with writing(path, "the latent cache entry", fix=CACHE_WRITE_FIX):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def _has(path: Path, names: Iterable[str]) -> bool:

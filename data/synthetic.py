@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm.auto import tqdm
+from .errors import WriteError, file_in_the_way, writing
 from .locking import atomic_folder, exclusive_lock
 
 # Bump when drawing changes, so manifests written by an older generator are regenerated.
@@ -579,6 +580,8 @@ def generate_dataset(
     root = Path(root).expanduser().resolve()
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1; got {num_samples}")
+    if where := file_in_the_way(root):
+        raise FileExistsError(f"{root} {where}, not a folder; name a new or empty folder for the synthetic set")
     lo, hi = float(area_range[0]), float(area_range[1])
     if not 0 < lo <= hi < 1:
         raise ValueError(f"area_range must satisfy 0 < min <= max < 1; got {area_range}")
@@ -605,7 +608,7 @@ def generate_dataset(
                 "data; it was left untouched. To train on it, set data.synthetic.enabled=false; to generate a "
                 "synthetic set, set data.root to a new or empty folder"
             )
-        with atomic_folder(root) as tmp:
+        with writing(root, "the synthetic dataset"), atomic_folder(root) as tmp:
             for sub in _SUBDIRS:
                 (tmp / sub).mkdir()
             rng = np.random.default_rng(seed)
@@ -641,6 +644,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-area", type=float, default=0.5)
     parser.add_argument("--prompt", default=PRODUCT_PROMPT)
     args = parser.parse_args(argv)
+    if args.num_samples < 1:
+        parser.error(f"--num-samples must be >= 1; got {args.num_samples}")
     sizes: list[tuple[int, int]] = []
     for text in args.size or ["128"]:
         try:
@@ -648,9 +653,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             sizes.append((int(w), int(h or w)))
         except ValueError:
             parser.error(f"--size {text!r}: expected WIDTHxHEIGHT or a single number, e.g. 128x96 or 128")
-    out = generate_dataset(
-        args.root, args.num_samples, sizes, args.seed, (args.min_area, args.max_area), args.prompt
-    )
+        if min(sizes[-1]) < 16:
+            parser.error(f"--size {text!r}: images must be at least 16x16 pixels")
+    try:
+        out = generate_dataset(
+            args.root, args.num_samples, sizes, args.seed, (args.min_area, args.max_area), args.prompt
+        )
+    except FileExistsError as e:  # real data or a file at --root: nothing was written
+        parser.exit(2, f"error: --root {e}.\n")
+    except (ValueError, WriteError) as e:
+        parser.exit(2, f"error: {e}\n")
     print(out)
 
 

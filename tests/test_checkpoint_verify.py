@@ -77,6 +77,11 @@ def _drop_data_position(path: Path) -> None:
     path.write_text(json.dumps(state))
 
 
+def _edit_state(ckpt: Path, **fields) -> None:
+    path = ckpt / "trainer_state.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
 # damage -> (what to do to checkpoint-4, the words the report must contain)
 DAMAGES = {
     "truncated LoRA": (lambda c: _truncate(c / LORA), f"{LORA} is truncated or not a safetensors file"),
@@ -95,6 +100,15 @@ DAMAGES = {
         lambda c: _drop_data_position(c / "trainer_state.json"),
         "trainer_state.json lacks the step or the data position",
     ),
+    # Wrong types: each was accepted, then failed half-way through a resume with a traceback.
+    "step as text": (lambda c: _edit_state(c, step="4"), "trainer_state.json has step '4'; a step is an integer >= 0"),
+    "step true": (lambda c: _edit_state(c, step=True), "trainer_state.json has step True"),
+    "negative step": (lambda c: _edit_state(c, step=-4), "trainer_state.json has step -4"),
+    "step of another folder": (lambda c: _edit_state(c, step=6), "trainer_state.json says step 6 but the folder is checkpoint-4"),
+    "position as text": (lambda c: _edit_state(c, data={"epoch": 0, "position": "2"}), "trainer_state.json has data.position = '2'"),
+    "history not a list": (lambda c: _edit_state(c, history=5), "trainer_state.json has history = '5'; it must be a list of mappings"),
+    "lora not a mapping": (lambda c: _edit_state(c, lora="r4"), "trainer_state.json has lora = 'r4'; it must be a mapping"),
+    "num_processes as text": (lambda c: _edit_state(c, num_processes="1"), "trainer_state.json has num_processes = '1'"),
 }
 
 

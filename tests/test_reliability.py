@@ -186,7 +186,8 @@ def test_failure_inside_a_save_keeps_previous_checkpoint_usable(tmp_path, tiny_m
 
 
 def test_failure_writing_trainer_state_leaves_no_checkpoint(tmp_path, tiny_model_dir, tiny_dataset_dir, monkeypatch):
-    """trainer_state.json is the last file written: if that write fails, the folder stays a ``.tmp``."""
+    """trainer_state.json is the last file written: if that write fails, the folder never becomes a checkpoint, and the
+    run stops with one message naming the error and the intact checkpoint (the partial folder removed)."""
     import kontext.training.checkpoint as ck
 
     real_write = Path.write_text
@@ -200,11 +201,12 @@ def test_failure_writing_trainer_state_leaves_no_checkpoint(tmp_path, tiny_model
     out = tmp_path / "out"
     d = cfg_dict(out, tiny_model_dir, tiny_dataset_dir, tmp_path / "cache", checkpoint={"every_steps": 2, "total_limit": 1},
                  train={"max_steps": 6})
-    with pytest.raises(OSError, match="Input/output"):
+    with pytest.raises(tk.UserError) as info:
         tk.run_training(config_from_dict(d))
+    assert str(info.value).startswith(f"could not write checkpoint-4 in {out} (Input/output error)"), info.value
+    assert f"the newest intact checkpoint is {out / 'checkpoint-2'}" in str(info.value)
     assert list_checkpoints(out) == [out / "checkpoint-2"]
-    assert not (out / "checkpoint-4").exists() and (out / "checkpoint-4.tmp").is_dir()
-    assert remove_incomplete(out) == [out / "checkpoint-4.tmp"]
+    assert not (out / "checkpoint-4").exists() and not (out / "checkpoint-4.tmp").exists()
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
 
 

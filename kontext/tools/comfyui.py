@@ -46,9 +46,10 @@ from typing import Any
 
 import torch
 from peft.utils.other import get_pattern_key
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from data.errors import WriteError, writing
 from kontext.runtime.lora_io import LORA_WEIGHTS_NAME
 from kontext.runtime.sharing import respect_umask, shareable_model_name
 
@@ -398,9 +399,9 @@ def _base_model_of(folder: Path) -> str | None:
     import yaml
 
     try:
-        data = yaml.safe_load(cfg.read_text())
+        data = yaml.safe_load(cfg.read_text(encoding="utf-8"))
         value = data["model"]["pretrained_model_name_or_path"]
-    except (yaml.YAMLError, KeyError, TypeError):
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError):
         return None
     return str(value) if value is not None else None
 
@@ -423,9 +424,22 @@ def export_comfyui(
         The written path. The safetensors header records the format, source file, base model and ranks.
     """
     src = _resolve_input(Path(lora_path_or_output_dir))
-    with safe_open(str(src), framework="pt") as f:
-        header = f.metadata() or {}
-        state_dict = {k: f.get_tensor(k) for k in f.keys()}
+    out = Path(out_path) if out_path is not None else src.parent / COMFYUI_LORA_NAME
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; name the file to write, e.g. {out / COMFYUI_LORA_NAME}")
+    if src.stat().st_size == 0:
+        raise ValueError(f"{src} is empty (0 bytes); convert the LoRA file a finished run wrote")
+    try:
+        with safe_open(str(src), framework="pt") as f:
+            header = f.metadata() or {}
+            state_dict = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(
+            f"{src} is not a complete safetensors file (truncated, or another kind of file under this name): "
+            f"{str(e).splitlines()[0][:200]}. Convert the LoRA file a finished run wrote"
+        ) from None
+    if not any(".lora_A." in k or ".lora_B." in k for k in state_dict):
+        raise ValueError(f"{src} holds no LoRA (no lora_A/lora_B tensors); pass a diffusers FLUX LoRA file")
     raw_meta = header.get(METADATA_KEY)
     try:
         config = parse_adapter_metadata(raw_meta)
@@ -434,7 +448,6 @@ def export_comfyui(
     converted = convert_diffusers_lora_to_comfyui(
         state_dict, config, transformer_config, source=str(src), layout=layout
     )
-    out = Path(out_path) if out_path is not None else src.parent / COMFYUI_LORA_NAME
     out.parent.mkdir(parents=True, exist_ok=True)
     down_suffix = ".lora_A.weight" if layout == SPLIT else ".lora_down.weight"
     ranks = sorted({v.shape[0] for k, v in converted.items() if k.endswith(down_suffix)})
@@ -461,7 +474,8 @@ def export_comfyui(
     base = _base_model_of(src.parent)
     if base is not None:
         file_meta["base_model"] = shareable_model_name(base)  # a hub id or a folder name, never a local path
-    save_file(converted, str(out), metadata=file_meta)
+    with writing(out, "the ComfyUI LoRA"):
+        save_file(converted, str(out), metadata=file_meta)
     return respect_umask(out)  # safetensors leaves 0600; others (a ComfyUI container) must read it
 
 
@@ -483,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = export_comfyui(args.path, args.out, layout=args.layout)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, WriteError) as e:
         parser.exit(2, f"error: {e}\n")
     with safe_open(str(out), framework="pt") as f:
         n_layers = sum(1 for k in f.keys() if k.endswith(".alpha"))

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import yaml
 
+from data.errors import WriteError, file_in_the_way
 from kontext.runtime.dtypes import DTYPES
 from kontext.runtime.lora_io import LORA_WEIGHTS_NAME
 
@@ -83,11 +84,20 @@ def cli_main(
     args = parser.parse_args(argv)
     try:
         result = run(args)
-    except InferenceError as e:
+    except (InferenceError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     show(result)
     return 0
+
+
+def check_out_folder(path: str | Path, option: str = "--out") -> Path:
+    """``path`` as the folder a command writes into: refused (before any model loads) when it is a file or runs
+    through one."""
+    out = Path(path).expanduser()
+    if where := file_in_the_way(out):
+        raise InferenceError(f"{option} {out} {where}; name a folder to write into (it is created if missing)")
+    return out
 
 
 # -------------------------------------------------------------------------------------------- model

@@ -33,6 +33,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from data.errors import write_text_atomic, writing
 from data.hint import MASK_HINT_MODES
 from kontext.runtime.generation import generate, image_latents, mask_array, mask_to_pil, quiet_progress, to_pil
 from kontext.tools.common import (
@@ -40,6 +41,7 @@ from kontext.tools.common import (
     LoraSpec,
     add_model_argument,
     add_runtime_arguments,
+    check_out_folder,
     cli_main,
     guidance_setting,
     mask_hint_settings,
@@ -292,13 +294,14 @@ def write_report(
     """Write metrics.csv, metrics.json, grid.png, area_ratio.png and report.md into ``out``; returns their paths."""
     from kontext.tools.plot import bar_chart
 
-    out.mkdir(parents=True, exist_ok=True)
+    with writing(out, "the evaluation folder"):
+        out.mkdir(parents=True, exist_ok=True)
     paths = {k: out / f for k, f in (("csv", "metrics.csv"), ("json", "metrics.json"), ("grid", "grid.png"),
                                       ("plot", "area_ratio.png"), ("report", "report.md"))}
     means = {v.label: aggregate(v.rows) for v in variants}
 
     # metrics.csv: one row per sample, "<label>/<metric>" columns per variant
-    with open(paths["csv"], "w", newline="", encoding="utf-8") as fh:
+    with writing(paths["csv"]), open(paths["csv"], "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["sample", "prompt"] + [f"{v.label}/{k}" for v in variants for k in ALL_FIELDS])
         for i, s in enumerate(samples):
@@ -325,7 +328,7 @@ def write_report(
         "mean": {label: {k: _clean(x) for k, x in m.items()} for label, m in means.items()},
         "verdict": {v.label: dataclasses.asdict(variant_verdict(v.rows)) for v in variants},
     }
-    paths["json"].write_text(json.dumps(doc, indent=1), encoding="utf-8")
+    write_text_atomic(paths["json"], json.dumps(doc, indent=1))
 
     rows = []
     for i in range(min(len(samples), grid_limit)):
@@ -334,7 +337,8 @@ def write_report(
             row += pictures[v.label][i]
         rows.append(row)
     labels = list(SAMPLE_COLUMNS) + [f"{v.label}: {c}" for v in variants for c in VARIANT_COLUMNS]
-    make_grid(rows, labels, max_side=grid_max_side).save(paths["grid"])
+    with writing(paths["grid"]):
+        make_grid(rows, labels, max_side=grid_max_side).save(paths["grid"])
 
     chart, _ = bar_chart(
         [s.name for s in samples],
@@ -344,7 +348,8 @@ def write_report(
         reference=1.0,
         reference_label="ratio 1: right size",
     )
-    chart.save(paths["plot"])
+    with writing(paths["plot"]):
+        chart.save(paths["plot"])
 
     lines = ["# Evaluation report", ""]
     lines += [f"- {k}: `{v}`" for k, v in settings.items()]
@@ -361,7 +366,7 @@ def write_report(
     lines += degenerate_threshold_lines(samples, variants)
     lines += ["", f"Per-sample numbers: `metrics.csv`, `metrics.json`. Grid (first {len(rows)} samples):", "",
               "![grid](grid.png)", "", "![area ratio](area_ratio.png)", ""]
-    paths["report"].write_text("\n".join(lines), encoding="utf-8")
+    write_text_atomic(paths["report"], "\n".join(lines))
     return paths
 
 
@@ -454,6 +459,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
             raise InferenceError(f"--{opt.replace('_', '-')} must be >= 1; got {v}")
     if args.grid_max_side < 64:
         raise InferenceError(f"--grid-max-side must be >= 64 (pixels); got {args.grid_max_side}")
+    check_out_folder(args.out)
     variants: list[Variant] = []
     if args.lora is not None:
         variants.append(Variant(args.label_a, parse_lora_spec(args.lora, "--lora")))

@@ -29,6 +29,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
+from data.errors import writing
 from data.hint import MASK_HINT_MODES
 from kontext.runtime.generation import DEFAULT_MAX_AREA, generate
 from kontext.tools.common import (
@@ -234,13 +235,14 @@ def run(args: argparse.Namespace) -> list[Path]:
     logger.info("settings: %s", json.dumps(settings))
     paths = output_paths(args.out, args.num_images, gen.seeds)
     for p, im, seed in zip(paths, gen.images, gen.seeds):
-        p.parent.mkdir(parents=True, exist_ok=True)
-        if p.suffix.lower() == ".png":
-            info = PngInfo()
-            info.add_text(SETTINGS_CHUNK, json.dumps({**settings, "seed": seed}))
-            im.save(p, pnginfo=info)
-        else:
-            im.save(p)
+        with writing(p, "the image", partial=[p]):
+            p.parent.mkdir(parents=True, exist_ok=True)
+            if p.suffix.lower() == ".png":
+                info = PngInfo()
+                info.add_text(SETTINGS_CHUNK, json.dumps({**settings, "seed": seed}))
+                im.save(p, pnginfo=info)
+            else:
+                im.save(p)
     return paths
 
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from data.errors import write_text_atomic
 from kontext.runtime.sharing import shareable_model_name
 
 # How many of the per-sample prompts the card quotes.
@@ -137,6 +138,4 @@ def write_model_card(
         ),
         "",
     ]
-    path = output_dir / "README.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
+    return write_text_atomic(output_dir / "README.md", "\n".join(lines), "the model card")

@@ -12,7 +12,6 @@ the newest intact checkpoint with a warning, a damaged explicit checkpoint is re
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 from collections import Counter
@@ -25,6 +24,7 @@ from typing import Any, NoReturn
 
 import torch
 
+from data.errors import is_disk_full, is_write_error, reason_of, remove_partial, write_fix
 from kontext.runtime.lora_io import LORA_WEIGHTS_NAME
 
 logger = logging.getLogger(__name__)
@@ -124,13 +124,9 @@ def verify_checkpoint(checkpoint: str | Path) -> str | None:
         return f"{TRAINER_STATE_NAME} cannot be read ({e.strerror or e})"
     except ValueError as e:
         return f"{TRAINER_STATE_NAME} is not valid JSON ({e})"
-    if not isinstance(state, dict):
-        return f"{TRAINER_STATE_NAME} does not hold a mapping"
-    data = state.get("data")
-    if not isinstance(state.get("step"), int) or not isinstance(data, dict) or not all(
-        isinstance(data.get(k), int) for k in ("epoch", "position")
-    ):
-        return f"{TRAINER_STATE_NAME} lacks the step or the data position (step, data.epoch, data.position)"
+    problem = trainer_state_problem(state, ckpt.name)
+    if problem:
+        return problem
     problem = _verify_lora(ckpt / LORA_WEIGHTS_NAME)
     if problem:
         return problem
@@ -143,6 +139,43 @@ def verify_checkpoint(checkpoint: str | Path) -> str | None:
         problem = _verify_torch_file(ckpt / name)
         if problem:
             return problem
+    return None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# What a resume reads from trainer_state.json besides step and data: key -> (type check, what it must be).
+_STATE_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "lora": (lambda v: isinstance(v, dict), "a mapping"),
+    "schedule": (lambda v: isinstance(v, dict), "a mapping"),
+    "history": (lambda v: isinstance(v, list) and all(isinstance(h, dict) for h in v), "a list of mappings"),
+    "num_processes": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+}
+
+
+def trainer_state_problem(state: Any, folder_name: str | None = None) -> str | None:
+    """What is wrong with a ``trainer_state.json`` (a wrong type, a step that is negative or disagrees with the
+    checkpoint's folder name), or None. Every field a resume reads is checked here, so a hand-edited or damaged
+    file is refused naming the field instead of failing half-way through a resume."""
+    if not isinstance(state, dict):
+        return f"{TRAINER_STATE_NAME} does not hold a mapping"
+    data = state.get("data")
+    if "step" not in state or not isinstance(data, dict) or not all(k in data for k in ("epoch", "position")):
+        return f"{TRAINER_STATE_NAME} lacks the step or the data position (step, data.epoch, data.position)"
+    step = state["step"]
+    if not _is_int(step) or step < 0:
+        return f"{TRAINER_STATE_NAME} has step {step!r}; a step is an integer >= 0"
+    m = _CKPT_RE.match(folder_name.removesuffix(".tmp")) if folder_name else None
+    if m and int(m.group(1)) != step:
+        return f"{TRAINER_STATE_NAME} says step {step} but the folder is {folder_name}; the two must agree"
+    for k, v in data.items():
+        if not (_is_int(v) and (v >= 0 or k == "seed")):
+            return f"{TRAINER_STATE_NAME} has data.{k} = {v!r}; it must be an integer >= 0"
+    for k, (ok, what) in _STATE_FIELDS.items():
+        if k in state and not ok(state[k]):
+            return f"{TRAINER_STATE_NAME} has {k} = {str(state[k])[:80]!r}; it must be {what}"
     return None
 
 
@@ -426,47 +459,27 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def is_disk_full(exc: BaseException) -> bool:
-    """True if ``exc`` (or what caused it) says the disk or quota is full.
-
-    Python raises ``OSError(ENOSPC)``; torch's zip writer and safetensors raise RuntimeErrors whose text
-    is all that is left of it ("file write failed", "iostream error", "No space left on device").
-    """
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-            return True
-        text = str(e).lower()
-        if any(s in text for s in ("no space left", "disk quota exceeded", "iostream error", "file write failed")):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
 def save_failure_message(exc: BaseException, output_dir: str | Path, partial: Iterable[Path], what: str) -> str | None:
-    """The one message for a save that a full disk (or a lost write) broke, or None for any other error.
+    """The one message for a save that a write error (``data.errors.is_write_error``: a full disk, a read-only or
+    vanished folder) or a lost write broke, or None for any other error.
 
     Removes the ``partial`` files/folders (they would look like results) and names the newest intact
     checkpoint to resume from.
     """
     if is_disk_full(exc):
-        head = f"no space left on device while writing {what} in {output_dir}"
+        head, fix = f"no space left on device while writing {what} in {output_dir}", "Free some space and"
     elif isinstance(exc, CheckpointWriteError):
-        head = f"{what} in {output_dir} was not written intact ({exc}); is the disk full?"
+        head, fix = f"{what} in {output_dir} was not written intact ({exc}); is the disk full?", "Free some space and"
+    elif is_write_error(exc):
+        head, fix = f"could not write {what} in {output_dir} ({reason_of(exc)})", write_fix(exc).rstrip(".") + "; then"
     else:
         return None
-    for p in partial:
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        elif p.exists():
-            p.unlink(missing_ok=True)
+    remove_partial(partial)
     intact = newest_intact(output_dir)
     if intact is None:
-        return f"{head}. The partial files were removed; there is no intact checkpoint yet. Free some space and start again."
+        return f"{head}. The partial files were removed; there is no intact checkpoint yet. {fix} start again."
     return (
-        f"{head}. The partial files were removed; the newest intact checkpoint is {intact}. Free some space and "
+        f"{head}. The partial files were removed; the newest intact checkpoint is {intact}. {fix} "
         f"resume: accelerate launch train_kontext_lora.py --config {Path(output_dir) / 'config.yaml'} "
         "checkpoint.resume_from=latest"
     )
@@ -484,10 +497,13 @@ def raise_save_failure(exc: BaseException, output_dir: str | Path, partial: Iter
 
 
 def try_write(write: Callable[[], Any]) -> Exception | None:
-    """Run ``write``; the error it raised (torch and safetensors report a full disk as a RuntimeError), or None."""
+    """Run ``write``; the write error it raised (``data.errors.is_write_error``: ``OSError``, safetensors'
+    ``SafetensorError``, torch's writer's ``RuntimeError``), or None. Any other error propagates."""
     try:
         write()
-    except (OSError, RuntimeError) as e:
+    except Exception as e:
+        if not is_write_error(e):
+            raise
         return e
     return None
 

@@ -26,6 +26,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from data.errors import write_text_atomic
+
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key and the fix.
@@ -526,14 +528,75 @@ def _key_lines(
         _key_lines(value_node, f"{prefix}{name}.", lines, where, in_file, path + (id(node),))
 
 
+def _read_config_text(path: Path) -> str:
+    """The config file's text: UTF-8 (a byte-order mark is dropped); any other encoding is refused, naming it."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"Config file {path} cannot be read ({e.strerror or e}).") from None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or (len(raw) > 1 and b"\x00" in raw[:64]):
+        found, source = "UTF-16", "UTF-16"
+    else:
+        try:
+            return raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            found = f"not UTF-8 (byte 0x{raw[e.start]:02x} on line {line}: Latin-1 or Windows-1252, perhaps)"
+            source = "LATIN1"
+    raise ConfigError(
+        f"Config file {path} is {found}; configs are read as UTF-8. Save it as UTF-8 (in the editor, or "
+        f"`iconv -f {source} -t UTF-8 {path} > fixed.yaml`)."
+    )
+
+
+# A config is a few dozen keys: its YAML needs no more aliases than this, and a document whose aliases would expand
+# past the node limit (a "billion laughs" of a few hundred bytes) is refused before anything is built from it.
+MAX_ALIASES = 100
+MAX_EXPANDED_NODES = 100_000
+
+
+def _children(n: Any) -> list[Any]:
+    if isinstance(n, yaml.SequenceNode):
+        return list(n.value)
+    if isinstance(n, yaml.MappingNode):
+        return [x for kv in n.value for x in kv]
+    return []
+
+
+def _check_expansion(node: Any, where: str) -> None:
+    """Refuse YAML whose aliases expand beyond :data:`MAX_ALIASES` uses or :data:`MAX_EXPANDED_NODES` values
+    (counted on the node graph, each shared node's expanded size computed once, so the check itself stays fast)."""
+    sizes: dict[int, int] = {}
+    aliases = 0
+
+    def size(n: Any) -> int:  # values in the document once every alias is expanded
+        nonlocal aliases
+        if id(n) in sizes:
+            aliases += 1  # a node reached again is an alias use
+            return sizes[id(n)]
+        sizes[id(n)] = 1  # a node that refers to itself counts once
+        sizes[id(n)] = 1 + sum(size(c) for c in _children(n))
+        return sizes[id(n)]
+
+    total = size(node)
+    if aliases > MAX_ALIASES or total > MAX_EXPANDED_NODES:
+        raise ConfigError(
+            f"{where} uses YAML aliases ({aliases} uses, {total} values once expanded) far beyond what a config needs "
+            f"(at most {MAX_ALIASES} aliases, {MAX_EXPANDED_NODES} values); write the values out instead of "
+            "repeating anchors."
+        )
+
+
 def _load_yaml(text: str, where: str, in_file: bool = True, prefix: str = "") -> tuple[Any, dict[str, int]]:
-    """Safe-load one YAML document; also return the line of each dotted key. Duplicate keys are errors."""
+    """Safe-load one YAML document; also return the line of each dotted key. Duplicate keys are errors; so is a
+    document whose aliases expand beyond a config's size (:func:`_check_expansion`), before anything is built."""
     loader = _ConfigLoader(text)
     try:
         node = loader.get_single_node()
         lines: dict[str, int] = {}
         if node is None:
             return None, lines
+        _check_expansion(node, where)
         _key_lines(node, prefix, lines, where, in_file)
         return loader.construct_document(node), lines
     finally:
@@ -613,7 +676,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise ConfigError(f"Config file {path} does not exist; pass --config with an existing YAML file.")
         try:
-            data, lines = _load_yaml(path.read_text(encoding="utf-8"), str(path))
+            data, lines = _load_yaml(_read_config_text(path), str(path))
         except yaml.YAMLError as e:
             raise ConfigError(f"Config file {path} is not valid YAML: {e}") from e
         data = data or {}
@@ -735,8 +798,8 @@ def flat_config(cfg: Config) -> dict[str, Any]:
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML."""
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    """Write the resolved config as YAML (atomically: a failed write leaves the previous file whole)."""
+    write_text_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False), "the run's config")
 
 
 def reference_markdown() -> str:

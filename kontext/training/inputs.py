@@ -35,6 +35,8 @@ def open_sources(cfg: Any) -> tuple[Any, Any]:
     from kontext.training.validation import validation_sources
 
     d = cfg.data
+    if d.cache_latents:
+        check_cache_dir(latent_cache_dir(d.cache_dir))
     try:
         source = open_configured_source(d, d.root)
         validate_source(source, max_pixels=d.max_pixels, buckets=make_buckets(d.resolution, d.aspect_buckets))
@@ -48,6 +50,18 @@ def latent_cache_dir(configured: str | None) -> Path:
     if configured:
         return Path(configured).expanduser()
     return cache_root() / "latents"
+
+
+def check_cache_dir(path: Path) -> None:
+    """Refuse (before any model loads) a latent cache folder that is a file or runs through one."""
+    from data.errors import file_in_the_way
+    from kontext.training.launch import UserError
+
+    if where := file_in_the_way(path):
+        raise UserError(
+            f"data.cache_dir {path} {where}, not a folder; set data.cache_dir to a folder (it is created if missing), "
+            "or data.cache_latents=false."
+        )
 
 
 def build_dataset(cfg: Any, source: Any, pipe: Any, accelerator: Any, encoders_device: torch.device) -> Any:

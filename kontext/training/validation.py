@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data.errors import DatasetError
+from data.errors import DatasetError, writing
 from data.transforms import prepare_sample
 from kontext.runtime.generation import components_on, generate, image_latents, mask_array, mask_to_pil, quiet_progress, to_pil
 from kontext.tools.grid import draw_mask_outline, make_grid
@@ -286,8 +286,9 @@ def run_validation(
     metrics["val/count"] = float(len(samples))
     grid = make_grid(rows, GRID_COLUMNS, max_side=v.grid_max_side)
     path = Path(output_dir) / "validation" / f"step-{step}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    with writing(path, "the validation grid", partial=[path]):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
     if accelerator is not None:
         log_to_trackers(accelerator, metrics, {"val/grid": grid}, step)
     which = "held-out" if held_out(cfg) else "training"
