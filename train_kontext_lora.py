@@ -39,12 +39,13 @@ from kontext.runtime.dtypes import DTYPES
 from kontext.runtime.flux import predict_velocity
 from kontext.runtime.lora import attach_lora, make_lora_config
 from kontext.runtime.lora_io import LORA_WEIGHTS_NAME, check_replicas_agree, register_checkpoint_hooks, save_lora
-from kontext.runtime.model_path import ModelPathError, resolve_model_path, text_length_warning
+from kontext.runtime.model_path import ModelPathError, base_model_identity, resolve_model_path, text_length_warning
 from kontext.runtime.pipeline import PipelineLoadError, load_pipeline
 from kontext.tools.comfyui import export_comfyui
 from kontext.tools.model_card import write_model_card
 from kontext.training import inputs
-from kontext.training.checkpoint import (CheckpointError, apply_schedule, check_compatible, check_data_position, finalize,
+from kontext.training.checkpoint import (CheckpointError, apply_schedule, check_base_model, check_compatible,
+                                         check_data_position, finalize,
                                          lora_shape, newest_intact, raise_save_failure, read_trainer_state,
                                          remove_checkpoints, remove_incomplete, schedule_of, stop_if_any_failed,
                                          temp_path, try_write, weights_finite)
@@ -311,6 +312,12 @@ def setup(cfg: Config) -> Run:
     # -- model
     model_path = main_process_first(accelerator, lambda: resolve_model(cfg.model.pretrained_model_name_or_path))
     cfg.model.pretrained_model_name_or_path = model_path
+    if resume_ckpt is not None:  # the same base as the checkpoint's, before the model loads
+        try:
+            check_base_model(resume_ckpt, state, base_model_identity(model_path, cfg.model.revision),
+                             cfg.checkpoint.allow_other_base)
+        except CheckpointError as e:
+            raise UserError(str(e)) from None
     if accelerator.is_main_process:
         if warning := text_length_warning(model_path, cfg.model.max_sequence_length):
             logger.warning(warning)
@@ -634,6 +641,7 @@ def save_checkpoint(run: Run, step: int) -> Path:
             "schedule": schedule_of(run.cfg.train),
             "history": run.history,
             "num_processes": acc.num_processes,
+            "base_model": base_model_identity(run.cfg.model.pretrained_model_name_or_path, run.cfg.model.revision),
         }
         failure = try_write(lambda: finalize(run.output_dir, step, state, run.cfg.checkpoint.total_limit))
         if failure is None:

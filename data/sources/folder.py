@@ -167,7 +167,7 @@ class FolderSource(_SourceBase):
                 self._problems.append(f"prompts/{p.name} links outside the dataset folder; copy the file into the folder")
                 continue
             try:
-                text = p.read_text(encoding="utf-8").strip()
+                text = p.read_text(encoding="utf-8-sig").strip()  # utf-8-sig: a byte-order mark is not part of the prompt
             except UnicodeDecodeError:
                 self._problems.append(f"prompts/{p.name} is not UTF-8 text; save it as UTF-8")
                 continue
@@ -228,7 +228,7 @@ class FolderSource(_SourceBase):
             self._problems.append("metadata.jsonl links outside the dataset folder; copy the file into the folder")
             return prompts, files, broken, seen
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
         except UnicodeDecodeError:
             self._problems.append("metadata.jsonl is not UTF-8 text; save it as UTF-8")
             return prompts, files, broken, seen

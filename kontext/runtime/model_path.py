@@ -4,9 +4,11 @@ local base model's folder records about its training (the prompt length)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 # A base folder's record of how it was built (the tiny builder writes it) and its key for the T5 prompt length the
 # transformer was trained with.
@@ -89,3 +91,31 @@ def text_length_warning(
         f"result drifts outside the mask, up to repainting the whole image; {fix.format(option=option, trained=trained)} "
         "for this base."
     )
+
+
+# Bytes read from the middle of each transformer weight file for the base model's fingerprint.
+FINGERPRINT_SAMPLE = 1 << 16
+
+
+def base_model_identity(model_path: str, revision: str | None = None) -> dict[str, Any]:
+    """What a checkpoint records of the base model it was trained on: ``name_or_path`` (a hub id or an absolute
+    folder), ``revision`` and, for a local folder, ``fingerprint``: a SHA-256 over the transformer's config and,
+    for each of its weight files, the size and 64 KiB from the middle (in the tensor data, so two bases of the same
+    shapes differ, and a moved or copied folder keeps it). Reads well under a megabyte, even for FLUX.1's 12B."""
+    identity: dict[str, Any] = {"name_or_path": str(model_path), "revision": revision, "fingerprint": None}
+    folder = Path(model_path).expanduser() / "transformer"
+    if not folder.is_dir():
+        return identity
+    h = hashlib.sha256()
+    try:
+        h.update((folder / "config.json").read_bytes())
+        for f in sorted(folder.glob("*.safetensors")):
+            size = f.stat().st_size
+            h.update(f"{f.name}:{size}".encode())
+            with open(f, "rb") as fh:
+                fh.seek(max(0, size // 2 - FINGERPRINT_SAMPLE // 2))
+                h.update(fh.read(FINGERPRINT_SAMPLE))
+    except OSError:
+        return identity
+    identity["fingerprint"] = h.hexdigest()
+    return identity

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import re
 from collections.abc import Mapping
@@ -54,10 +55,13 @@ from kontext.runtime.lora_io import LORA_WEIGHTS_NAME
 from kontext.runtime.sharing import respect_umask, shareable_model_name
 
 COMFYUI_LORA_NAME = "lora_comfyui.safetensors"
+FLUX1_WIDTH = 3072  # FLUX.1's inner_dim (24 heads x 128), fixed in ComfyUI's FLUX detection
 KOHYA_PREFIX = "lora_unet_"
 METADATA_KEY = "lora_adapter_metadata"
 SPLIT, FUSED = "split", "fused"
 LAYOUTS = (SPLIT, FUSED)
+
+logger = logging.getLogger(__name__)
 
 # Diffusers' FluxSingleTransformerBlock is built with mlp_ratio=4 and the model offers no way to change it.
 SINGLE_MLP_RATIO = 4
@@ -406,6 +410,26 @@ def _base_model_of(folder: Path) -> str | None:
     return str(value) if value is not None else None
 
 
+def _base_transformer_config(folder: Path) -> dict[str, Any] | None:
+    """The transformer config of the run's base model, when ``config.yaml`` beside the LoRA names a local diffusers
+    folder (the LoRA's widths are then checked against it), else None."""
+    base = _base_model_of(folder)
+    if base is None:
+        return None
+    try:
+        return json.loads((Path(base).expanduser() / "transformer" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _lora_width(state_dict: Mapping[str, torch.Tensor]) -> int | None:
+    """The model width a LoRA was trained for: the input width of any attention projection's lora_A."""
+    for k, v in state_dict.items():
+        if re.search(r"attn\.to_[qkv]\.lora_A\.weight$", k):
+            return int(v.shape[1])
+    return None
+
+
 def export_comfyui(
     lora_path_or_output_dir: str | Path,
     out_path: str | Path | None = None,
@@ -440,6 +464,14 @@ def export_comfyui(
         ) from None
     if not any(".lora_A." in k or ".lora_B." in k for k in state_dict):
         raise ValueError(f"{src} holds no LoRA (no lora_A/lora_B tensors); pass a diffusers FLUX LoRA file")
+    if transformer_config is None:
+        transformer_config = _base_transformer_config(src.parent)
+    width = _lora_width(state_dict)
+    if transformer_config is None and width is not None and width != FLUX1_WIDTH:
+        logger.warning(
+            "%s is a LoRA for a model %d wide; FLUX.1, the model ComfyUI loads, is %d wide, so ComfyUI cannot apply "
+            "the converted file (no base model config beside it to check against).", src, width, FLUX1_WIDTH,
+        )
     raw_meta = header.get(METADATA_KEY)
     try:
         config = parse_adapter_metadata(raw_meta)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -204,6 +205,10 @@ def parse_lora_spec(text: str, option: str = "--lora") -> LoraSpec:
                     f"{option} {text!r}: the strength {tail!r} after ':' is not a number; write {option} PATH or "
                     f"{option} PATH:0.8"
                 ) from None
+            if not math.isfinite(strength):  # nan or inf would scale every LoRA delta into NaN: a black image
+                raise InferenceError(
+                    f"{option} {text!r}: the strength {tail!r} is not a finite number; write e.g. {option} PATH:0.8"
+                )
             path_text = head
     p = Path(path_text).expanduser()
     if not p.exists():

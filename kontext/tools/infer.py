@@ -189,6 +189,12 @@ def run(args: argparse.Namespace) -> list[Path]:
             f"--mask {args.mask!r} is {mask.size[0]}x{mask.size[1]} but --image is "
             f"{context.size[0]}x{context.size[1]}; give a mask of the same size"
         )
+    if mask is not None and args.composite and mask.getextrema()[1] < 128:
+        raise InferenceError(
+            f"--mask {args.mask!r} is empty (no pixel at or above 128; white marks where the object goes): with "
+            "--composite only the masked region is taken from the result, so the output would be --image unchanged. "
+            "Give a mask that marks the region, or drop --composite"
+        )
     trained = trained_settings(specs[0] if specs else None)
     hint, outline_width = mask_hint_settings(args.mask_hint, args.outline_width, trained, has_mask=mask is not None)
     guidance = guidance_setting(args.guidance, trained)

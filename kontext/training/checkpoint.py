@@ -44,7 +44,14 @@ class CheckpointWriteError(OSError):
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints in ``output_dir`` sorted by step (oldest first)."""
+    """Complete checkpoints in ``output_dir`` in the order they were written (oldest first).
+
+    The order is the ``sequence`` each ``trainer_state.json`` records (:func:`finalize` numbers the saves of a
+    folder), then the step: a run resumed from an earlier checkpoint writes a new branch, and its checkpoints are
+    newer than the abandoned branch's higher steps, so ``latest`` and rotation follow the branch being trained.
+    Checkpoints written before saves were numbered come first, by step; one whose state cannot be read comes last,
+    so that ``latest`` tries it first and says that it is damaged.
+    """
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
@@ -52,8 +59,17 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     for p in output_dir.iterdir():
         m = _CKPT_RE.match(p.name)
         if m and p.is_dir() and (p / TRAINER_STATE_NAME).is_file():
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
+            found.append((_sequence(p), int(m.group(1)), p))
+    return [p for _, _, p in sorted(found)]
+
+
+def _sequence(checkpoint: Path) -> float:
+    """The save number recorded in a checkpoint's state: -1 when it records none, infinity when it cannot be read."""
+    try:
+        seq = read_trainer_state(checkpoint).get("sequence", -1)
+    except (OSError, ValueError, AttributeError):
+        return math.inf
+    return seq if _is_int(seq) else math.inf
 
 
 def resolve_resume(
@@ -152,6 +168,8 @@ _STATE_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "schedule": (lambda v: isinstance(v, dict), "a mapping"),
     "history": (lambda v: isinstance(v, list) and all(isinstance(h, dict) for h in v), "a list of mappings"),
     "num_processes": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "sequence": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "base_model": (lambda v: isinstance(v, dict), "a mapping"),
 }
 
 
@@ -273,6 +291,34 @@ def check_compatible(checkpoint: Path, state: dict[str, Any], lora_shape: dict[s
         )
 
 
+def check_base_model(checkpoint: Path, state: dict[str, Any], identity: dict[str, Any], allow_other: bool) -> None:
+    """Refuse to resume a checkpoint trained on another base model (``kontext.runtime.model_path.base_model_identity``).
+
+    Two local folders are the same base when their fingerprints agree (a moved or copied folder is), a hub id when
+    id and revision agree. A LoRA learned on one base is meaningless on another even when every shape fits, so a
+    different base is an error unless ``checkpoint.allow_other_base`` says it is meant. Checkpoints that record no
+    base (written before it was recorded) are not checked.
+    """
+    saved = state.get("base_model")
+    if not saved or allow_other:
+        return
+    if saved.get("fingerprint") and identity.get("fingerprint"):
+        same = saved["fingerprint"] == identity["fingerprint"]
+    else:
+        same = (saved.get("name_or_path"), saved.get("revision")) == (identity["name_or_path"], identity["revision"])
+    if not same:
+        def named(i: dict[str, Any]) -> str:
+            return repr(i.get("name_or_path")) + (f" (revision {i['revision']})" if i.get("revision") else "")
+
+        raise CheckpointError(
+            f"Checkpoint {checkpoint} was trained on the base model {named(saved)}, but this run's "
+            f"model.pretrained_model_name_or_path is {named(identity)}, whose weights differ. A LoRA learned on one "
+            "base means nothing on another, even when the shapes fit. Set model.pretrained_model_name_or_path (and "
+            "model.revision) back to the checkpoint's base; or, to continue on this base on purpose, set "
+            "checkpoint.allow_other_base=true."
+        )
+
+
 def temp_path(output_dir: str | Path, step: int) -> Path:
     """Where checkpoint ``step`` is written before it is complete."""
     return Path(output_dir) / f"checkpoint-{step}.tmp"
@@ -285,6 +331,9 @@ def finalize(output_dir: str | Path, step: int, state: dict[str, Any], total_lim
     """
     output_dir = Path(output_dir)
     tmp = temp_path(output_dir, step)
+    # The save's number in this folder: write order, not the step, says which checkpoint is the newest.
+    numbers = [n for n in map(_sequence, list_checkpoints(output_dir)) if n != math.inf]
+    state = {**state, "sequence": int(max(numbers, default=-1)) + 1}
     (tmp / TRAINER_STATE_NAME).write_text(json.dumps(state, indent=2), encoding="utf-8")
     # Read everything back before it counts: a full disk noticed only when a file is closed, or a writer
     # that drops an error, would otherwise leave a damaged checkpoint that `latest` picks.

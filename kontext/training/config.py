@@ -293,6 +293,9 @@ class CheckpointConfig:
     total_limit: Optional[int] = _f(3, "Keep at most this many checkpoints (null: keep all).", min=1)
     resume_from: Optional[str] = _f(None, "`latest`, or a checkpoint folder path, to resume from.")
     overwrite_output_dir: bool = _f(False, "Allow starting a fresh run in an output_dir that holds a finished run.")
+    allow_other_base: bool = _f(
+        False, "Allow resuming a checkpoint trained on another base model (refused by default: its LoRA would not fit it)."
+    )
 
 
 @dataclass
