@@ -177,6 +177,13 @@ def decode_mask(img: Image.Image) -> Image.Image:
     if mode == "1":
         return img.convert("L")
     if mode in GREY16_MODES:
+        top = int(np.asarray(img).max())
+        if 0 < top <= 255:
+            # 8-bit values in a 16-bit file: scaled faithfully they are all black (255 of 65535 is 0.4 %)
+            raise ImageProblem(
+                f"is a 16-bit greyscale image whose values stop at {top} (of 65535), so read as 16-bit it is all "
+                "black. Save it as an 8-bit greyscale PNG (white 255 where the object goes), or scale it to 0..65535"
+            )
         return _grey16_to_l(img)
     if mode in ("LA", "PA", "P", "RGB", "RGBA"):
         if mode in ("P", "PA"):

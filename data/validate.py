@@ -133,6 +133,7 @@ def _check_sample(
     refs = source.image_refs(i)
     sizes: dict[str, tuple[int, int]] = {}
     decoded: dict[str, np.ndarray] = {}  # copies: the images are closed below
+    rotated: list[str] = []  # images whose EXIF orientation swaps their stored width and height
     for role in ROLES:
         ref = refs[role]
         try:
@@ -142,6 +143,8 @@ def _check_sample(
             continue
         try:
             sizes[role] = oriented_size(img)
+            if sizes[role] != img.size:
+                rotated.append(f"{ref.label} is stored {img.size[0]}x{img.size[1]}")
             if role == "mask":
                 mask = decode_mask(img)
                 why = mask_coverage_problem(mask)
@@ -159,8 +162,13 @@ def _check_sample(
             img.close()
     if len(sizes) > 1 and len(set(sizes.values())) > 1:
         detail = ", ".join(f"{refs[r].label} is {w}x{h}" for r, (w, h) in sizes.items())
+        exif = (
+            f"; sizes are as displayed, after the EXIF orientation tag ({', '.join(rotated)} and turned by its tag): "
+            "check that the files are rotated alike, or re-save them without the tag (e.g. exiftool -Orientation= FILE)"
+            if rotated else ""
+        )
         problems.append(
-            f"sample '{source.names[i]}': sizes differ ({detail}); context, target and mask must have the same "
+            f"sample '{source.names[i]}': sizes differ ({detail}){exif}; context, target and mask must have the same "
             "size, resize them to match the target"
         )
     elif background is not None and len(decoded) == len(ROLES):

@@ -20,6 +20,8 @@ from ..images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageRef
 from .base import ROLES, _inside, _SourceBase, _unresolvable
 
 PROMPT_MODES = ("auto", "files", "metadata", "default")
+# Hidden files a file browser or notebook leaves in any folder: skipped without a word.
+BROWSER_FILES = frozenset({".DS_Store", ".ipynb_checkpoints", ".localized", ".directory"})
 
 
 @dataclass
@@ -94,10 +96,13 @@ class FolderSource(_SourceBase):
             "or set data.default_prompt"
         )
 
-    def _walk(self, sub: str, rejected: set[str] | None = None) -> Iterator[Path]:
+    def _walk(
+        self, sub: str, rejected: set[str] | None = None, hidden: list[str] | None = None
+    ) -> Iterator[Path]:
         """The entries of the existing folder ``sub/`` that can be followed, in name order.
 
-        Shared by the image folders and ``prompts/``: hidden files (``.DS_Store``) are skipped; a
+        Shared by the image folders and ``prompts/``: hidden files (``.DS_Store``) are skipped, their names going
+        into ``hidden`` when it is given (a file browser's own files excepted); a
         folder that cannot be listed, and each entry that cannot be followed (a symlink loop, an
         unreadable link), is reported here as it is met, so problems keep the folder's order. The
         stems of entries that cannot be followed go into ``rejected`` when it is given.
@@ -111,6 +116,8 @@ class FolderSource(_SourceBase):
             return
         for p in entries:
             if p.name.startswith("."):
+                if hidden is not None and p.name not in BROWSER_FILES:
+                    hidden.append(p.name)
                 continue  # .DS_Store and friends
             why = _unresolvable(p)
             if why is not None:
@@ -129,7 +136,8 @@ class FolderSource(_SourceBase):
             )
             return found
         # A file that cannot be followed is reported by _walk; not again as a missing counterpart.
-        for p in self._walk(role, rejected=self._rejected):
+        hidden: list[str] = []
+        for p in self._walk(role, rejected=self._rejected, hidden=hidden):
             if p.is_dir():
                 self._problems.append(f"{role}/{p.name}/ is a folder; {role}/ must hold image files only, move it out")
                 continue
@@ -150,6 +158,12 @@ class FolderSource(_SourceBase):
                 )
                 continue
             found[p.stem] = p
+        if hidden and not found:
+            shown = ", ".join(f"{role}/{n}" for n in hidden[:3]) + (f" and {len(hidden) - 3} more" if len(hidden) > 3 else "")
+            self._problems.append(
+                f"{role}/ holds only hidden files ({shown}): names beginning with '.' are ignored as hidden; rename "
+                f"them without the leading dot ({role}/NAME.png)"
+            )
         return found
 
     def _read_prompt_files(self, root_resolved: Path) -> dict[str, str]:

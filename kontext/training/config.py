@@ -637,6 +637,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"Override {text!r} has no key before '='.")
+    if any(not part.strip() for part in key.split(".")):
+        raise ConfigError(
+            f"Override {text!r} (on the command line): the key {key!r} has an empty part; write section.key=value "
+            "(e.g. train.max_steps=100)."
+        )
     try:
         value = _load_yaml(raw, f"the command-line override {text!r}", False, key + ".")[0] if raw.strip() else ""
     except yaml.YAMLError as e:
@@ -676,6 +681,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     origins: dict[str, str] = {}  # dotted key -> "in FILE, line N" / "from the command line: k=v"
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"Config file {path} is a folder; pass --config with a YAML file (e.g. {path}/config.yaml).")
         if not path.is_file():
             raise ConfigError(f"Config file {path} does not exist; pass --config with an existing YAML file.")
         try:

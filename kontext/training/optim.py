@@ -24,6 +24,18 @@ def check_optional_features(cfg: Any) -> None:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise UserError("`train.optimizer: adamw8bit` needs bitsandbytes: pip install -e '.[quantization]'.") from None
+    tracker = cfg.logging.report_to
+    if tracker != "none":
+        # accelerate drops a tracker whose package is missing with only a log line: the run would train unlogged.
+        from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+        available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}[tracker]()
+        if not available:
+            install = "pip install -e '.[wandb]' (or pip install wandb)" if tracker == "wandb" else f"pip install {tracker}"
+            raise UserError(
+                f"`logging.report_to: {tracker}` needs the {tracker} package, which is not installed: {install}; "
+                "or set logging.report_to=none."
+            )
     if cfg.train.optimizer == "prodigy":
         try:
             import prodigyopt  # noqa: F401
