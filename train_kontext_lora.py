@@ -324,7 +324,6 @@ def setup(cfg: Config) -> Run:
         remove_incomplete(output_dir)
         if cfg.checkpoint.overwrite_output_dir and resume_ckpt is None:
             remove_checkpoints(output_dir)  # the old run's checkpoints must never be resumed into this one
-        dump_config(cfg, output_dir / "config.yaml")
 
     weight_dtype = DTYPES[cfg.model.dtype]
     try:
@@ -418,6 +417,10 @@ def setup(cfg: Config) -> Run:
         run.history = list(state.get("history", []))
         apply_schedule(run.lr_scheduler, state, cfg.train, warn=accelerator.is_main_process)  # a changed LR applies, loudly
         accelerator.print(f"Resumed from {resume_ckpt} at step {run.start_step}.")
+    if accelerator.is_main_process:
+        # Only now: a resume that fails on the way (another model, optimiser or architecture) leaves the config.yaml
+        # that its printed resume command names as it was.
+        dump_config(cfg, output_dir / "config.yaml")
     if accelerator.is_main_process and cfg.logging.report_to != "none":
         accelerator.init_trackers(cfg.logging.project_name, config=flat_config(cfg))
     if device.type == "cpu":

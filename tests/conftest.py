@@ -92,3 +92,19 @@ def tiny_run_dict(out: Path, model_dir: Path, data_dir: Path, cache: Path, **sec
         else:
             base[section] = values
     return base
+
+
+@pytest.fixture(scope="module")
+def two_step_run(tmp_path_factory, tiny_model_dir, tiny_dataset_dir) -> dict:
+    """A finished 2-step tiny run with checkpoint-2: ``{"dict": its run description, "out": its output folder}``.
+    Tests copy the folder before they change anything in it."""
+    import copy
+
+    import train_kontext_lora as tk
+    from kontext.training.config import config_from_dict
+
+    root = tmp_path_factory.mktemp("two_step")
+    d = tiny_run_dict(root / "out", tiny_model_dir, tiny_dataset_dir, root / "cache", train={"max_steps": 2},
+                      checkpoint={"every_steps": 2})
+    tk.run_training(config_from_dict(copy.deepcopy(d)))
+    return {"dict": d, "out": root / "out"}

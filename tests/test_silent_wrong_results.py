@@ -14,14 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import train_kontext_lora as tk
 from kontext.training.checkpoint import finalize, list_checkpoints, resolve_resume, temp_path
-from kontext.training.config import config_from_dict
 
 
 def _tree(folder: Path) -> dict[str, str]:
@@ -64,17 +62,6 @@ def test_latest_follows_the_branch_being_trained(tmp_path):
     save(6, limit=2)  # the branch goes on: its checkpoint-6 replaces the abandoned one, rotation keeps the branch
     assert list_checkpoints(out) == [out / "checkpoint-4", out / "checkpoint-6"]
     assert resolve_resume(out, "latest") == out / "checkpoint-6"
-
-
-@pytest.fixture(scope="module")
-def two_step_run(tmp_path_factory, tiny_model_dir, tiny_dataset_dir):
-    from conftest import tiny_run_dict
-
-    root = tmp_path_factory.mktemp("two_step")
-    d = tiny_run_dict(root / "out", tiny_model_dir, tiny_dataset_dir, root / "cache", train={"max_steps": 2},
-                      checkpoint={"every_steps": 2})
-    tk.run_training(config_from_dict(copy.deepcopy(d)))
-    return {"dict": d, "out": root / "out"}
 
 
 def _other_base(tiny_model_dir: Path, dst: Path, perturb: bool) -> Path:

@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from data.errors import is_disk_full, is_write_error, reason_of, remove_partial, write_fix
+from data.errors import TEMP_PREFIX, is_disk_full, is_write_error, reason_of, remove_partial, write_fix
 from kontext.runtime.lora_io import LORA_WEIGHTS_NAME
 
 logger = logging.getLogger(__name__)
@@ -365,7 +365,8 @@ def _replaced_path(output_dir: Path, step: int) -> Path:
 
 
 def remove_incomplete(output_dir: str | Path) -> list[Path]:
-    """Delete leftovers of interrupted saves (``checkpoint-*.tmp``); returns what was removed.
+    """Delete leftovers of interrupted saves (``checkpoint-*.tmp``, and the ``.tmp*`` files of file writes that were
+    killed); returns what was removed.
 
     A ``checkpoint-<step>.old`` (a complete checkpoint moved aside while being replaced) is put back
     when the save that replaced it never completed, and deleted otherwise. Main process only.
@@ -384,6 +385,10 @@ def remove_incomplete(output_dir: str | Path) -> list[Path]:
     for p in output_dir.glob("checkpoint-*.tmp"):
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p)
+    for p in output_dir.glob(f"{TEMP_PREFIX}*"):  # a file write that was killed (safetensors' .tmpXXXXXX, ours)
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
     return removed
 
 

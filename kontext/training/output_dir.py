@@ -7,8 +7,10 @@ folder that is not a run's:
 - an empty path, the working folder, the home folder or a folder above either of them;
 - a path that cannot become a writable folder (a regular file in the way, a read-only filesystem,
   no permission);
+- a layout that mixes the run with its data (:func:`check_layout`);
 - a folder holding anything the trainer does not write (:data:`TRAINER_FILES`, :data:`TRAINER_FOLDERS`,
-  ``checkpoint-<step>`` folders and their ``.tmp``/``.old`` forms; ``README.md`` only if it is this
+  ``checkpoint-<step>`` folders and their ``.tmp``/``.old`` forms, ``.tmp*`` files of killed writes, the cache
+  and synthetic set the config puts there (:func:`configured_entries`); ``README.md`` only if it is this
   trainer's model card, ``config.yaml`` only if it is a config of this trainer's schema).
 
 and it holds an exclusive lock on the folder for the whole run (:func:`lock_output_dir`): a ``flock`` on
@@ -32,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from data.errors import TEMP_PREFIX
 from kontext.runtime.lora_io import LORA_WEIGHTS_NAME
 
 logger = logging.getLogger(__name__)
@@ -115,8 +118,11 @@ def _read_only(path: Path) -> bool:
         return False
 
 
-def foreign_entries(output_dir: Path) -> list[str]:
-    """Names at the top of ``output_dir`` that the trainer did not write (sorted; [] for a missing folder)."""
+def foreign_entries(output_dir: Path, own: frozenset[str] = frozenset()) -> list[str]:
+    """Names at the top of ``output_dir`` that the trainer did not write (sorted; [] for a missing folder).
+
+    ``own``: further top-level folders the run's config puts there (:func:`configured_entries`).
+    """
     if not output_dir.is_dir():
         return []
     found = []
@@ -124,6 +130,10 @@ def foreign_entries(output_dir: Path) -> list[str]:
         name = p.name
         if name in IGNORED or (_CHECKPOINT_RE.match(name) and p.is_dir()) or (name in TRAINER_FOLDERS and p.is_dir()):
             continue
+        if name.startswith(TEMP_PREFIX) and p.is_file():
+            continue  # a temporary file of an interrupted write (ours or safetensors'); removed when a run starts
+        if any(name == o or name == f".{o}.lock" or name.startswith(f".{o}.tmp-") for o in own):
+            continue  # the cache or synthetic set the config puts here, with the lock and temporary folder of its build
         if name in TRAINER_FILES and p.is_file() and _is_ours(p):
             continue
         found.append(name + ("/" if p.is_dir() else ""))
@@ -149,9 +159,61 @@ def _is_ours(path: Path) -> bool:
     return True
 
 
-def check_contents(output_dir: Path) -> None:
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _top_entry(path: Path, folder: Path) -> str | None:
+    """The name of ``folder``'s entry that holds ``path``, when ``path`` lies strictly inside ``folder``."""
+    return path.relative_to(folder).parts[0] if folder in path.parents else None
+
+
+def configured_entries(cfg: Any, output_dir: Path) -> frozenset[str]:
+    """The top-level folders of ``output_dir`` that the run's config itself puts there: the latent cache
+    (``data.cache_dir``) and a synthetic ``data.root`` (with the ``<root>_heldout`` folder the run's summary tells
+    the user to make beside it)."""
+    own = set()
+    d = cfg.data
+    if d.cache_latents and d.cache_dir and (name := _top_entry(Path(d.cache_dir).expanduser().resolve(), output_dir)):
+        own.add(name)
+    if d.source == "folder" and d.synthetic.enabled:
+        root = Path(str(d.root)).expanduser().resolve()
+        for folder in (root, root.with_name(root.name + "_heldout")):
+            if name := _top_entry(folder, output_dir):
+                own.add(name)
+    return frozenset(own)
+
+
+def check_layout(cfg: Any, output_dir: Path) -> None:
+    """Refuse a layout that mixes the run's folder with its data: ``output_dir`` inside the dataset (``data.root``,
+    ``validation.data_root``); the user's own dataset inside ``output_dir``; ``data.cache_dir`` equal to it."""
+    d = cfg.data
+    datasets = [("data.root", d.root)] if d.source == "folder" else []
+    if cfg.validation.data_root and d.source == "folder":
+        datasets.append(("validation.data_root", cfg.validation.data_root))
+    for key, root in datasets:
+        root = Path(str(root)).expanduser().resolve()
+        if _inside(output_dir, root):
+            raise OutputDirError(
+                f"output_dir {output_dir} is inside the dataset folder {key} = {root}; the run's files would mix with "
+                "the samples. Choose an output_dir outside it (e.g. beside it)."
+            )
+        if _inside(root, output_dir) and not (key == "data.root" and d.synthetic.enabled):
+            raise OutputDirError(
+                f"{key} = {root} is inside output_dir {output_dir}; a run deletes and overwrites files in its output "
+                "folder. Keep the dataset outside it (e.g. beside it)."
+            )
+    if d.cache_latents and d.cache_dir and Path(d.cache_dir).expanduser().resolve() == output_dir:
+        raise OutputDirError(
+            f"data.cache_dir is output_dir {output_dir} itself; the cache's samples/ and prompts/ would mix with the "
+            "run's files. Set data.cache_dir to a folder of its own (inside output_dir is fine, e.g. "
+            f"{output_dir / 'latent_cache'}), or leave it unset for the shared cache."
+        )
+
+
+def check_contents(output_dir: Path, own: frozenset[str] = frozenset()) -> None:
     """Refuse a folder that holds anything the trainer did not write (its files would be overwritten or mixed)."""
-    foreign = foreign_entries(output_dir)
+    foreign = foreign_entries(output_dir, own)
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" (+{len(foreign) - 5} more)" if len(foreign) > 5 else "")
         raise OutputDirError(
@@ -189,7 +251,8 @@ def open_output_dir(cfg: Any, main: bool) -> tuple[Path, Path | None]:
     from kontext.training.checkpoint import list_checkpoints, read_trainer_state, resolve_resume
 
     path = check_location(cfg.output_dir)
-    check_contents(path)  # before the lock: a folder that is not a run's gets no lock file either
+    check_layout(cfg, path)
+    check_contents(path, configured_entries(cfg, path))  # before the lock: a folder not a run's gets no lock file
     lock_output_dir(path, main=main, create=False)
     c = cfg.checkpoint
     resume = resolve_resume(path, c.resume_from, warn=logger.warning if main else (lambda _msg: None))
