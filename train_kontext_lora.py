@@ -426,8 +426,9 @@ def setup(cfg: Config) -> Run:
     if device.type == "cpu":
         prefetch = inputs.use_prefetch(cfg.data.prefetch, device)
         logger.info(
-            "Training on the CPU with %d intra-op threads per process; the next batch is prepared %s.",
-            torch.get_num_threads(), "in a background thread" if prefetch else "between steps (data.prefetch)",
+            "Training on the CPU with %d intra-op thread%s per process; the next batch is prepared %s.",
+            torch.get_num_threads(), "" if torch.get_num_threads() == 1 else "s",
+            "in a background thread" if prefetch else "between steps (data.prefetch)",
         )
     return run
 
