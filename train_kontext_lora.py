@@ -47,7 +47,7 @@ from kontext.training import inputs
 from kontext.training.checkpoint import (CheckpointError, apply_schedule, check_base_model, check_compatible,
                                          check_data_position, finalize,
                                          lora_shape, newest_intact, raise_save_failure, read_trainer_state,
-                                         remove_checkpoints, remove_incomplete, schedule_of, stop_if_any_failed,
+                                         remove_incomplete, remove_previous_run, schedule_of, stop_if_any_failed,
                                          temp_path, try_write, weights_finite)
 from kontext.training.config import Config, ConfigError, dump_config, flat_config, load_config
 from kontext.training.distributed import all_finite, any_process, main_process_first
@@ -322,8 +322,6 @@ def setup(cfg: Config) -> Run:
         if warning := text_length_warning(model_path, cfg.model.max_sequence_length):
             logger.warning(warning)
         remove_incomplete(output_dir)
-        if cfg.checkpoint.overwrite_output_dir and resume_ckpt is None:
-            remove_checkpoints(output_dir)  # the old run's checkpoints must never be resumed into this one
 
     weight_dtype = DTYPES[cfg.model.dtype]
     try:
@@ -419,7 +417,9 @@ def setup(cfg: Config) -> Run:
         accelerator.print(f"Resumed from {resume_ckpt} at step {run.start_step}.")
     if accelerator.is_main_process:
         # Only now: a resume that fails on the way (another model, optimiser or architecture) leaves the config.yaml
-        # that its printed resume command names as it was.
+        # that its printed resume command names as it was, and a failed overwrite leaves the old run whole.
+        if cfg.checkpoint.overwrite_output_dir and resume_ckpt is None:
+            remove_previous_run(output_dir)  # never resumed into this run, never beside it
         dump_config(cfg, output_dir / "config.yaml")
     if accelerator.is_main_process and cfg.logging.report_to != "none":
         accelerator.init_trackers(cfg.logging.project_name, config=flat_config(cfg))

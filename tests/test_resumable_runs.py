@@ -110,3 +110,47 @@ def test_a_layout_that_mixes_the_run_with_its_data_is_refused(tmp_path, tiny_mod
         assert tk.main(["--config", str(_config(tmp_path, tiny_run_dict(out, tiny_model_dir, root, cache)))]) == 2, case
         assert needle in capsys.readouterr().err, case
     assert not (data / "runs").exists() and not (tmp_path / "run2").exists()
+
+
+def test_overwriting_removes_the_old_run_once_the_new_one_has_set_up(two_step_run, tmp_path, monkeypatch):
+    """With overwrite_output_dir a new run stopped early sat beside the old run's finished LoRA, model card and
+    history (the folder looked finished); a new run whose setup fails must leave the old run whole."""
+    from kontext.training.output_dir import unlock_all
+
+    out = tmp_path / "out"
+    shutil.copytree(two_step_run["out"], out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    d = copy.deepcopy(two_step_run["dict"])
+    d["output_dir"] = str(out)
+    d["checkpoint"]["overwrite_output_dir"] = True
+    d["train"]["learning_rate"] = 5e-4
+
+    def fail(*a, **k):
+        raise PipelineLoadError("cannot load it")
+
+    with monkeypatch.context() as m:
+        m.setattr(tk, "load_pipeline", fail)
+        with pytest.raises(tk.UserError, match="cannot load it"):
+            tk.setup(config_from_dict(copy.deepcopy(d)))
+        unlock_all()
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before, "a failed overwrite changed nothing"
+    try:
+        tk.setup(config_from_dict(copy.deepcopy(d)))  # set up, then stopped before a step
+    finally:
+        unlock_all()
+    left = sorted(p.name for p in out.iterdir())
+    assert left == ["config.yaml"], left
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["learning_rate"] == 5e-4
+
+
+def test_a_run_stopped_while_writing_its_comfyui_file_says_how_to_write_it(two_step_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(two_step_run["out"], out)
+    d = copy.deepcopy(two_step_run["dict"])
+    d["output_dir"] = str(out)
+    d["export"] = {"comfyui": True}
+    d["checkpoint"]["resume_from"] = "latest"
+    capsys.readouterr()
+    assert tk.main(["--config", str(_config(tmp_path, d))]) == 2
+    err = capsys.readouterr().err
+    assert "finished at step 2" in err and f"python -m kontext.tools.comfyui {out / 'pytorch_lora_weights.safetensors'}" in err

@@ -392,16 +392,22 @@ def remove_incomplete(output_dir: str | Path) -> list[Path]:
     return removed
 
 
-def remove_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Delete every ``checkpoint-*`` folder (complete or not) of ``output_dir``; returns what was removed.
+def remove_previous_run(output_dir: str | Path) -> list[Path]:
+    """Delete what an earlier run left in ``output_dir``: every ``checkpoint-*`` folder (complete or not), its
+    exported LoRA and ComfyUI file, model card, history and validation grids; returns what was removed.
 
-    Used when a fresh run deliberately overwrites an output folder, so the old run's checkpoints can
-    never be picked by ``latest`` for the new one. Main process only.
+    Used when a fresh run deliberately overwrites an output folder, once its setup has succeeded: the old run's
+    checkpoints can never be picked by ``latest`` for the new one, and a new run stopped early never sits beside the
+    old run's finished LoRA (the folder would look finished). Tracker logs (``logs/``) are kept: each run's are
+    files of their own. Main process only.
     """
     output_dir = Path(output_dir)
-    removed = sorted(p for p in output_dir.glob("checkpoint-*") if p.is_dir()) if output_dir.is_dir() else []
-    for p in removed:
-        shutil.rmtree(p, ignore_errors=True)
+    if not output_dir.is_dir():
+        return []
+    names = (LORA_WEIGHTS_NAME, "lora_comfyui.safetensors", "README.md", "training_history.json", "validation")
+    removed = sorted(p for p in output_dir.glob("checkpoint-*") if p.is_dir())
+    removed += [output_dir / n for n in names if (output_dir / n).exists()]
+    remove_partial(removed)
     return removed
 
 

@@ -274,9 +274,15 @@ def open_output_dir(cfg: Any, main: bool) -> tuple[Path, Path | None]:
         done = finished_step(path)
         done = int(read_trainer_state(resume)["step"]) if done is None else done
         if cfg.train.max_steps <= done:
+            comfyui = path / "lora_comfyui.safetensors"
+            missing = (
+                f" Its ComfyUI file is missing (the run stopped while writing it); write it with: "
+                f"python -m kontext.tools.comfyui {path / LORA_WEIGHTS_NAME}"
+                if cfg.export.comfyui and not comfyui.is_file() else ""
+            )
             raise OutputDirError(
                 f"output_dir {path} holds a run that finished at step {done}; resuming it with train.max_steps="
-                f"{cfg.train.max_steps} would train nothing and only rewrite its outputs. "
+                f"{cfg.train.max_steps} would train nothing and only rewrite its outputs.{missing} "
                 + _ways_on(f"Train it longer with a train.max_steps above {done} (e.g. train.max_steps={2 * done})")
             )
     return path, resume
