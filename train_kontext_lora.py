@@ -254,7 +254,7 @@ def check_output_dir(cfg: Config) -> tuple[Path, Path | None, dict[str, Any] | N
         output_dir, ckpt = open_output_dir(cfg, main=is_main_launch_process())
         state = read_trainer_state(ckpt) if ckpt is not None else None
         if ckpt is not None:
-            check_compatible(ckpt, state, lora_shape(cfg.lora))
+            check_compatible(ckpt, state, lora_shape(cfg.lora), cfg.train.optimizer)
     except (OutputDirError, CheckpointError) as e:
         raise UserError(str(e)) from None
     return output_dir, ckpt, state
@@ -646,6 +646,7 @@ def save_checkpoint(run: Run, step: int) -> Path:
             "history": run.history,
             "num_processes": acc.num_processes,
             "base_model": base_model_identity(run.cfg.model.pretrained_model_name_or_path, run.cfg.model.revision),
+            "optimizer": run.cfg.train.optimizer,
         }
         failure = try_write(lambda: finalize(run.output_dir, step, state, run.cfg.checkpoint.total_limit))
         if failure is None:

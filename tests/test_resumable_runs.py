@@ -154,3 +154,25 @@ def test_a_run_stopped_while_writing_its_comfyui_file_says_how_to_write_it(two_s
     assert tk.main(["--config", str(_config(tmp_path, d))]) == 2
     err = capsys.readouterr().err
     assert "finished at step 2" in err and f"python -m kontext.tools.comfyui {out / 'pytorch_lora_weights.safetensors'}" in err
+
+
+def test_a_resume_with_another_optimizer_is_refused_before_the_model_loads(two_step_run, tmp_path, monkeypatch, capsys):
+    """An AdamW checkpoint resumed with prodigy failed at the first step with a KeyError traceback."""
+    from diffusers import FluxKontextPipeline
+
+    def refuse(*a, **k):
+        raise AssertionError("the base model was loaded")
+
+    monkeypatch.setattr(FluxKontextPipeline, "from_pretrained", refuse)
+    out = tmp_path / "out"
+    shutil.copytree(two_step_run["out"], out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    d = copy.deepcopy(two_step_run["dict"])
+    d["output_dir"] = str(out)
+    d["train"].update(max_steps=4, optimizer="prodigy")
+    d["checkpoint"]["resume_from"] = "latest"
+    capsys.readouterr()
+    assert tk.main(["--config", str(_config(tmp_path, d))]) == 2
+    err = capsys.readouterr().err
+    assert "train.optimizer = 'adamw', this run has 'prodigy'" in err and "Traceback" not in err, err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

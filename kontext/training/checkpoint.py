@@ -170,6 +170,7 @@ _STATE_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "num_processes": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "sequence": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "base_model": (lambda v: isinstance(v, dict), "a mapping"),
+    "optimizer": (lambda v: isinstance(v, str), "a string"),
 }
 
 
@@ -276,8 +277,18 @@ def lora_shape(lora_cfg: Any) -> dict[str, Any]:
     return {"rank": lora_cfg.rank, "alpha": lora_cfg.alpha, "target_modules": sorted(lora_cfg.target_modules)}
 
 
-def check_compatible(checkpoint: Path, state: dict[str, Any], lora_shape: dict[str, Any]) -> None:
-    """Refuse to resume a checkpoint whose LoRA rank/alpha/targets differ from this run's config."""
+def check_compatible(
+    checkpoint: Path, state: dict[str, Any], lora_shape: dict[str, Any], optimizer: str | None = None
+) -> None:
+    """Refuse to resume a checkpoint whose LoRA rank/alpha/targets, or whose optimiser (``train.optimizer``, when
+    the checkpoint records it), differ from this run's config: the saved weights and optimiser state fit only
+    their own."""
+    if optimizer is not None and state.get("optimizer", optimizer) != optimizer:
+        raise CheckpointError(
+            f"Checkpoint {checkpoint} was trained with train.optimizer = {state['optimizer']!r}, this run has "
+            f"{optimizer!r}; a saved optimiser state can only be loaded by the same optimiser. Set train.optimizer "
+            f"back to {state['optimizer']!r}, or start a fresh run in a new output_dir."
+        )
     saved = state.get("lora", {})
     diffs = [
         f"lora.{k}: checkpoint {saved.get(k)!r} vs config {v!r}"
