@@ -46,7 +46,7 @@ from kontext.tools.model_card import write_model_card
 from kontext.training import inputs
 from kontext.training.checkpoint import (CheckpointError, apply_schedule, check_base_model, check_compatible,
                                          check_data_position, finalize,
-                                         lora_shape, newest_intact, raise_save_failure, read_trainer_state,
+                                         lora_shape, newest_intact, read_trainer_state,
                                          remove_incomplete, remove_previous_run, schedule_of, stop_if_any_failed,
                                          temp_path, try_write, weights_finite)
 from kontext.training.config import Config, ConfigError, dump_config, flat_config, load_config
@@ -709,17 +709,22 @@ def finish(run: Run, reason: str) -> None:
         metrics = validate(run, run.start_step)
     transformer = acc.unwrap_model(run.transformer)
     check_replicas_agree(acc, transformer)
-    if acc.is_main_process:  # before the LoRA file, whose presence makes the run a finished one
+    # Each write below runs on the main process, and every rank learns its outcome, so that a failed write stops
+    # them all instead of leaving the others at the next barrier.
+    def write_record() -> None:  # before the LoRA file, whose presence makes the run a finished one
         write_text_atomic(run.output_dir / "training_history.json", json.dumps(run.history, indent=1), "the training history")
         prompts = [run.dataset.prompt_of(i) for i in range(len(run.dataset))]  # what the LoRA was trained with
         write_model_card(run.output_dir, cfg, metrics, run.history, prompts)
-    try:  # every process takes part in the gather (FSDP shards); the main one writes
-        path = save_lora(transformer, run.output_dir, DTYPES[cfg.export.save_dtype],
-                         cfg.model.pretrained_model_name_or_path, write=acc.is_main_process)
-    except Exception as e:  # a half-written final LoRA must not look like a finished run
-        raise_save_failure(e, run.output_dir, [run.output_dir / LORA_WEIGHTS_NAME], "the final LoRA")
-    if acc.is_main_process:
-        if cfg.export.comfyui:
+
+    main_process_first(acc, write_record, everyone=False)
+    path = run.output_dir / LORA_WEIGHTS_NAME
+    # Every process takes part in the gather (FSDP shards); the main one writes. A half-written final LoRA must not
+    # look like a finished run: it is removed.
+    failure = try_write(lambda: save_lora(transformer, run.output_dir, DTYPES[cfg.export.save_dtype],
+                                          cfg.model.pretrained_model_name_or_path, write=acc.is_main_process))
+    stop_if_any_failed(acc, failure, run.output_dir, path, "the final LoRA")
+    if cfg.export.comfyui:
+        def write_comfyui() -> None:
             try:
                 export_comfyui(path, transformer_config=transformer.config)
             except WriteError as e:
@@ -727,6 +732,9 @@ def finish(run: Run, reason: str) -> None:
                     f"The LoRA is saved ({path}), but {e} Write the ComfyUI file later with: "
                     f"python -m kontext.tools.comfyui {path}"
                 ) from None
+
+        main_process_first(acc, write_comfyui, everyone=False)
+    if acc.is_main_process:
         acc.print(f"Done: {path}")
         acc.print(finished_run_summary(run.output_dir, cfg, run.history, run.start_step, metrics))
     acc.wait_for_everyone()
