@@ -176,3 +176,15 @@ def test_a_resume_with_another_optimizer_is_refused_before_the_model_loads(two_s
     err = capsys.readouterr().err
     assert "train.optimizer = 'adamw', this run has 'prodigy'" in err and "Traceback" not in err, err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_an_evaluation_report_in_output_dir_is_the_projects(two_step_run, tmp_path):
+    """The run's summary once told users to evaluate into OUTPUT_DIR/eval; such a report must not stop a resume."""
+    out = tmp_path / "out"
+    shutil.copytree(two_step_run["out"], out)
+    (out / "eval").mkdir()
+    (out / "eval" / "report.md").write_text("# Evaluation report\n\n- data: `x`\n")
+    (out / "eval" / "metrics.json").write_text("{}")
+    (out / "notes").mkdir()
+    (out / "notes" / "report.md").write_text("# My notes\n")
+    assert foreign_entries(out) == ["notes/"]

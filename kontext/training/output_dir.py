@@ -136,8 +136,19 @@ def foreign_entries(output_dir: Path, own: frozenset[str] = frozenset()) -> list
             continue  # the cache or synthetic set the config puts here, with the lock and temporary folder of its build
         if name in TRAINER_FILES and p.is_file() and _is_ours(p):
             continue
+        if p.is_dir() and _is_evaluation_report(p):
+            continue  # `python -m kontext.tools.evaluate --out OUTPUT_DIR/<name>`, as the run's summary once advised
         found.append(name + ("/" if p.is_dir() else ""))
     return sorted(found)
+
+
+def _is_evaluation_report(folder: Path) -> bool:
+    """True for a folder written by ``kontext.tools.evaluate`` (its ``report.md`` and ``metrics.json``)."""
+    try:
+        head = (folder / "report.md").read_text(encoding="utf-8", errors="replace")[:64]
+    except OSError:
+        return False
+    return head.startswith("# Evaluation report") and (folder / "metrics.json").is_file()
 
 
 def _is_ours(path: Path) -> bool:
