@@ -308,3 +308,16 @@ def test_synthetic_command_refuses_bad_roots_and_sizes(tmp_path, tiny_dataset_di
     assert a_file.read_text() == "x"
     assert {p: p.read_bytes() for p in real.rglob("*") if p.is_file()} == before
     assert not (tmp_path / "n").exists() and not (tmp_path / "s").exists()
+
+
+def test_tiny_model_build_refuses_an_out_through_a_file_before_building(tmp_path, monkeypatch, capsys):
+    import kontext.tiny.model as tiny
+
+    monkeypatch.setattr(tiny, "build_tiny_pipeline", lambda *a, **k: pytest.fail("built although --out was bad"))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    _each_exits_2(tiny.main, {
+        "a file": (["--out", str(a_file)], [f"--out {a_file} is a file"]),
+        "through a file": (["--out", str(a_file / "m")], [f"runs through the file {a_file}"]),
+    }, capsys)
+    assert a_file.read_text() == "x"

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 from data.buckets import VAE_SCALE_FACTOR
+from data.errors import WriteError, file_in_the_way, writing
 from data.locking import atomic_folder, exclusive_lock
 from kontext.runtime.model_path import TRAINED_TEXT_LENGTH_KEY, cache_root
 
@@ -623,7 +624,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.out:
-        path = build_tiny_pipeline(args.out, seed=args.seed)
+        if where := file_in_the_way(args.out):  # before the build, which trains for minutes
+            parser.error(f"--out {args.out} {where}; name a folder to build into")
+        try:
+            with writing(args.out, "the tiny model"):
+                path = build_tiny_pipeline(args.out, seed=args.seed)
+        except WriteError as e:
+            parser.exit(2, f"error: {e}\n")
     else:
         if args.seed is not None:
             parser.error("--seed needs --out: the cached model is always built with the definition's seed")
