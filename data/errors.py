@@ -128,9 +128,10 @@ def remove_partial(paths: Iterable[Path]) -> None:
 def writing(path: str | Path, what: str = "", fix: str = "", partial: Iterable[str | Path] = ()) -> Iterator[None]:
     """The one write guard: a write error raised inside (:func:`is_write_error`) becomes a :class:`WriteError`.
 
-    ``path``: the file (or folder) written; ``what``: a few words for it (default: its name); ``fix``: what to
-    do, when more is known than :func:`write_fix` can tell from the error; ``partial``: files to delete when the
-    write failed (by default ``path`` itself when it is a file, since a half-written file must not look finished).
+    ``path``: the file (or folder) written; ``what``: a few words for it, before the path; ``fix``: what to
+    do, when more is known than :func:`write_fix` can tell from the error; ``partial``: what to delete when the
+    write failed (a half-written file must not look finished). Nothing else is deleted: the target of an atomic
+    rename still holds its previous, intact version.
     """
     try:
         yield
