@@ -103,7 +103,7 @@ def write_fix(exc: BaseException) -> str:
         return "Make that folder writable (it is read-only or not yours), or choose another one."
     if code == errno.EISDIR:
         return "That path is a folder; name a file, or remove the folder."
-    if code in (errno.ENOENT, errno.ENOTDIR):
+    if code in (errno.ENOENT, errno.ENOTDIR, errno.EEXIST):  # EEXIST: mkdir met a file where a folder goes
         return "A folder on that path is missing or is a file; fix the path."
     return "Check that the folder exists, can be written and has free space, then run the command again."
 

@@ -283,6 +283,8 @@ def test_comfyui_names_a_bad_input_or_output(tmp_path, tiny_model_dir, random_lo
         "renamed": ([str(renamed)], [str(renamed), "not a complete safetensors file"]),
         "not a LoRA": ([str(not_lora)], [str(not_lora), "holds no LoRA"]),
         "--out a folder": ([str(lora), "--out", str(tmp_path)], [f"--out {tmp_path} is a folder"]),
+        "--out through a file": ([str(lora), "--out", str(empty / "x.safetensors")],
+                                 [f"cannot write the ComfyUI LoRA {empty / 'x.safetensors'}", "is a file; fix the path"]),
     }
     _each_exits_2(comfyui_main, cases, capsys)
 

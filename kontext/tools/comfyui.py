@@ -480,7 +480,6 @@ def export_comfyui(
     converted = convert_diffusers_lora_to_comfyui(
         state_dict, config, transformer_config, source=str(src), layout=layout
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
     down_suffix = ".lora_A.weight" if layout == SPLIT else ".lora_down.weight"
     ranks = sorted({v.shape[0] for k, v in converted.items() if k.endswith(down_suffix)})
     file_meta = {
@@ -507,6 +506,7 @@ def export_comfyui(
     if base is not None:
         file_meta["base_model"] = shareable_model_name(base)  # a hub id or a folder name, never a local path
     with writing(out, "the ComfyUI LoRA"):
+        out.parent.mkdir(parents=True, exist_ok=True)
         save_file(converted, str(out), metadata=file_meta)
     return respect_umask(out)  # safetensors leaves 0600; others (a ComfyUI container) must read it
 
