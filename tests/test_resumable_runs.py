@@ -140,7 +140,7 @@ def test_overwriting_removes_the_old_run_once_the_new_one_has_set_up(two_step_ru
         unlock_all()
     left = sorted(p.name for p in out.iterdir())
     assert left == ["config.yaml"], left
-    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["learning_rate"] == 5e-4
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["learning_rate"] == pytest.approx(5e-4)
 
 
 def test_a_run_stopped_while_writing_its_comfyui_file_says_how_to_write_it(two_step_run, tmp_path, capsys):
