@@ -18,6 +18,8 @@ import contextlib
 import json
 import logging
 import math
+import shlex
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -56,7 +58,7 @@ from kontext.training.launch import (UserError, cpu_only_multiprocess, error_tex
 from kontext.training.optim import check_optional_features, make_optimizer
 from kontext.training.output_dir import (OutputDirError, is_main_launch_process, lock_output_dir, open_output_dir,
                                          unlock_all, unlock_output_dir)
-from kontext.training.signals import StopRequest
+from kontext.training.signals import StopRequest, Stopped, busy, uninterrupted
 from kontext.training.summary import finished_run_summary
 from kontext.training.validation import run_validation, validation_dataset
 from losses import GeometryLossWeights, geometry_loss, noise_level_weight
@@ -417,10 +419,12 @@ def setup(cfg: Config) -> Run:
         accelerator.print(f"Resumed from {resume_ckpt} at step {run.start_step}.")
     if accelerator.is_main_process:
         # Only now: a resume that fails on the way (another model, optimiser or architecture) leaves the config.yaml
-        # that its printed resume command names as it was, and a failed overwrite leaves the old run whole.
-        if cfg.checkpoint.overwrite_output_dir and resume_ckpt is None:
-            remove_previous_run(output_dir)  # never resumed into this run, never beside it
-        dump_config(cfg, output_dir / "config.yaml")
+        # that its printed resume command names as it was, and a failed overwrite leaves the old run whole. A stop
+        # takes effect after both, never between them.
+        with uninterrupted():
+            if cfg.checkpoint.overwrite_output_dir and resume_ckpt is None:
+                remove_previous_run(output_dir)  # never resumed into this run, never beside it
+            dump_config(cfg, output_dir / "config.yaml")
     if accelerator.is_main_process and cfg.logging.report_to != "none":
         accelerator.init_trackers(cfg.logging.project_name, config=flat_config(cfg))
     if device.type == "cpu":
@@ -660,8 +664,11 @@ def save_checkpoint(run: Run, step: int) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def validate(run: Run, step: int) -> dict[str, float]:
-    """Generate for fixed samples with the current LoRA; write a grid PNG and log mask metrics (main process)."""
+def validate(run: Run, step: int, stop: StopRequest | None = None) -> dict[str, float]:
+    """Generate for fixed samples with the current LoRA; write a grid PNG and log mask metrics (main process).
+
+    ``stop`` (the final validation, which a resumed run repeats): a stop request ends the generation at once and
+    the metrics are empty; the caller asks every process whether a stop came (``any_process``) and saves."""
     acc = run.accelerator
     metrics: dict[str, float] = {}
     if acc.is_main_process:
@@ -670,26 +677,37 @@ def validate(run: Run, step: int) -> dict[str, float]:
         transformer.eval()
         try:
             data = run.validation_dataset if run.validation_dataset is not None else run.dataset
-            metrics = run_validation(run.pipe, transformer, data, run.cfg, step, run.output_dir, acc)
+            with stop.interrupting("ending the final validation early") if stop else contextlib.nullcontext():
+                metrics = run_validation(run.pipe, transformer, data, run.cfg, step, run.output_dir, acc)
+        except Stopped:
+            metrics = {}
         finally:
             transformer.train(was_training)
     acc.wait_for_everyone()
     return metrics
 
 
-def finish(run: Run, reason: str) -> None:
-    """Export the LoRA (and the ComfyUI file), validate once more, write the model card; release the output folder."""
+def finish(run: Run, reason: str) -> str:
+    """Validate once more, write the history and model card, export the LoRA (and the ComfyUI file); release the
+    output folder. Returns why the run ended (``reason``, or ``signal`` when a stop came before the export).
+
+    A stop (SIGTERM, SIGINT, SIGHUP, SIGQUIT; the scope of ``run_training``, or this function's own) never loses
+    the trained LoRA: before the export it ends the final validation early, saves ``checkpoint-<step>`` (unless
+    already saved) and prints the resume command, which validates and exports; once the export has begun it is
+    completed first (seconds), and the run is finished.
+    """
+    with StopRequest() as stop:
+        return _finish(run, reason, stop)
+
+
+def _finish(run: Run, reason: str, stop: StopRequest) -> str:
     cfg, acc = run.cfg, run.accelerator
     if reason in ("paused", "signal"):
         acc.end_training()
         unlock_output_dir(run.output_dir)
         if reason == "signal":
-            acc.print(
-                f"Stopped by signal at step {run.start_step}; checkpoint saved. Resume with:\n"
-                f"  accelerate launch train_kontext_lora.py --config {run.output_dir / 'config.yaml'} "
-                "checkpoint.resume_from=latest"
-            )
-        return
+            acc.print(_stopped_message(run))
+        return reason
     if reason in ("nonfinite", "nonfinite_weights"):
         acc.end_training()
         unlock_output_dir(run.output_dir)
@@ -700,13 +718,39 @@ def finish(run: Run, reason: str) -> None:
             f"stopped at step {run.start_step}. Last good checkpoint: {last}. Lower "
             "train.learning_rate, check the data, or use model.dtype=float32 / train.mixed_precision=no."
         )
-    if cfg.checkpoint.every_steps and not (run.output_dir / f"checkpoint-{run.start_step}").is_dir():
+    final_ckpt = run.output_dir / f"checkpoint-{run.start_step}"
+    if cfg.checkpoint.every_steps and not final_ckpt.is_dir():
         # A final checkpoint lets a finished run be extended (resume_from=latest with a larger max_steps).
-        save_checkpoint(run, run.start_step)
+        with busy(f"the save of {final_ckpt.name}", then="stopping"):
+            save_checkpoint(run, run.start_step)
     acc.wait_for_everyone()
     metrics: dict[str, float] = {}
     if cfg.validation.every_steps >= 0:
-        metrics = validate(run, run.start_step)
+        metrics = validate(run, run.start_step, stop)  # a stop ends it early
+    # Collective: a signal may reach only some processes, and all must save (and stop) together.
+    if any_process(acc, stop.requested is not None):
+        if not final_ckpt.is_dir():
+            save_checkpoint(run, run.start_step)
+        acc.end_training()
+        unlock_output_dir(run.output_dir)
+        acc.print(_stopped_message(run, "before the final export"))
+        return "signal"
+    with busy("the export of the final LoRA", then="stopping with the run finished"):
+        _export(run, metrics)
+    return reason
+
+
+def _stopped_message(run: Run, when: str = "") -> str:
+    return (
+        f"Stopped by signal at step {run.start_step}{' ' + when if when else ''}; checkpoint saved. Resume with:\n"
+        f"  accelerate launch train_kontext_lora.py --config {run.output_dir / 'config.yaml'} "
+        "checkpoint.resume_from=latest"
+    )
+
+
+def _export(run: Run, metrics: dict[str, float]) -> None:
+    """History and model card, then the final LoRA (whose presence makes the run finished), then the ComfyUI file."""
+    cfg, acc = run.cfg, run.accelerator
     transformer = acc.unwrap_model(run.transformer)
     check_replicas_agree(acc, transformer)
     # Each write below runs on the main process, and every rank learns its outcome, so that a failed write stops
@@ -748,11 +792,17 @@ def _last_checkpoint_name(run: Run) -> str:
 
 
 def run_training(cfg: Config) -> Run:
-    """setup -> train -> finish; returns the finished :class:`Run` (used by tests and notebooks)."""
-    run = setup(cfg)
-    reason = train(run)
-    finish(run, reason)
-    run.stop_reason = reason
+    """setup -> train -> finish; returns the finished :class:`Run` (used by tests and notebooks).
+
+    One signal scope covers all three (``kontext.training.signals``): before the first update a stop raises
+    :class:`Stopped` (nothing is trained yet; every write of setup is atomic or taken whole); from then on it saves
+    a checkpoint of what was trained and the run ends with the resume command.
+    """
+    with StopRequest() as stop:
+        with stop.interrupting():
+            run = setup(cfg)
+        reason = train(run)
+        run.stop_reason = finish(run, reason)
     return run
 
 
@@ -775,6 +825,15 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(error_text(e))
         sys.stderr.flush()
         return 2
+    except (Stopped, KeyboardInterrupt) as e:  # before the first update: nothing trained, nothing half-written
+        name, signum = (e.name, e.signum) if isinstance(e, Stopped) else ("SIGINT", int(signal.SIGINT))
+        command = shlex.join(["accelerate", "launch", "train_kontext_lora.py", "--config", args.config, *args.overrides])
+        sys.stderr.write(
+            f"\nStopped by {name} before the first training update; nothing was trained or left half-written. "
+            f"Start again with:\n  {command}\n"
+        )
+        sys.stderr.flush()
+        return 128 + signum
     finally:
         unlock_all()  # a refused run removes the lock file it made (a killed one's lock dies with it)
     return 0
