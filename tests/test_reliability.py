@@ -1174,23 +1174,38 @@ def test_sighup_and_sigquit_during_training_save_a_checkpoint_that_resumes_exact
     assert max_diff(saved_lora(out), finished["lora"]) <= 1e-6  # the same run as the uninterrupted one
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_stop_during_the_final_validation_saves_the_trained_lora(sig, tmp_path, finished, monkeypatch, capfd):
+@pytest.mark.parametrize(("sig", "where"), [(signal.SIGTERM, "generation"), (signal.SIGINT, "grid write")])
+def test_a_stop_during_the_final_validation_saves_the_trained_lora(sig, where, tmp_path, finished, monkeypatch, capfd):
     """The reported case: with checkpoint.every_steps=0 ("only at pre-emption") SIGTERM during the final validation
-    exited 143 at once with nothing saved, and Ctrl-C gave a traceback. Now the validation ends early, checkpoint-4
-    holds the trained LoRA, and the printed resume command validates and exports it."""
+    exited 143 at once with nothing saved, and Ctrl-C gave a traceback. Now the validation ends early (a grid being
+    written is completed first), checkpoint-4 holds the trained LoRA, and the printed resume command validates and
+    exports it."""
+    from PIL import Image as PILImage
+
     import kontext.training.validation as kv
 
     config, out = _signal_run_config(tmp_path, finished, checkpoint={"every_steps": 0},
                                      validation={"every_steps": 0, "num_samples": 1, "num_inference_steps": 2})
-    real_generate, calls = kv.generate, []
+    real_generate, real_grid, calls = kv.generate, kv.make_grid, []
 
     def generate_after_signal(*a, **k):
         calls.append(1)
-        signal.raise_signal(sig)  # the handler raises: the generation ends here
+        if where == "generation":
+            signal.raise_signal(sig)  # the handler raises: the generation ends here
         return real_generate(*a, **k)
 
+    def grid_whose_save_is_signalled(*a, **k):
+        grid = real_grid(*a, **k)
+
+        def save(path, *sa, **sk):
+            signal.raise_signal(sig)
+            PILImage.Image.save(grid, path, *sa, **sk)
+
+        grid.save = save
+        return grid
+
     monkeypatch.setattr(kv, "generate", generate_after_signal)
+    monkeypatch.setattr(kv, "make_grid", grid_whose_save_is_signalled)
     assert tk.main(["--config", str(config)]) == 0
     std = capfd.readouterr()
     assert len(calls) == 1
@@ -1200,6 +1215,11 @@ def test_a_stop_during_the_final_validation_saves_the_trained_lora(sig, tmp_path
     assert "Traceback" not in std.err + std.out
     assert list_checkpoints(out) == [out / "checkpoint-4"] and not (out / LORA_FILE).exists()
     assert max_diff(saved_lora(out / "checkpoint-4"), finished["lora"]) <= 1e-6
+    grid = out / "validation" / "step-4.png"
+    if where == "grid write":
+        PILImage.open(grid).load()  # complete
+    else:
+        assert not grid.exists()
     monkeypatch.undo()
     assert f"Done: {out / LORA_FILE}" in _resume(out, capfd)
     assert max_diff(saved_lora(out), finished["lora"]) <= 1e-6

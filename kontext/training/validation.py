@@ -27,7 +27,7 @@ from data.transforms import prepare_sample
 from kontext.runtime.generation import components_on, generate, image_latents, mask_array, mask_to_pil, quiet_progress, to_pil
 from kontext.tools.grid import draw_mask_outline, make_grid
 from kontext.tools.metrics import aggregate, latent_sample_metrics, sample_metrics
-from kontext.training.signals import busy
+from kontext.training.signals import busy, uninterrupted
 
 logger = logging.getLogger(__name__)
 
@@ -286,7 +286,8 @@ def run_validation(
     metrics["val/count"] = float(len(samples))
     grid = make_grid(rows, GRID_COLUMNS, max_side=v.grid_max_side)
     path = Path(output_dir) / "validation" / f"step-{step}.png"
-    with writing(path, "the validation grid", partial=[path]):
+    # A stop that ends the final validation early (``signals``) never leaves a half-written grid.
+    with uninterrupted(), writing(path, "the validation grid", partial=[path]):
         path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(path)
     if accelerator is not None:
