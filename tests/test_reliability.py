@@ -293,11 +293,14 @@ class Proc:
     """The trainer (or ``script``, a wrapper around it) as a subprocess, its merged stdout/stderr collected by a
     thread."""
 
-    def __init__(self, config: Path, cwd: Path, script: Path = REPO / "train_kontext_lora.py") -> None:
+    def __init__(self, config: Path, cwd: Path, script: Path = REPO / "train_kontext_lora.py",
+                 launcher: list[str] | None = None) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", TQDM_MININTERVAL="0")
+        # With a launcher (``accelerate launch ...``) the processes get a session of their own, so that a signal to
+        # its process group (a terminal's Ctrl-C) reaches the launcher and the trainer, and never pytest.
         self.p = subprocess.Popen(
-            [sys.executable, str(script), "--config", str(config)],
-            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            [*(launcher or [sys.executable]), str(script), "--config", str(config)],
+            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=launcher is not None,
         )
         self.chunks: list[bytes] = []
         self.t = threading.Thread(target=self._read, daemon=True)
@@ -379,6 +382,28 @@ def test_signal_checkpoints_and_exits_with_resume_hint(sig, tmp_path, tiny_model
     assert max_diff(lora_of(run), saved_lora(ckpts[0])) == 0.0
     assert tk.train(run) == "done"
     assert [h["step"] for h in run.history][-2:] == [step, step + 1]
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_accelerate_launch_saves_a_checkpoint(tmp_path, tiny_model_dir, tiny_dataset_dir):
+    """Ctrl-C reaches the launcher and the trainer; the launcher then sends the trainer SIGTERM. That SIGTERM is
+    the same stop passed on, not a second one: the trainer saves its checkpoint (it used to exit at once, 143)."""
+    from test_launch import accelerate_cmd
+
+    config, _ = _long_run_config(tmp_path, tiny_model_dir, tiny_dataset_dir)
+    launcher = accelerate_cmd() + ["launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+                                   "--dynamo_backend", "no"]
+    proc = Proc(config, tmp_path, launcher=launcher)
+    proc.wait_for(r"train:[^\r\n]*?\b[1-9]\d*/100000")
+    os.killpg(proc.p.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+    proc.finish(timeout=300)  # a hang guard; the launcher's own status is its business (130)
+    text = proc.text
+    assert "SIGINT received: finishing the current step" in text, text[-3000:]
+    assert "SIGTERM received as well: the stop asked for by SIGINT goes on" in text, text[-3000:]
+    assert "received again" not in text
+    m = re.search(r"Stopped by signal at step (\d+); checkpoint saved", text)
+    out = tmp_path / "out"
+    assert m and list_checkpoints(out) == [out / f"checkpoint-{m.group(1)}"], text[-3000:]
 
 
 # The trainer with the rename of its checkpoint held until the process ends: the test sends the second signal
@@ -466,6 +491,42 @@ def test_second_signal_during_the_save_exits_without_a_checkpoint(tmp_path, tiny
     assert "SIGTERM received: finishing the current step" in err
     assert "SIGTERM received again: exiting now without a checkpoint" in err
     assert list_checkpoints(out) == [] and (out / "checkpoint-1.tmp").is_dir()
+
+
+def test_another_kind_of_signal_is_the_same_stop_and_a_repeat_exits(monkeypatch, capfd):
+    """SIGINT then SIGTERM (a launcher passing the terminal's Ctrl-C on) is one stop; SIGINT again exits at once."""
+    import types
+
+    import kontext.training.signals as signals
+    from kontext.training.signals import StopRequest
+
+    class Exited(BaseException):
+        pass
+
+    def exit_now(code: int):
+        raise Exited(code)
+
+    monkeypatch.setattr(signals, "os", types.SimpleNamespace(_exit=exit_now))
+    with StopRequest() as stop:
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.requested == "SIGINT"
+        with pytest.raises(Exited) as info:
+            signal.raise_signal(signal.SIGINT)
+    assert info.value.args == (128 + signal.SIGINT,)
+    err = capfd.readouterr().err
+    assert "SIGTERM received as well: the stop asked for by SIGINT goes on (send SIGINT again to exit at once)" in err
+    assert "SIGINT received again: exiting now without a checkpoint" in err
+
+    # Under torchrun the agent passes a signal on as the same signal: the first repeat is that echo.
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    with StopRequest() as stop:
+        signal.raise_signal(signal.SIGTERM)  # the scheduler's, to every process
+        signal.raise_signal(signal.SIGTERM)  # the agent's
+        with pytest.raises(Exited) as info:
+            signal.raise_signal(signal.SIGTERM)
+    assert info.value.args == (128 + signal.SIGTERM,)
+    assert "SIGTERM received as well: the stop asked for by SIGTERM goes on" in capfd.readouterr().err
 
 
 def test_stop_request_restores_previous_handlers():

@@ -13,7 +13,9 @@ terminal (SIGHUP) or sends SIGQUIT. :class:`StopRequest` handles all four the sa
 - Interrupting (:meth:`StopRequest.interrupting`): the first signal raises :class:`Stopped` at once, where nothing
   is lost by stopping (setup, before the first update; the final validation, which a resume repeats). Blocks that
   must not be cut in half (:meth:`StopRequest.uninterrupted`) take the stop at their end.
-- A second signal exits at once with status 128 + the signal number.
+- A second signal of a kind already received exits at once with status 128 + the signal number. A signal of
+  another kind is the same stop passed on (a launcher that got the terminal's Ctrl-C sends SIGTERM on top) and
+  only said; so is, under torchrun, the first repeat (its agent passes each signal on as the same signal).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import signal
 import sys
 from collections.abc import Iterator
+from os import environ
 from types import FrameType
 
 # What the process is busy with between two polls (innermost last): (what, what follows it).
@@ -88,12 +91,26 @@ class StopRequest:
         self._interrupt: tuple[str | None] | None = None  # (note,) while interrupting
         self._held = 0  # depth of uninterrupted blocks
         self._joined: StopRequest | None = None
+        self._received: set[int] = set()
+        # torchrun's agent (also under `accelerate launch` with several processes) passes a signal on to its workers
+        # as the same signal: a worker that also received it from the terminal or the scheduler gets it twice.
+        self._echoes = 1 if "TORCHELASTIC_RUN_ID" in environ else 0
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
+        if signum in self._received:
+            if not self._echoes:
+                _say(f"\n{name} received again: exiting now without a checkpoint.\n")
+                os._exit(128 + signum)
+            self._echoes -= 1
+        self._received.add(signum)
         if self.requested is not None:
-            _say(f"\n{name} received again: exiting now without a checkpoint.\n")
-            os._exit(128 + signum)
+            # Another kind of signal (or torchrun's echo) is the same stop passed on: Ctrl-C reaches `accelerate
+            # launch` as well as this process, and the launcher sends SIGTERM on top. Taking it for a second request
+            # would turn every Ctrl-C under a launcher into an exit without a checkpoint.
+            _say(f"\n{name} received as well: the stop asked for by {self.requested} goes on "
+                 f"(send {self.requested} again to exit at once).\n")
+            return
         self.requested, self.signum = name, signum
         if self._interrupt is not None:
             note = self._interrupt[0]
