@@ -333,3 +333,45 @@ def test_each_rank_stops_when_one_rank_cannot_write_its_checkpoint_part(tmp_path
         assert needle in str(info.value) and "checkpoint-4" in str(info.value), (rank, str(info.value))
         assert not tmp.exists()
     stop_if_any_failed(_OneOfTwoRanks(0, 0.0), None, tmp_path, tmp_path / "checkpoint-4.tmp", "checkpoint-4")  # all fine
+
+
+STOP_IN_FINAL_VALIDATION = textwrap.dedent(
+    """
+    import signal, sys
+    sys.path.insert(0, {repo!r})
+    import kontext.training.validation as kv
+    import train_kontext_lora as tk
+
+    real_generate = kv.generate
+
+    def generate_after_sigterm(*a, **k):  # the final validation runs on the main process only
+        signal.raise_signal(signal.SIGTERM)
+        return real_generate(*a, **k)
+
+    kv.generate = generate_after_sigterm
+    sys.exit(tk.main(sys.argv[1:]))
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_stop_during_the_final_validation_saves_on_every_rank(tmp_path, tiny_model_dir, tiny_dataset_dir):
+    """SIGTERM reaches only the main process, during the final validation (checkpoint.every_steps=0): every rank
+    learns it, all save checkpoint-2 together and exit 0 with the resume command; nothing is exported."""
+    script = tmp_path / "stop_in_final_validation.py"
+    script.write_text(STOP_IN_FINAL_VALIDATION.format(repo=str(REPO)))
+    cmd = accelerate_cmd() + [
+        "launch", "--config_file", "configs/accelerate/cpu_2proc.yaml", "--main_process_port", str(_free_port()),
+        str(script), "--config", "configs/example_tiny.yaml",
+        *tiny_overrides(tiny_model_dir, tiny_dataset_dir, tmp_path, **{
+            "train.max_steps": 2, "checkpoint.every_steps": 0, "validation.every_steps": 0,
+            "validation.num_samples": 1, "validation.num_inference_steps": 2}),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=400)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "SIGTERM received: ending the final validation early" in out, out[-3000:]
+    assert "Stopped by signal at step 2 before the final export; checkpoint saved. Resume with:" in out, out[-3000:]
+    folder = tmp_path / "out"
+    assert (folder / "checkpoint-2" / "trainer_state.json").is_file()
+    assert not (folder / "pytorch_lora_weights.safetensors").exists()

@@ -529,6 +529,34 @@ def test_another_kind_of_signal_is_the_same_stop_and_a_repeat_exits(monkeypatch,
     assert "SIGTERM received as well: the stop asked for by SIGTERM goes on" in capfd.readouterr().err
 
 
+def test_a_hung_up_terminal_never_breaks_the_stop(monkeypatch):
+    """SIGHUP after the terminal closed: writing the message fails (EIO). The stop is still recorded, and the output
+    goes to /dev/null instead, so that the save's own messages cannot fail either."""
+    import errno
+    import types
+
+    import kontext.training.signals as signals
+    from kontext.training.signals import StopRequest
+
+    class HungUp:
+        def write(self, text):
+            raise OSError(errno.EIO, "Input/output error")
+
+        def flush(self):
+            raise OSError(errno.EIO, "Input/output error")
+
+    redirected: list[tuple[int, int]] = []
+    fake_os = types.SimpleNamespace(devnull=os.devnull, O_WRONLY=os.O_WRONLY, open=lambda path, flags: 99,
+                                    dup2=lambda fd, to: redirected.append((fd, to)), close=lambda fd: None,
+                                    _exit=os._exit)
+    monkeypatch.setattr(signals, "os", fake_os)
+    monkeypatch.setattr(sys, "stderr", HungUp())
+    with StopRequest() as stop:
+        signal.raise_signal(signal.SIGHUP)
+        assert stop.requested == "SIGHUP"
+    assert redirected == [(99, 1), (99, 2)]
+
+
 def test_stop_request_restores_previous_handlers():
     from kontext.training.signals import StopRequest
 
