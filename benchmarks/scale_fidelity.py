@@ -50,10 +50,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.synthetic import generate_dataset  # noqa: E402  (the repository root is on the path only now)
 
-# Every variant's `loss` section; `default` is empty: the schema's defaults, whatever they are.
-MASKED = {"enabled": True}
+# Every variant's `loss` section, each term on or off explicitly; `default` is empty: the schema's defaults,
+# whatever they are.
+MASKED, UNMASKED = {"enabled": True}, {"enabled": False}
 VARIANTS: dict[str, dict[str, Any]] = {
-    "plain": {"geometry": {"enabled": False}},
+    "plain": {"geometry": {"enabled": False}, "masked": UNMASKED},
     "masked": {"geometry": {"enabled": False}, "masked": MASKED},
     "default": {},
     "masked_geometry": {"geometry": {"enabled": True}, "masked": MASKED},
@@ -62,9 +63,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # The terms judge the model's own samples at sigma 0.55-0.9 (ReFL/DRaFT-style).
     "masked_on_policy": {"geometry": {"enabled": True}, "masked": MASKED, "on_policy": {"enabled": True}},
     # Ablations, not in the default set.
-    "geometry": {"geometry": {"enabled": True}},
-    "reference": {"geometry": {"enabled": True, "formulation": "seed"}},
-    "geometry_unweighted": {"geometry": {"enabled": True, "noise_weighting": "none"}},
+    "geometry": {"geometry": {"enabled": True}, "masked": UNMASKED},
+    "reference": {"geometry": {"enabled": True, "formulation": "seed"}, "masked": UNMASKED},
+    "geometry_unweighted": {"geometry": {"enabled": True, "noise_weighting": "none"}, "masked": UNMASKED},
 }
 DEFAULT_VARIANTS = (
     "plain", "masked", "default", "masked_geometry", "masked_geometry_inverse_sigma", "masked_on_policy",

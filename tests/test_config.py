@@ -144,7 +144,7 @@ CONTRACT_KEYS = {
     "checkpoint.every_steps": (500, "checkpoint.every_steps=25", 25),
     "checkpoint.total_limit": (3, "checkpoint.total_limit=null", None),
     "checkpoint.resume_from": (None, "checkpoint.resume_from=latest", "latest"),
-    "loss.geometry.enabled": (True, "loss.geometry.enabled=false", False),
+    "loss.geometry.enabled": (False, "loss.geometry.enabled=true", True),
     "export.comfyui": (False, "export.comfyui=true", True),
 }
 

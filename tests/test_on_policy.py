@@ -89,9 +89,9 @@ def _rollout_by_hand(transformer, sched, batch, cfg, seed):
 def test_on_policy_judges_the_models_own_sample_and_leaves_the_flow_loss(tiny):
     transformer, sched = tiny
     batch = _batch(transformer, seed=4)
-    on = config_from_dict({"loss": {"masked": {"enabled": True},
+    on = config_from_dict({"loss": {"geometry": {"enabled": True},
                                     "on_policy": {"enabled": True, "fraction": 1.0, "weight": 0.7}}})
-    off = config_from_dict({"loss": {"masked": {"enabled": True}}})
+    off = config_from_dict({"loss": {"geometry": {"enabled": True}}})
     calls = []
     handle = transformer.register_forward_hook(lambda m, a, k, out: calls.append(out[0].requires_grad), with_kwargs=True)
     try:
@@ -126,8 +126,8 @@ def test_on_policy_fraction_picks_micro_batches_from_the_step_stream(tiny):
     without on-policy (same numbers), so turning it on changes nothing but those."""
     transformer, sched = tiny
     batch = _batch(transformer, seed=5)
-    on = config_from_dict({"loss": {"on_policy": {"enabled": True, "fraction": 0.5}}})
-    off = config_from_dict({})
+    on = config_from_dict({"loss": {"geometry": {"enabled": True}, "on_policy": {"enabled": True, "fraction": 0.5}}})
+    off = config_from_dict({"loss": {"geometry": {"enabled": True}}})
     kinds = []
     for seed in range(8):
         with torch.no_grad():
@@ -148,7 +148,7 @@ def test_on_policy_fraction_picks_micro_batches_from_the_step_stream(tiny):
 
 def test_on_policy_config_errors_name_the_keys():
     with pytest.raises(ConfigError, match=r"loss\.on_policy\.enabled.*loss\.geometry\.enabled"):
-        config_from_dict({"loss": {"geometry": {"enabled": False}, "on_policy": {"enabled": True}}})
+        config_from_dict({"loss": {"on_policy": {"enabled": True}}})  # the geometry terms are off by default
     with pytest.raises(ConfigError, match=r"sigma_min.*above.*sigma_max"):
         config_from_dict({"loss": {"on_policy": {"sigma_min": 0.9, "sigma_max": 0.6}}})
     with pytest.raises(ConfigError, match=r"loss\.on_policy\.fraction"):
@@ -162,7 +162,8 @@ def test_a_stop_below_the_schedule_predicts_at_its_last_noise_level(tiny):
 
     transformer, sched = tiny
     batch = _batch(transformer, seed=6)
-    op = config_from_dict({"loss": {"on_policy": {"enabled": True, "sigma_min": 0.01, "sigma_max": 0.01,
+    op = config_from_dict({"loss": {"geometry": {"enabled": True},
+                                    "on_policy": {"enabled": True, "sigma_min": 0.01, "sigma_max": 0.01,
                                                   "sampler_steps": 4}}}).loss.on_policy
     sigmas = fm.sampling_sigmas(4, 16, sched.config)
     assert float(sigmas[-2]) > 0.01

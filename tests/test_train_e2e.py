@@ -45,7 +45,8 @@ def test_end_to_end_outputs_and_lora_loads(tmp_path, tiny_model_dir, tiny_datase
 
     from diffusers import FluxKontextPipeline, FluxTransformer2DModel
 
-    cfg = tiny_cfg(tmp_path, tiny_model_dir, tiny_dataset_dir, export={"comfyui": True})
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, tiny_dataset_dir, export={"comfyui": True},
+                   loss={"geometry": {"enabled": True}})  # every loss term in the history
     umask = os.umask(0o022)
     try:
         run = run_training(cfg)
@@ -131,7 +132,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, tiny_model_dir, tiny_dat
         lora={"rank": 4, "alpha": 8, "dropout": 0.1},
         data={"random_flip": True},
         checkpoint={"every_steps": 3, "total_limit": 5},
-        loss={"on_policy": {"enabled": on_policy, "fraction": 0.5, "sampler_steps": 4}},
+        loss={"geometry": {"enabled": True}, "on_policy": {"enabled": on_policy, "fraction": 0.5, "sampler_steps": 4}},
     )
     a = tiny_cfg(tmp_path / "a", tiny_model_dir, tiny_dataset_dir, **common)
     run_a = run_training(a)
@@ -177,8 +178,9 @@ def test_cached_and_uncached_runs_agree_and_free_the_text_encoders(tmp_path, tin
     histories = {}
     for cached in (True, False):
         calls.clear()
+        # geometry on: the un-hinted scene's latents take both paths too
         cfg = tiny_cfg(tmp_path / str(cached), tiny_model_dir, tiny_dataset_dir, data={"cache_latents": cached},
-                       train={"max_steps": 3}, checkpoint={"every_steps": 0},
+                       train={"max_steps": 3}, checkpoint={"every_steps": 0}, loss={"geometry": {"enabled": True}},
                        validation={"every_steps": 0, "num_samples": 1, "num_inference_steps": 1})
         run = run_training(cfg)
         assert run.stop_reason == "done"

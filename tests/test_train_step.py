@@ -182,7 +182,7 @@ def _geometry_by_hand(z, x0, scene, mask_px, sample_weights, formulation):
 def test_base_loss_equals_diffusers_kontext_script(tiny, scheme):
     transformer, sched = tiny
     batch = _batch(transformer, seed=1)
-    cfg = config_from_dict({"train": {"weighting_scheme": scheme}, "loss": {"geometry": {"enabled": False}}})
+    cfg = config_from_dict({"train": {"weighting_scheme": scheme}, "loss": {"masked": {"enabled": False}}})
     with torch.no_grad():
         ours, logs = compute_loss(transformer, batch, cfg, torch.Generator().manual_seed(5), sched)
     ref = _diffusers_script_loss(transformer, sched, batch, scheme, seed=5)
@@ -196,7 +196,7 @@ def test_base_loss_parity_with_context_of_other_size(tiny):
     transformer, sched = tiny
     batch = _batch(transformer, seed=2, h=8, w=8, hc=6, wc=10)
     batch = dataclasses.replace(batch, geometry=None)
-    cfg = config_from_dict({"loss": {"geometry": {"enabled": False}}})
+    cfg = config_from_dict({"loss": {"masked": {"enabled": False}}})
     with torch.no_grad():
         ours, _ = compute_loss(transformer, batch, cfg, torch.Generator().manual_seed(9), sched)
     ref = _diffusers_script_loss(transformer, sched, batch, "none", seed=9)
@@ -209,7 +209,9 @@ def test_geometry_on_adds_the_reference_composition_written_out(tiny):
     the pixel masks, with the terms that ask "what changed" taken against the un-hinted scene."""
     transformer, sched = tiny
     batch = _batch(transformer, seed=3)
-    on = config_from_dict({"loss": {"geometry": {"noise_weighting": "none", "weight": 0.5, "formulation": "seed"}}})
+    on = config_from_dict({"loss": {"masked": {"enabled": False},
+                                    "geometry": {"enabled": True, "noise_weighting": "none", "weight": 0.5,
+                                                 "formulation": "seed"}}})
     with torch.no_grad():
         total, logs = compute_loss(transformer, batch, on, torch.Generator().manual_seed(11), sched)
         r = _diffusers_script_velocity(transformer, sched, batch, "none", seed=11)
@@ -227,13 +229,13 @@ def test_geometry_on_adds_the_reference_composition_written_out(tiny):
     assert 0.5 * float(geo) > 0.1 * float(flow)  # the geometry part is not lost in the tolerance
 
 
-def test_default_geometry_is_the_calibrated_formulation_against_the_scene(tiny):
-    """The trainer's default geometry term is the calibrated formulation on (z_pred, target, scene), each sample
+def test_geometry_on_is_the_calibrated_formulation_against_the_scene(tiny):
+    """The geometry terms, once on, are the calibrated formulation on (z_pred, target, scene), each sample
     weighted by 1 - sigma, written out in the test; the hinted context only conditions the model: replacing the
     scene with it leaves the prediction (and the flow loss) as it is and changes the terms."""
     transformer, sched = tiny
     batch = _batch(transformer, seed=7)
-    cfg = config_from_dict({})
+    cfg = config_from_dict({"loss": {"geometry": {"enabled": True}, "masked": {"enabled": False}}})
     assert cfg.loss.geometry.formulation == "calibrated"
     with torch.no_grad():
         _, logs = compute_loss(transformer, batch, cfg, torch.Generator().manual_seed(3), sched)

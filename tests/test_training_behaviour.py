@@ -42,6 +42,7 @@ def two_sample_run(tmp_path_factory: pytest.TempPathFactory):
                 "weighting_scheme": "logit_normal",
             },
             checkpoint={"every_steps": 0},
+            loss={"geometry": {"enabled": True}},
         )
     )
     assert cfg.loss.geometry.enabled and cfg.lora.dropout == 0.0

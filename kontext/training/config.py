@@ -217,7 +217,11 @@ class TrainConfig:
 class GeometryConfig:
     """The mask-geometry losses on the predicted clean latents (see docs/losses.md)."""
 
-    enabled: bool = _f(True, "All geometry terms on or off at once.")
+    enabled: bool = _f(
+        False,
+        "All geometry terms on or off at once. Off by default: on the scale-fidelity benchmark they do not beat "
+        "`loss.masked` (docs/losses.md).",
+    )
     formulation: Literal["calibrated", "seed"] = _f(
         "calibrated",
         "`calibrated`: change masks of prediction and target under the target's statistics, minimal at the target; "
@@ -250,7 +254,11 @@ class GeometryConfig:
 class MaskedFlowConfig:
     """Mask-weighted flow-matching loss, as kohya, OneTrainer and SimpleTuner offer (no geometry)."""
 
-    enabled: bool = _f(False, "Weight the flow-matching MSE per latent pixel by the insertion mask.")
+    enabled: bool = _f(
+        True,
+        "Weight the flow-matching MSE per latent pixel by the insertion mask (the default: the best measured "
+        "loss on the scale-fidelity benchmark, docs/losses.md).",
+    )
     unmasked_weight: float = _f(
         0.1, "Weight of latent pixels outside the mask (1 inside; the map is normalised per sample).", min=0.0, max=1.0
     )
