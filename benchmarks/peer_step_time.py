@@ -12,8 +12,8 @@ the context with the ``fill`` hint drawn in (the project's own ``apply_mask_hint
 image, one prompt per sample. Batch 2, LoRA rank 16 / alpha 16 on the example's 13 module types, AdamW at
 lr 1e-4 constant, no warm-up, float32 (``--mixed_precision no``), clipping at 1.0, guidance 1.0, T5 length 32,
 centre crop, no flips, scalars logged to TensorBoard every step (the example cannot log to nothing), no
-checkpoints and no validation during the loop. The project runs with the geometry losses off (the example
-has none) unless ``--geometry``.
+checkpoints and no validation during the loop. The project trains the plain flow-matching loss as the example
+does: ``loss.masked`` and the geometry losses off, unless ``--masked`` / ``--geometry``.
 
 - **project**: ``train_kontext_lora.py --config configs/example_tiny.yaml`` with overrides;
   ``data.cache_latents`` true / false.
@@ -236,7 +236,8 @@ def make_data(work: Path, samples: int, resolution: int) -> tuple[Path, Path]:
     return folder, peer
 
 
-def project_args(out: Path, model: Path, data: Path, resolution: int, steps: int, cached: bool, geometry: bool) -> list[str]:
+def project_args(out: Path, model: Path, data: Path, resolution: int, steps: int, cached: bool, geometry: bool,
+                 masked: bool = False) -> list[str]:
     return [
         "--config", str(REPO / "configs" / "example_tiny.yaml"),
         f"output_dir={out}",
@@ -263,6 +264,7 @@ def project_args(out: Path, model: Path, data: Path, resolution: int, steps: int
         "train.mixed_precision=no",
         "train.seed=0",
         f"loss.geometry.enabled={str(geometry).lower()}",
+        f"loss.masked.enabled={str(masked).lower()}",
         "checkpoint.every_steps=0",
         "validation.every_steps=-1",
         "logging.report_to=tensorboard",
@@ -366,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--geometry", action="store_true", help="the project with its geometry losses on")
+    ap.add_argument("--masked", action="store_true", help="the project with loss.masked on (the mask-weighted flow loss)")
     ap.add_argument("--work", type=Path, default=None, help="working folder (default: a new temporary one)")
     ap.add_argument("--out", type=Path, default=None, help="write every run's figures here (JSON)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
@@ -395,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                 out = work / tag
                 cached = path == "cached"
                 if side == "project":
-                    sargs = project_args(out, model, data, args.resolution, args.steps, cached, args.geometry)
+                    sargs = project_args(out, model, data, args.resolution, args.steps, cached, args.geometry, args.masked)
                     py, script, desc = args.python, REPO / "train_kontext_lora.py", "train"
                 else:
                     sargs = example_args(out, model, peer, args.resolution, args.steps, cached)
