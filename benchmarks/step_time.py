@@ -7,7 +7,7 @@ Both sides train the committed tiny FLUX.1 Kontext (``kontext.tiny.model.tiny_mo
 synthetic triplets with the ``fill`` hint: batch 2, LoRA rank 16 on the default target modules, AdamW at
 lr 1e-4 constant, float32, gradient-norm clipping at 1.0.
 
-- **project**: the trainer's own ``setup`` and ``train`` (``train_kontext_lora.py``), each with the
+- **project**: the trainer's own ``setup`` and ``train`` (``train_kontext_lora.py``; ``loss.masked`` off), each with the
   geometry losses on and off: cached (``data.cache_latents: true``); uncached with a centre crop (each
   sample is VAE-encoded on its first use and its latents kept; timed after one epoch); and uncached with
   ``data.random_crop: true``, which VAE-encodes every batch in every step; all with the default
@@ -132,6 +132,7 @@ def project_run(work: Path, model: Path, data: Path, resolution: int, cached: bo
             f"data.resolution={resolution}",
             f"data.cache_latents={str(cached).lower()}",
             f"data.random_crop={str(random_crop).lower()}",
+            "loss.masked.enabled=false",  # the plain flow loss, as the baseline; each setting turns the geometry on or off
             "data.synthetic.enabled=false",
             f"lora.rank={RANK}",
             f"lora.alpha={RANK}",
@@ -348,31 +349,39 @@ def bench_resolution(work: Path, model: Path, resolution: int, repeats: int, ste
     data = work / f"data_{resolution}"
     generate_dataset(data, num_samples=SAMPLES, size=(resolution, resolution), seed=0)
     base = Baseline(model, data, resolution)
-    cached = project_run(work, model, data, resolution, cached=True)
-    uncached = project_run(work, model, data, resolution, cached=False)
-    cropping = project_run(work, model, data, resolution, cached=False, random_crop=True)
-    bare = Bare(cached)
+    made: dict[str, T.Run] = {}
+
+    def run_of(kind: str) -> T.Run:
+        """The project run of ``kind`` (cached / uncached / random crop), set up on first use."""
+        if kind not in made:
+            made[kind] = project_run(work, model, data, resolution, cached=kind == "cached", random_crop=kind == "random crop")
+        return made[kind]
+
     settings: dict[str, Any] = {
         "baseline (encode every step)": lambda n: base.steps(n),
-        "project cached, geometry off": lambda n: project_steps(cached, n, False),
-        "project cached, geometry on": lambda n: project_steps(cached, n, True),
-        "project uncached, geometry off": lambda n: project_steps(uncached, n, False),
-        "project uncached, geometry on": lambda n: project_steps(uncached, n, True),
-        "project random crop, geometry off": lambda n: project_steps(cropping, n, False),
-        "project random crop, geometry on": lambda n: project_steps(cropping, n, True),
-        "project random crop, geom. off, prefetch on": lambda n: project_steps(cropping, n, False, prefetch=True),
+        "project cached, geometry off": lambda n: project_steps(run_of("cached"), n, False),
+        "project cached, geometry on": lambda n: project_steps(run_of("cached"), n, True),
+        "project uncached, geometry off": lambda n: project_steps(run_of("uncached"), n, False),
+        "project uncached, geometry on": lambda n: project_steps(run_of("uncached"), n, True),
+        "project random crop, geometry off": lambda n: project_steps(run_of("random crop"), n, False),
+        "project random crop, geometry on": lambda n: project_steps(run_of("random crop"), n, True),
+        "project random crop, geom. off, prefetch on": lambda n: project_steps(run_of("random crop"), n, False, prefetch=True),
         "bare transformer forward + backward": lambda n: bare.steps(n),
     }
     base_name = "baseline (encode every step)"
     if only:
         settings = {k: v for k, v in settings.items() if k == base_name or any(o in k for o in only)}
+    for kind in ("cached", "uncached", "random crop"):  # set up before any timing, in this order
+        if any(f"project {kind}," in k for k in settings) or (kind == "cached" and "bare transformer forward + backward" in settings):
+            run_of(kind)
+    bare = Bare(made["cached"]) if "cached" in made else None
     blocks = [(name, n) for name in settings for n in threads]
     for name, n in blocks:
         torch.set_num_threads(n)
         settings[name](1)  # warm-up: first-call allocations, lazy imports, the thread team
-    if "project uncached, geometry on" in settings:
+    if "uncached" in made:
         # Uncached with a centre crop encodes each sample on first use: time the steady state after one epoch.
-        project_steps(uncached, SAMPLES // BATCH, True)
+        project_steps(made["uncached"], SAMPLES // BATCH, True)
     times: dict[tuple[str, int], list[float]] = {b: [] for b in blocks}
     loads: dict[tuple[str, int], list[float]] = {b: [] for b in blocks}
     for rep in range(repeats):
@@ -385,9 +394,8 @@ def bench_resolution(work: Path, model: Path, resolution: int, repeats: int, ste
                 raise RuntimeError(f"{name}: ran on {torch.get_num_threads()} threads, not {n}")
     torch.set_num_threads(max(threads))
     base.validate()
-    project_validate(cached)
-    project_validate(uncached)
-    project_validate(cropping)
+    for run in made.values():
+        project_validate(run)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"\n== {resolution} px: s/step (median of {repeats} x {steps} interleaved steps), per thread count ==")
     print(f"{'setting':<44}{'thr':>4} {'s/step':>8} {'min':>7} {'max':>7} {'vs baseline':>12}  load 1-min")
@@ -401,8 +409,7 @@ def bench_resolution(work: Path, model: Path, resolution: int, repeats: int, ste
         for name in settings:
             print(f"{name:<44} {med[(name, lo)] / med[(name, hi)]:>6.2f}")
     print(f"\n-- {resolution} px: peak RSS per phase, MiB above the RSS before the setting was set up --")
-    whose = {"baseline": base.name, "project cached": cached.bench_name, "project uncached": uncached.bench_name,
-             "project random crop": cropping.bench_name}
+    whose = {"baseline": base.name, **{f"project {k}": r.bench_name for k, r in made.items()}}  # type: ignore[attr-defined]
     phases = ("load", "cache", "train", "validate")
     print(f"{'run':<20}" + "".join(f"{p:>10}" for p in phases) + (" | CUDA peak MiB per phase" if MEM.cuda else ""))
     for label, key in whose.items():
