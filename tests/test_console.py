@@ -117,11 +117,11 @@ def test_summary_says_how_to_make_the_held_out_folder_it_evaluates_on(tmp_path):
 
 
 def test_cpu_threads_for_a_plain_run(monkeypatch):
-    monkeypatch.setattr(launch.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(launch, "busy_cores", lambda: 0)
     monkeypatch.setattr(launch.os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
     assert launch.cpu_threads_for_run({}) in (1, 2, 3, 4)  # physical cores, at most the usable ones
     # a busy box: the cores other work holds are left to it
-    monkeypatch.setattr(launch.os, "getloadavg", lambda: (3.2, 3.0, 3.0))
+    monkeypatch.setattr(launch, "busy_cores", lambda: 3)
     assert launch.cpu_threads_for_run({}) == 1
     # the user's OMP_NUM_THREADS is never overridden
     assert launch.cpu_threads_for_run({"OMP_NUM_THREADS": "3"}) is None
@@ -130,7 +130,7 @@ def test_cpu_threads_for_a_plain_run(monkeypatch):
 def test_cpu_threads_under_a_launcher(monkeypatch):
     """A launcher's considered choice stays; its default of one thread (accelerate without --cpu on a machine without
     a GPU, torchrun) is replaced by the cores, shared by the processes of the machine."""
-    monkeypatch.setattr(launch.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(launch, "busy_cores", lambda: 0)
     monkeypatch.setattr(launch.os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
     monkeypatch.setattr(launch.torch.accelerator, "is_available", lambda: False)
     import psutil
@@ -152,6 +152,35 @@ def test_cpu_threads_under_a_launcher(monkeypatch):
     # on an accelerator the launcher's setting stays whatever it is
     monkeypatch.setattr(launch.torch.accelerator, "is_available", lambda: True)
     assert launch.cpu_threads_for_run(env, launcher=default) is None
+
+
+def test_busy_cores_is_the_smaller_of_the_load_average_and_the_moment(monkeypatch):
+    """The load average lags a minute behind a run that just ended; the moment's sample follows a brief spike: the
+    smaller of the two counts. The moment is all CPUs' busy time over the window less this process's own."""
+    busy = iter([100.0, 100.75])  # /proc/stat before and after: 0.75 s busy over a 0.25 s window
+    own = iter([5.0, 5.25])  # of which 0.25 s was this process
+    monkeypatch.setattr(launch, "_cpu_busy_seconds", lambda: next(busy))
+    monkeypatch.setattr(launch.time, "process_time", lambda: next(own))
+    monkeypatch.setattr(launch.time, "sleep", lambda s: None)
+    monkeypatch.setattr(launch.os, "getloadavg", lambda: (3.2, 3.0, 3.0))
+    assert launch.busy_cores(window=0.25) == 2  # others: (0.75 - 0.25) / 0.25
+    busy, own = iter([100.0, 100.75]), iter([5.0, 5.25])
+    monkeypatch.setattr(launch.os, "getloadavg", lambda: (0.9, 0.5, 0.2))
+    assert launch.busy_cores(window=0.25) == 1  # the load average is the smaller
+    monkeypatch.setattr(launch, "_cpu_busy_seconds", lambda: None)  # no /proc/stat: the load average alone
+    assert launch.busy_cores() == 1
+
+
+def test_a_busy_process_is_seen_in_the_moments_sample(monkeypatch):
+    monkeypatch.setattr(launch.os, "getloadavg", lambda: (8.0, 8.0, 8.0))  # the moment decides
+    spinner = subprocess.Popen([sys.executable, "-c", "print('ready', flush=True)\nwhile True: pass"],
+                               stdout=subprocess.PIPE)
+    try:
+        assert spinner.stdout.readline() == b"ready\n"
+        assert launch.busy_cores(window=0.5) >= 1
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 def test_the_launchers_command_line_and_environment_are_read_from_proc():

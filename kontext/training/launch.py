@@ -98,7 +98,7 @@ def cpu_threads_for_run(environ: Any = None, launcher: Any = "parent") -> int | 
     considered choice (:func:`launcher_chose_threads`; ``launcher`` is its ``(argv, environ)``, by default read from
     the parent process). Otherwise (a plain run, or a launcher's default of one thread) the physical cores this process
     may use, shared by the processes of this machine (``LOCAL_WORLD_SIZE``), less the cores other work keeps busy
-    (the 1-minute load average): OpenMP threads that wait for a core held by another process spin, and on a busy
+    (:func:`busy_cores`): OpenMP threads that wait for a core held by another process spin, and on a busy
     2-core box two threads ran a step tens of times slower than one. Runs on an accelerator are left alone.
     """
     env = os.environ if environ is None else environ
@@ -121,11 +121,35 @@ def cpu_threads_for_run(environ: Any = None, launcher: Any = "parent") -> int | 
         physical = usable
     local = max(1, int(env.get("LOCAL_WORLD_SIZE", "1") or 1))
     cores = max(1, min(usable, physical) // local)
+    return max(1, min(cores, (usable - busy_cores()) // local))
+
+
+def _cpu_busy_seconds() -> float | None:
+    """Seconds all CPUs have spent busy since boot (``/proc/stat``: everything but idle and iowait), or None."""
     try:
-        busy = round(os.getloadavg()[0])
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def busy_cores(window: float = 0.25) -> int:
+    """Cores other work keeps busy: the smaller of the 1-minute load average and what the CPUs did in the last
+    ``window`` seconds besides this process (``/proc/stat``). The load average alone lags: right after another run
+    ends it still reads about one busy core for a minute; the moment's sample alone would follow a brief spike."""
+    try:
+        average = round(os.getloadavg()[0])
     except (AttributeError, OSError):
-        busy = 0
-    return max(1, min(cores, (usable - busy) // local))
+        average = 0
+    before = _cpu_busy_seconds()
+    if before is None:
+        return average
+    own_before = time.process_time()
+    time.sleep(window)
+    after, own = _cpu_busy_seconds(), time.process_time() - own_before
+    others = max(0.0, (after - before) - own) / window if after is not None else float(average)
+    return min(average, round(others))
 
 
 def set_cpu_threads() -> int | None:
