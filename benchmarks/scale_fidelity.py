@@ -49,6 +49,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.synthetic import generate_dataset  # noqa: E402  (the repository root is on the path only now)
+from kontext.training.config import config_from_dict, config_to_dict  # noqa: E402
 
 # Every variant's `loss` section, each term on or off explicitly; `default` is empty: the schema's defaults,
 # whatever they are.
@@ -187,7 +188,6 @@ def run_config(out: Path, model: str, data: Path, cache: Path, s: Settings, vari
 def train_lora(cfg_dict: dict) -> float:
     """Train one LoRA with the project's trainer; returns the seconds it took."""
     import train_kontext_lora as tk
-    from kontext.training.config import config_from_dict
 
     t0 = time.perf_counter()
     run = tk.run_training(config_from_dict(cfg_dict))
@@ -198,8 +198,6 @@ def train_lora(cfg_dict: dict) -> float:
 
 def resolved_loss(loss: dict[str, Any]) -> dict[str, Any]:
     """A variant's ``loss`` section with every schema default filled in (``{}`` is the trainer's default)."""
-    from kontext.training.config import config_from_dict, config_to_dict
-
     return config_to_dict(config_from_dict({"loss": loss}))["loss"]
 
 
@@ -207,8 +205,6 @@ def finished_run(cfg_dict: dict) -> bool:
     """Whether ``cfg_dict``'s output folder holds a finished LoRA trained with the same loss, LoRA, schedule and
     data (its ``config.yaml``): an interrupted benchmark then trains only what is missing."""
     import yaml
-
-    from kontext.training.config import config_from_dict, config_to_dict
 
     out = Path(cfg_dict["output_dir"])
     if not (out / "pytorch_lora_weights.safetensors").is_file() or not (out / "config.yaml").is_file():

@@ -121,6 +121,8 @@ def cpu_threads_for_run(environ: Any = None, launcher: Any = "parent") -> int | 
         physical = usable
     local = max(1, int(env.get("LOCAL_WORLD_SIZE", "1") or 1))
     cores = max(1, min(usable, physical) // local)
+    if cores == 1:
+        return 1  # nothing to choose: no need to sample the machine's load
     return max(1, min(cores, (usable - busy_cores()) // local))
 
 
