@@ -37,28 +37,47 @@ from data import BucketBatchSampler
 from data.dataset import TrainBatch
 from data.errors import WriteError, write_text_atomic
 from data.synthetic import generate_dataset
+from kontext.errors import UserError
+from kontext.export.comfyui import export_comfyui
+from kontext.export.model_card import write_model_card
 from kontext.runtime.dtypes import DTYPES
 from kontext.runtime.flux import predict_velocity
 from kontext.runtime.lora import attach_lora, make_lora_config
 from kontext.runtime.lora_io import LORA_WEIGHTS_NAME, check_replicas_agree, register_checkpoint_hooks, save_lora
-from kontext.runtime.model_path import ModelPathError, base_model_identity, resolve_model_path, text_length_warning
-from kontext.runtime.pipeline import PipelineLoadError, load_pipeline
-from kontext.tools.comfyui import export_comfyui
-from kontext.tools.model_card import write_model_card
+from kontext.runtime.model_path import base_model_identity, text_length_warning
+from kontext.runtime.pipeline import load_pipeline
+from kontext.tiny.model import resolve_model_path
 from kontext.training import inputs
-from kontext.training.checkpoint import (CheckpointError, apply_schedule, check_base_model, check_compatible,
-                                         check_data_position, finalize,
-                                         lora_shape, newest_intact, read_trainer_state,
-                                         remove_incomplete, remove_previous_run, schedule_of, stop_if_any_failed,
-                                         temp_path, try_write, weights_finite)
-from kontext.training.config import Config, ConfigError, dump_config, flat_config, load_config
+from kontext.training.checkpoint import (
+    apply_schedule,
+    check_base_model,
+    check_compatible,
+    check_data_position,
+    finalize,
+    lora_shape,
+    newest_intact,
+    read_trainer_state,
+    remove_incomplete,
+    remove_previous_run,
+    schedule_of,
+    stop_if_any_failed,
+    temp_path,
+    try_write,
+    weights_finite,
+)
+from kontext.training.config import Config, dump_config, flat_config, load_config
 from kontext.training.distributed import all_finite, any_process, main_process_first
-from kontext.training.launch import (UserError, cpu_only_multiprocess, error_text, set_cpu_threads, setup_logging,
-                                     stderr_to_stdout_under_accelerate)
+from kontext.training.launch import (
+    cpu_only_multiprocess,
+    error_text,
+    is_main_launch_process,
+    set_cpu_threads,
+    setup_logging,
+    stderr_to_stdout_under_accelerate,
+)
 from kontext.training.optim import check_optional_features, make_optimizer
-from kontext.training.output_dir import (OutputDirError, is_main_launch_process, lock_output_dir, open_output_dir,
-                                         unlock_all, unlock_output_dir)
-from kontext.training.signals import StopRequest, Stopped, busy, uninterrupted
+from kontext.training.output_dir import lock_output_dir, open_output_dir, unlock_all, unlock_output_dir
+from kontext.training.signals import Stopped, StopRequest, busy, uninterrupted
 from kontext.training.summary import finished_run_summary
 from kontext.training.validation import run_validation, validation_dataset
 from losses import GeometryLossWeights, geometry_loss, noise_level_weight
@@ -252,22 +271,16 @@ def check_output_dir(cfg: Config) -> tuple[Path, Path | None, dict[str, Any] | N
     """The output folder, the verified checkpoint to resume (or None) and its trainer state, after the checks (and
     the lock) of ``kontext.training.output_dir.open_output_dir``: nothing is written before them, nothing of others'
     is touched, and a checkpoint of another LoRA shape is refused before any model is loaded."""
-    try:
-        output_dir, ckpt = open_output_dir(cfg, main=is_main_launch_process())
-        state = read_trainer_state(ckpt) if ckpt is not None else None
-        if ckpt is not None:
-            check_compatible(ckpt, state, lora_shape(cfg.lora), cfg.train.optimizer)
-    except (OutputDirError, CheckpointError) as e:
-        raise UserError(str(e)) from None
+    output_dir, ckpt = open_output_dir(cfg, main=is_main_launch_process())
+    state = read_trainer_state(ckpt) if ckpt is not None else None
+    if ckpt is not None:
+        check_compatible(ckpt, state, lora_shape(cfg.lora), cfg.train.optimizer)
     return output_dir, ckpt, state
 
 
 def resolve_model(name_or_path: str) -> str:
     """``tiny`` -> the committed tiny model folder; a folder -> absolute; a hub id unchanged."""
-    try:
-        return resolve_model_path(name_or_path)
-    except ModelPathError as e:
-        raise UserError(str(e)) from None
+    return resolve_model_path(name_or_path)
 
 
 def setup(cfg: Config) -> Run:
@@ -304,33 +317,25 @@ def setup(cfg: Config) -> Run:
 
         main_process_first(accelerator, generate, everyone=False)
     source, val_source = inputs.open_sources(cfg)
-    try:  # batches that fit the data, and a resumed data position that fits them, before any model loads
-        check_data_position(source, cfg, accelerator.num_processes, resume_ckpt, state)
-        if accelerator.is_main_process:  # a new folder is created (and locked) only now, after the input checks
-            lock_output_dir(output_dir, main=True, create=True)
-    except (CheckpointError, OutputDirError) as e:
-        raise UserError(str(e)) from None
+    # Batches that fit the data, and a resumed data position that fits them, before any model loads.
+    check_data_position(source, cfg, accelerator.num_processes, resume_ckpt, state)
+    if accelerator.is_main_process:  # a new folder is created (and locked) only now, after the input checks
+        lock_output_dir(output_dir, main=True, create=True)
 
     # -- model
     model_path = main_process_first(accelerator, lambda: resolve_model(cfg.model.pretrained_model_name_or_path))
     cfg.model.pretrained_model_name_or_path = model_path
     if resume_ckpt is not None:  # the same base as the checkpoint's, before the model loads
-        try:
-            check_base_model(resume_ckpt, state, base_model_identity(model_path, cfg.model.revision),
-                             cfg.checkpoint.allow_other_base)
-        except CheckpointError as e:
-            raise UserError(str(e)) from None
+        check_base_model(resume_ckpt, state, base_model_identity(model_path, cfg.model.revision),
+                         cfg.checkpoint.allow_other_base)
     if accelerator.is_main_process:
         if warning := text_length_warning(model_path, cfg.model.max_sequence_length):
             logger.warning(warning)
         remove_incomplete(output_dir)
 
     weight_dtype = DTYPES[cfg.model.dtype]
-    try:
-        m = cfg.model
-        pipe = load_pipeline(model_path, weight_dtype, revision=m.revision, variant=m.variant, quantization=m.quantization)
-    except PipelineLoadError as e:
-        raise UserError(str(e)) from None
+    m = cfg.model
+    pipe = load_pipeline(model_path, weight_dtype, revision=m.revision, variant=m.variant, quantization=m.quantization)
     device = accelerator.device
     transformer = pipe.transformer
     for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
@@ -821,7 +826,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         run_training(cfg)
-    except (ConfigError, UserError, WriteError) as e:
+    except UserError as e:
         sys.stderr.write(error_text(e))
         sys.stderr.flush()
         return 2

@@ -115,10 +115,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
 
     import scale_fidelity as sf
+
     import train_kontext_lora as tk
     from data.synthetic import generate_dataset
+    from kontext.tiny.model import resolve_model_path
     from kontext.training.config import config_from_dict
-    from kontext.runtime.model_path import resolve_model_path
 
     work = Path(tempfile.mkdtemp(prefix="geometry_gradients_"))
     data = generate_dataset(work / "data", sf.QUICK.train_samples, sf.QUICK.size, seed=0, area_range=sf.TRAIN_AREAS,

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(2)
     from diffusers import AutoencoderKL
 
-    from kontext.runtime.model_path import resolve_model_path
+    from kontext.tiny.model import resolve_model_path
 
     vae = AutoencoderKL.from_pretrained(resolve_model_path(args.model, "--model"), subfolder="vae").eval()
     area_range = (0.01, 0.03) if args.small else (0.01, 0.3)

@@ -22,7 +22,7 @@ fixed in this file before any variant runs:
 
 The product is found in every generated image by its known appearance (:func:`data.synthetic.product_box`,
 its box from the orange body, which survives the tiny model's blur), besides the change-mask metrics of
-:mod:`kontext.tools.metrics`. Writes ``summary.json``, ``report.md``, ``per_sample.json`` and
+:mod:`kontext.evaluation.metrics`. Writes ``summary.json``, ``report.md``, ``per_sample.json`` and
 ``area_vs_mask.png`` into ``--out``::
 
     python benchmarks/scale_fidelity.py --quick              # at most 30 minutes on 2 CPU cores
@@ -246,8 +246,8 @@ def vae_oracle(pipe: Any, samples: list) -> list[dict[str, float]]:
 
 def measure(result: np.ndarray, smp: Any) -> dict[str, float]:
     """One result ``[H, W, 3]`` (0..255) for held-out sample ``smp``: the product's box (:func:`footprint_row`),
-    the mask's area share and the change-mask metrics of :mod:`kontext.tools.metrics` against the sample's context."""
-    from kontext.tools.metrics import sample_metrics
+    the mask's area share and the change-mask metrics of :mod:`kontext.evaluation.metrics` against the sample's context."""
+    from kontext.evaluation.metrics import sample_metrics
 
     ctx = np.asarray(smp.context.convert("RGB"))
     mask = np.asarray(smp.mask.convert("L")) >= 128
@@ -306,8 +306,8 @@ def scatter_plot(series: dict[str, list[tuple[float, float]]], path: Path) -> No
     """Footprint area ratio against mask area (log-log) per variant, drawn with Pillow."""
     from PIL import Image, ImageDraw
 
-    from kontext.tools.grid import font
-    from kontext.tools.plot import SERIES_COLORS
+    from kontext.evaluation.grid import font
+    from kontext.evaluation.plot import SERIES_COLORS
 
     W, H, L, R, T, B = 760, 460, 70, 150, 30, 50
     img = Image.new("RGB", (W, H), "white")
@@ -369,14 +369,14 @@ def write_report(out: Path, summary: dict, timings: dict) -> None:
         "",
         "## VAE oracle per bucket (the true targets through the VAE)",
         "",
-        "| bucket | mask areas | found | \|log area\| | kept |",
+        r"| bucket | mask areas | found | \|log area\| | kept |",
         "|---|---|---|---|---|",
     ]
     for b, o in summary["oracle_by_bucket"].items():
         kept = "yes" if b in summary["buckets_kept"] else f"no (found < {ORACLE_MIN_FOUND})"
         lines.append(f"| {b} | {summary['buckets'][b]} | {_cell(o['found'])} | {_cell(o['area_log_error'])} | {kept} |")
     cols = ("area_log_error", "found", "log_area_ratio_found", "psnr_outside", "iou", "change_iou")
-    head = "| variant | \|log area\| | found | log area where found | PSNR outside (dB) | box IoU | change IoU |"
+    head = r"| variant | \|log area\| | found | log area where found | PSNR outside (dB) | box IoU | change IoU |"
     for b in summary["buckets_kept"]:
         lines += ["", f"## Bucket `{b}` ({summary['buckets'][b]})", "", head, "|---|---|---|---|---|---|---|"]
         for name, m in summary["variants_by_bucket"].items():
@@ -385,9 +385,9 @@ def write_report(out: Path, summary: dict, timings: dict) -> None:
         "",
         f"## Paired: each variant minus `{REFERENCE}`, per held-out sample",
         "",
-        "Negative \|log area\| is better; positive found is better; PSNR outside: negative is more drift.",
+        r"Negative \|log area\| is better; positive found is better; PSNR outside: negative is more drift.",
         "",
-        "| variant | bucket | \|log area\| | found | log area where found | PSNR outside (dB) |",
+        r"| variant | bucket | \|log area\| | found | log area where found | PSNR outside (dB) |",
         "|---|---|---|---|---|---|",
     ]
     for name, p in summary["paired"].items():
@@ -442,7 +442,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from diffusers import FluxKontextPipeline
 
-    from kontext.runtime.model_path import resolve_model_path
+    from kontext.tiny.model import resolve_model_path
 
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)

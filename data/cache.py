@@ -29,6 +29,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from losses import compute_mask_targets
+
 from .buckets import VAE_SCALE_FACTOR
 from .errors import writing
 
@@ -217,8 +219,6 @@ def build_cache(
     With flips on, both orientations of every sample are cached. Returns counts
     ``{"samples_built", "samples_reused", "prompts_built", "prompts_reused"}``.
     """
-    from losses import compute_mask_targets  # the geometry lives with the losses that use it
-
     cache = dataset.cache
     if cache is None:
         raise ValueError("build_cache: the dataset has no LatentCache (pass cache=LatentCache(...) to TripletDataset)")

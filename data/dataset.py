@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from losses import MaskTargets, compute_mask_targets
+
 from .buckets import VAE_SCALE_FACTOR, make_buckets, nearest_bucket
 from .cache import GEOMETRY_FIELDS, EncodeImages, EncodePrompts, LatentCache, build_cache
 from .hint import MASK_HINT_MODES, apply_mask_hint, default_outline_width
@@ -232,8 +234,6 @@ class TripletDataset(torch.utils.data.Dataset):
     # -- geometry
 
     def _geometry(self, i: int, mask_px: torch.Tensor, flip: bool) -> dict[str, torch.Tensor]:
-        from losses import compute_mask_targets
-
         h, w = self.latent_size(i)
         if self.crop == "random":
             # Every epoch has another window, so there is nothing to reuse.
@@ -438,8 +438,6 @@ def make_train_batch(
     item that carries a ``latent_key``. Every item must carry its prompt embeddings (cached, or after
     :meth:`TripletDataset.encode_prompt_table`).
     """
-    from losses import MaskTargets
-
     if not items:
         raise ValueError("make_train_batch: empty batch")
     missing = [k for k in ("prompt_embeds", "pooled_prompt_embeds") if k not in items[0]]

@@ -19,8 +19,10 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
+from kontext.errors import UserError
 
-class DatasetError(ValueError):
+
+class DatasetError(UserError, ValueError):
     """A dataset cannot be used as it is.
 
     ``DatasetError(where, problems)``: ``where`` names the dataset (``source.describe()``), ``problems``
@@ -42,7 +44,7 @@ class DatasetError(ValueError):
         return (type(self), (self.where, self.problems))
 
 
-class WriteError(OSError):
+class WriteError(UserError, OSError):
     """A file could not be written. ``str(err)`` names the file, what the library said and the fix; ``errno`` is the
     operating system's code where one was given (``ENOSPC`` for a full disk)."""
 

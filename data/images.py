@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from kontext.errors import UserError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 # 8192 x 8192: above any camera a product shoot uses, below what makes a decode eat gigabytes.
@@ -30,7 +32,7 @@ def _is_loop(err: BaseException) -> bool:
     return getattr(err, "errno", None) == errno.ELOOP or (isinstance(err, RuntimeError) and "loop" in str(err).lower())
 
 
-class ImageProblem(Exception):
+class ImageProblem(UserError):
     """One problem with one image; the message says what is wrong and how to fix it, without the file name."""
 
 

@@ -1,5 +1,7 @@
-"""FLUX.1 Kontext LoRA training machinery, by role: ``runtime`` (the model), ``training`` (the run's
-infrastructure), ``tools`` (inference, evaluation, export) and ``tiny`` (the embedded tiny model)."""
+"""FLUX.1 Kontext LoRA training machinery, by role, lowest layer first: ``errors`` (the one user-error base),
+``runtime`` (the model) and ``evaluation`` (metrics, grids, plots), ``tiny`` (the embedded tiny model), ``export``
+(the ComfyUI file, the model card), ``training`` (the run's infrastructure), and ``tools`` (the commands: inference,
+evaluation, ComfyUI conversion). Each imports only the layers below it (``tests/test_import_layers.py``)."""
 
 import logging
 

@@ -23,14 +23,14 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from kontext.tools.comfyui import (
+from kontext.export.comfyui import (
     COMFYUI_LORA_NAME,
     LAYOUTS,
     convert_diffusers_lora_to_comfyui,
     export_comfyui,
 )
-from kontext.tools.comfyui import main as comfyui_main
 from kontext.runtime.lora_io import LORA_WEIGHTS_NAME
+from kontext.tools.comfyui import main as comfyui_main
 
 REPO = Path(__file__).resolve().parents[1]
 

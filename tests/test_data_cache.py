@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data.dataset
 import losses
 from data.dataset import TrainBatch, make_train_batch
 from data import (
@@ -233,7 +234,7 @@ def test_geometry_computed_once_per_sample_without_cache(tmp_path: Path, monkeyp
         calls.append(mask_px.shape)
         return real(mask_px, *a, **k)
 
-    monkeypatch.setattr(losses, "compute_mask_targets", counting)
+    monkeypatch.setattr(data.dataset, "compute_mask_targets", counting)
     ds = _dataset(root, None)
     for epoch in range(4):  # flips vary across epochs; both orientations come from one computation
         ds.set_epoch(epoch)

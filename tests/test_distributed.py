@@ -237,7 +237,7 @@ SAVE_FAILURE_WORKER = textwrap.dedent(
     from accelerate import Accelerator
 
     from kontext.training.checkpoint import stop_if_any_failed
-    from kontext.training.launch import UserError
+    from kontext.errors import UserError
 
     out = Path(sys.argv[1])
     acc = Accelerator(cpu=True)
@@ -294,7 +294,7 @@ class _OneOfTwoRanks:
 def test_each_rank_learns_of_the_main_process_failing(monkeypatch):
     """What each rank of the two-process run above decides (the broadcast of the outcome given)."""
     import kontext.training.distributed as dist
-    from kontext.training.launch import UserError
+    from kontext.errors import UserError
 
     shared: list[str | None] = []
     monkeypatch.setattr(dist, "_share_outcome", lambda failure: shared.append(failure) or failure)
@@ -319,8 +319,8 @@ def test_each_rank_stops_when_one_rank_cannot_write_its_checkpoint_part(tmp_path
     stops both with a message, and the partial folder is removed."""
     import errno
 
+    from kontext.errors import UserError
     from kontext.training.checkpoint import stop_if_any_failed
-    from kontext.training.launch import UserError
 
     full = OSError(errno.ENOSPC, "No space left on device")
     for rank, failure, other, needle in [(1, full, 0.0, "no space left on device while writing checkpoint-4"),

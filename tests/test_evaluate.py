@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
+from kontext.evaluation.grid import HEADER_HEIGHT, mask_outline
+from kontext.evaluation.metrics import pixel_change_mask, sample_metrics
+from kontext.evaluation.plot import REFERENCE_COLOR, SERIES_COLORS, bar_chart
 from kontext.tools.evaluate import ALL_FIELDS, SAMPLE_COLUMNS, VARIANT_COLUMNS, load_samples, main
-from kontext.tools.grid import HEADER_HEIGHT, mask_outline
-from kontext.tools.metrics import pixel_change_mask, sample_metrics
-from kontext.tools.plot import REFERENCE_COLOR, SERIES_COLORS, bar_chart
 
 SIZE = 64
 LIMIT = 3
@@ -266,7 +266,7 @@ def test_evaluate_at_a_resolution_uses_the_trained_aspect_buckets(tiny_model_dir
 
 
 def test_evaluate_grid_is_capped_by_grid_max_side(tiny_dataset_dir, tmp_path):
-    from kontext.tools.grid import grid_cell_size
+    from kontext.evaluation.grid import grid_cell_size
 
     out = tmp_path / "r"
     args = ["--model", "tiny", "--data", str(tiny_dataset_dir), "--steps", "1", "--max-sequence-length", "64",

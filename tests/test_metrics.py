@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from kontext.tools.metrics import (
+from kontext.evaluation.metrics import (
     PSNR_CAP_DB,
     aggregate,
     area_log_error,
@@ -294,7 +294,7 @@ def test_holes_where_the_object_matches_the_scene_are_filled():
 
 # ------------------------------------------------------------------------------- threshold bounds
 def test_threshold_is_bounded_and_a_bounded_one_is_flagged():
-    from kontext.tools.metrics import MAX_RGB_DISTANCE, MAX_THRESHOLD
+    from kontext.evaluation.metrics import MAX_RGB_DISTANCE, MAX_THRESHOLD
 
     assert MAX_THRESHOLD < MAX_RGB_DISTANCE
     m = square(64, 64, 16, 16, 24)

@@ -146,7 +146,7 @@ def test_unwritable_output_folder_is_refused_before_the_model_loads(tmp_path, ti
 
 def _trainer_written_folder(out: Path) -> Path:
     """A folder holding everything the trainer writes (real config.yaml and model card)."""
-    from kontext.tools.model_card import write_model_card
+    from kontext.export.model_card import write_model_card
 
     cfg = Config()
     cfg.output_dir = str(out)
@@ -257,7 +257,7 @@ def test_lock_refuses_another_process_and_dies_with_it(tmp_path):
 
 
 def test_lock_is_reentrant_in_one_process_and_other_ranks_take_none(tmp_path, monkeypatch):
-    from kontext.training.output_dir import is_main_launch_process
+    from kontext.training.launch import is_main_launch_process
 
     out = tmp_path / "out"
     assert lock_output_dir(out, main=False, create=True) is False and not out.exists()  # rank > 0: nothing

@@ -41,7 +41,7 @@ def test_respect_umask(tmp_path, umask_022):
 
 
 def test_both_exports_are_readable_by_others_and_record_no_local_path(tmp_path, tiny_model_dir, random_lora, umask_022):
-    from kontext.tools.comfyui import export_comfyui
+    from kontext.export.comfyui import export_comfyui
 
     out = tmp_path / "run"
     base = str(Path(tiny_model_dir).resolve())
@@ -69,8 +69,8 @@ def test_both_exports_are_readable_by_others_and_record_no_local_path(tmp_path, 
 
 
 def test_model_card_dtype_base_model_and_comfyui_advice(tmp_path):
+    from kontext.export.model_card import write_model_card
     from kontext.training.config import config_from_dict
-    from kontext.tools.model_card import write_model_card
 
     local = tmp_path / "models" / "my_kontext"
     local.mkdir(parents=True)
@@ -93,8 +93,8 @@ def _card_snippet(card: str) -> str:
 def test_model_card_shows_the_trained_prompts_and_its_snippet_runs(tmp_path, tiny_model_dir, monkeypatch):
     from conftest import make_random_lora
 
+    from kontext.export.model_card import write_model_card
     from kontext.training.config import config_from_dict
-    from kontext.tools.model_card import write_model_card
 
     out = tmp_path / "out"
     cfg = config_from_dict(

@@ -121,7 +121,7 @@ def test_a_prompt_file_with_a_byte_order_mark_trains_on_the_prompt(tiny_dataset_
 
 
 def test_comfyui_refuses_a_lora_of_another_width(tiny_model_dir, random_lora, tmp_path, caplog, capsys):
-    from kontext.tools.comfyui import export_comfyui
+    from kontext.export.comfyui import export_comfyui
     from kontext.tools.comfyui import main as comfyui_main
 
     run = tmp_path / "run"

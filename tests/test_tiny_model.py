@@ -247,7 +247,7 @@ def test_vae_reconstructs_synthetic_scenes(pipe: Any) -> None:
 
 
 def test_tiny_is_the_committed_build_and_nothing_is_built(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kontext.runtime.model_path import resolve_model_path
+    from kontext.tiny.model import resolve_model_path
 
     def refuse(*args: Any, **kwargs: Any) -> Path:
         raise AssertionError("the default tiny model must not be built")

@@ -166,6 +166,7 @@ def test_cached_and_uncached_runs_agree_and_free_the_text_encoders(tmp_path, tin
     """Both data paths build the same batches (same losses step by step); each encodes the prompts once, frees CLIP
     and T5 before training, and validation still generates from the stored prompt embeddings."""
     import kontext.runtime.flux
+    import kontext.training.inputs
 
     calls: list[int] = []
     real = kontext.runtime.flux.encode_prompts
@@ -174,7 +175,7 @@ def test_cached_and_uncached_runs_agree_and_free_the_text_encoders(tmp_path, tin
         calls.append(len(prompts))
         return real(pipe, prompts, *a, **k)
 
-    monkeypatch.setattr(kontext.runtime.flux, "encode_prompts", counting)
+    monkeypatch.setattr(kontext.training.inputs, "encode_prompts", counting)
     histories = {}
     for cached in (True, False):
         calls.clear()

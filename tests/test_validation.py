@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 from data import TripletDataset, open_source
-from kontext.training.config import config_from_dict
+from kontext.evaluation.grid import HEADER_HEIGHT, mask_outline, outline_width_for
+from kontext.evaluation.metrics import sample_metrics
 from kontext.runtime.generation import to_pil
-from kontext.tools.grid import HEADER_HEIGHT, mask_outline, outline_width_for
-from kontext.tools.metrics import sample_metrics
+from kontext.training.config import config_from_dict
 from kontext.training.validation import GRID_COLUMNS, run_validation
 
 SIZE = 64
@@ -159,7 +159,7 @@ def test_validation_is_repeatable_and_sees_the_lora(lora_pipe, dataset, tmp_path
 
 
 def test_grid_is_downscaled_to_the_cap_and_keeps_its_layout():
-    from kontext.tools.grid import grid_cell_size, make_grid
+    from kontext.evaluation.grid import grid_cell_size, make_grid
 
     rng = np.random.default_rng(0)
     big = [[Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)) for _ in range(4)] for _ in range(3)]
@@ -306,6 +306,7 @@ def test_training_with_holdout_validates_on_held_out_samples(tmp_path, tiny_mode
     import logging
 
     from conftest import tiny_run_dict
+
     from train_kontext_lora import run_training
 
     d = tiny_run_dict(
@@ -327,6 +328,7 @@ def test_training_with_holdout_validates_on_held_out_samples(tmp_path, tiny_mode
 
 def test_trainer_refuses_a_holdout_that_leaves_nothing_to_train(tmp_path, tiny_model_dir, tiny_dataset_dir):
     from conftest import tiny_run_dict
+
     from train_kontext_lora import UserError, setup
 
     n = len(open_source("folder", tiny_dataset_dir))

@@ -142,7 +142,7 @@ def _run_dict(tmp_path: Path, model_dir: Path, data_dir: Path, **sections) -> di
 
 def test_a_full_disk_while_writing_the_comfyui_file_keeps_the_finished_run(tmp_path, tiny_model_dir, tiny_dataset_dir,
                                                                           monkeypatch, capsys):
-    import kontext.tools.comfyui as comfyui
+    import kontext.export.comfyui as comfyui
 
     def full(*a, **k):
         raise FULL_DISK["SafetensorError"]()

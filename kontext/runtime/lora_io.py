@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from kontext.runtime.sharing import respect_umask, shareable_model_name
+
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
 
@@ -28,8 +30,6 @@ def adapter_metadata(transformer: torch.nn.Module, base_model: str | None = None
     ``base_model`` (a hub id or a local folder) is recorded as ``base_model_name_or_path`` in its shareable
     form (``kontext.runtime.sharing.shareable_model_name``: a hub id, or a local folder's name only).
     """
-    from kontext.runtime.sharing import shareable_model_name
-
     raw = transformer.peft_config["default"].to_dict()
 
     def clean(v: Any) -> Any:
@@ -84,8 +84,6 @@ def save_lora(
     (``kontext.runtime.sharing``). Returns the file's path on every process.
     """
     from diffusers import FluxKontextPipeline
-
-    from kontext.runtime.sharing import respect_umask
 
     sd = full_lora_state_dict(transformer)
     path = Path(out_dir) / LORA_WEIGHTS_NAME

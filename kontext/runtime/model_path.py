@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from kontext.errors import UserError
+
 # A base folder's record of how it was built (the tiny builder writes it) and its key for the T5 prompt length the
 # transformer was trained with.
 BUILD_INFO_NAME = "build_info.json"
@@ -29,18 +31,16 @@ def cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "kontext-lora"
 
 
-class ModelPathError(ValueError):
+class ModelPathError(UserError, ValueError):
     """The model reference is neither ``tiny``, a diffusers folder, nor a hub id; the message says how to fix it."""
 
 
-def resolve_model_path(name_or_path: str, option: str = "model.pretrained_model_name_or_path") -> str:
-    """``tiny`` -> the committed tiny model folder (:func:`kontext.tiny.model.tiny_model_path`); a folder -> its
-    absolute path (it must hold
-    ``model_index.json``); ``owner/name`` -> unchanged (a hub id). ``option`` names the setting in errors."""
-    if name_or_path == "tiny":
-        from kontext.tiny.model import tiny_model_path
+def resolve_local_or_hub(name_or_path: str, option: str = "model.pretrained_model_name_or_path") -> str:
+    """A folder -> its absolute path (it must hold ``model_index.json``); ``owner/name`` -> unchanged (a hub id).
 
-        return str(tiny_model_path())
+    ``option`` names the setting in errors. The embedded ``tiny`` is resolved one layer up, where the tiny model
+    lives (:func:`kontext.tiny.model.resolve_model_path`).
+    """
     p = Path(name_or_path).expanduser()
     if p.exists():
         if not (p / "model_index.json").is_file():

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kontext.errors import UserError
 from kontext.runtime.model_path import is_hub_id
-from kontext.runtime.quantization import QUANTIZATION_MODES
+from kontext.runtime.quantization import QUANTIZATION_MODES, quantized_transformer
 
 if TYPE_CHECKING:
     from diffusers import FluxKontextPipeline
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 MODEL_OPTION = "model.pretrained_model_name_or_path"
 
 
-class PipelineLoadError(Exception):
+class PipelineLoadError(UserError):
     """The pipeline could not be loaded; ``str(error)`` is the user-facing message (what failed and how to fix it)."""
 
 
@@ -75,8 +76,6 @@ def load_pipeline(
         kwargs["variant"] = variant
     try:
         if quantization != "none":
-            from kontext.runtime.quantization import quantized_transformer
-
             kwargs["transformer"] = quantized_transformer(model_path, quantization, dtype, kwargs)
         return FluxKontextPipeline.from_pretrained(model_path, **kwargs)
     except OSError as e:

@@ -10,10 +10,12 @@ from typing import Any
 
 import torch
 
+from kontext.errors import UserError
+
 QUANTIZATION_MODES = ("none", "nf4", "int8")
 
 
-class QuantizationUnavailable(RuntimeError):
+class QuantizationUnavailable(UserError, RuntimeError):
     """The requested quantization cannot run here; the message says what is missing."""
 
 

@@ -34,10 +34,13 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from data.buckets import VAE_SCALE_FACTOR
 from data.errors import WriteError, file_in_the_way, writing
 from data.locking import atomic_folder, exclusive_lock
-from kontext.runtime.model_path import TRAINED_TEXT_LENGTH_KEY, cache_root
+from data.synthetic import GENERATOR_VERSION, make_triplet
+from kontext.runtime.model_path import TRAINED_TEXT_LENGTH_KEY, cache_root, resolve_local_or_hub
+from kontext.tiny.pretrain import insertion_quality, pretrain_transformer
 
 logger = logging.getLogger(__name__)
 
@@ -171,8 +174,6 @@ _CORPUS_SENTENCES = [
 
 def definition_hash(definition: dict[str, Any] | None = None) -> str:
     """Short hash of everything that determines the built model: definition, corpus, builder and data versions."""
-    from data.synthetic import GENERATOR_VERSION
-
     payload = {
         "definition": TINY_DEFINITION if definition is None else definition,
         "builder_version": BUILDER_VERSION,
@@ -346,8 +347,6 @@ def _vae_images(seed: int, count: int, size: int) -> torch.Tensor:
     For each synthetic triplet: the target (scene with product), the raw context, and the context with the
     mask filled flat neutral grey - what a mask hint draws - so all three kinds reconstruct.
     """
-    from data.synthetic import make_triplet
-
     rng = np.random.default_rng(seed)
     images = []
     for _ in range(count):
@@ -521,8 +520,6 @@ def build_tiny_pipeline(
     pre_info: dict[str, Any] = {}
     pre = definition.get("pretraining")
     if pre and pre["steps"] > 0:
-        from kontext.tiny.pretrain import insertion_quality, pretrain_transformer
-
         with torch.random.fork_rng(devices=[]):
             pre_info = pretrain_transformer(transformer, pipe, pre, seed + 5, progress)
             quality = insertion_quality(
@@ -612,6 +609,15 @@ def tiny_model_path(
             build_tiny_pipeline(tmp, definition=definition, progress=progress)
     return final
 
+
+
+def resolve_model_path(name_or_path: str, option: str = "model.pretrained_model_name_or_path") -> str:
+    """A model reference as a loadable one: ``tiny`` -> the tiny model's folder (:func:`tiny_model_path`); a folder ->
+    its absolute path (it must hold ``model_index.json``); ``owner/name`` -> unchanged (a hub id). ``option`` names
+    the setting in errors (:class:`kontext.runtime.model_path.ModelPathError`)."""
+    if name_or_path == "tiny":
+        return str(tiny_model_path())
+    return resolve_local_or_hub(name_or_path, option)
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line: ``python -m kontext.tiny.model [--out DIR] [--seed N] [--cache-dir DIR]``; prints the folder."""

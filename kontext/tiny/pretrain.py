@@ -25,7 +25,9 @@ import torch
 
 from data.hint import apply_mask_hint
 from data.synthetic import make_insertion_sample
+from kontext.evaluation.metrics import sample_metrics
 from kontext.runtime.flux import encode_images, encode_prompts, predict_velocity
+from kontext.runtime.generation import generate, quiet_progress
 from losses import flow_matching as fm
 
 
@@ -149,16 +151,13 @@ def insertion_quality(
 
     Each sample is drawn with :func:`data.synthetic.make_insertion_sample` (a generator seeded apart from the
     training data), generated with the ``fill`` hint through :func:`kontext.runtime.generation.generate` (guidance 2.5,
-    the Kontext default), and scored with :func:`kontext.tools.metrics.sample_metrics` against the un-hinted scene.
+    the Kontext default), and scored with :func:`kontext.evaluation.metrics.sample_metrics` against the un-hinted scene.
 
     Returns:
         Means over samples: ``iou`` and ``area_log_error`` of the change mask against the insertion mask,
         ``psnr_outside`` (dB, result vs scene outside the dilated mask), ``psnr_inside`` (result vs target
         inside the mask).
     """
-    from kontext.runtime.generation import generate, quiet_progress
-    from kontext.tools.metrics import sample_metrics
-
     rows = []
     rng = np.random.default_rng(seed)
     with quiet_progress(pipe):

@@ -1,1 +1,1 @@
-"""User tools around a trained LoRA: inference, evaluation and metrics, plots, the ComfyUI export, the model card."""
+"""The commands around a trained LoRA: ``infer``, ``evaluate`` and ``comfyui`` (each ``python -m kontext.tools.<name>``)."""

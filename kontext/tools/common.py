@@ -20,8 +20,12 @@ import torch
 import yaml
 
 from data.errors import WriteError, file_in_the_way
+from kontext.errors import UserError
 from kontext.runtime.dtypes import DTYPES
 from kontext.runtime.lora_io import LORA_WEIGHTS_NAME
+from kontext.runtime.model_path import ModelPathError, text_length_warning, trained_text_length
+from kontext.runtime.pipeline import PipelineLoadError, load_pipeline
+from kontext.tiny.model import resolve_model_path
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-Kontext-dev"
 # Without a flag or a LoRA run's config.yaml: FLUX.1 Kontext's own prompt length and guidance.
@@ -41,7 +45,7 @@ RUN_SETTINGS = {
 logger = logging.getLogger(__name__)
 
 
-class InferenceError(ValueError):
+class InferenceError(UserError, ValueError):
     """A command-line or input problem; the message names the argument and the fix."""
 
 
@@ -104,8 +108,6 @@ def check_out_folder(path: str | Path, option: str = "--out") -> Path:
 # -------------------------------------------------------------------------------------------- model
 def resolve_model(name_or_path: str, option: str = "--model") -> str:
     """``tiny``, a diffusers folder or a hub id -> what ``from_pretrained`` takes (see ``kontext.runtime.model_path``)."""
-    from kontext.runtime.model_path import ModelPathError, resolve_model_path
-
     try:
         return resolve_model_path(name_or_path, option)
     except ModelPathError as e:
@@ -139,8 +141,6 @@ def open_pipeline(
     ``device`` defaults to :func:`default_device`; ``dtype`` (a :data:`~kontext.runtime.dtypes.DTYPES` name)
     to bfloat16 on CUDA and float32 on the CPU (where bf16 matmuls are slow).
     """
-    from kontext.runtime.pipeline import PipelineLoadError, load_pipeline
-
     resolved = resolve_model(model)
     device = torch.device(device) if device is not None else default_device()
     if dtype is None:
@@ -296,8 +296,6 @@ def prompt_length_setting(given: int | None, trained: dict[str, Any], model_path
     Logs a warning when the length exceeds what the base was trained with (see
     :func:`kontext.runtime.model_path.text_length_warning`).
     """
-    from kontext.runtime.model_path import text_length_warning, trained_text_length
-
     if given is not None:
         length, option = given, "--max-sequence-length"
     elif "max_sequence_length" in trained:

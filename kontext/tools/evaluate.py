@@ -9,7 +9,7 @@
 
 For every sample of the folder (same layout as training: ``context/``, ``target/``, ``mask/``, prompts) and every
 model variant, it generates with the training mask hint and fixed seeds, computes the metrics of
-``kontext.tools.metrics`` against the un-hinted context, and writes into ``--out``: ``metrics.csv`` (one row per sample,
+``kontext.evaluation.metrics`` against the un-hinted context, and writes into ``--out``: ``metrics.csv`` (one row per sample,
 one set of columns per variant), ``metrics.json`` (per sample and means), ``grid.png``, ``area_ratio.png`` and
 ``report.md`` (settings and the table of means). See ``docs/evaluation.md``.
 """
@@ -33,8 +33,21 @@ from PIL import Image
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from data import DatasetError, make_buckets, nearest_bucket, open_source, validate_source
 from data.errors import write_text_atomic, writing
-from data.hint import MASK_HINT_MODES
+from data.hint import MASK_HINT_MODES, apply_mask_hint_pil
+from data.transforms import prepare_sample
+from kontext.evaluation.grid import change_mask_image, draw_mask_outline, make_grid
+from kontext.evaluation.metrics import (
+    MAX_THRESHOLD,
+    METRIC_FIELDS,
+    LatentMetrics,
+    aggregate,
+    latent_sample_metrics,
+    pixel_change_mask,
+    sample_metrics,
+)
+from kontext.evaluation.plot import bar_chart
 from kontext.runtime.generation import generate, image_latents, mask_array, mask_to_pil, quiet_progress, to_pil
 from kontext.tools.common import (
     InferenceError,
@@ -49,15 +62,6 @@ from kontext.tools.common import (
     parse_lora_spec,
     prompt_length_setting,
     trained_settings,
-)
-from kontext.tools.grid import change_mask_image, draw_mask_outline, make_grid
-from kontext.tools.metrics import (
-    METRIC_FIELDS,
-    LatentMetrics,
-    aggregate,
-    latent_sample_metrics,
-    pixel_change_mask,
-    sample_metrics,
 )
 
 logger = logging.getLogger(__name__)
@@ -124,9 +128,6 @@ def load_samples(
     With ``resolution`` each sample goes to its training bucket (``data.make_buckets``), centre-cropped as
     training does; without, it keeps its own size floored to a multiple of 16.
     """
-    from data import DatasetError, make_buckets, nearest_bucket, open_source, validate_source
-    from data.transforms import prepare_sample
-
     if not Path(data).expanduser().is_dir():
         raise InferenceError(f"--data {data!r} is not a folder; give a dataset folder with context/, target/ and mask/")
     try:
@@ -292,8 +293,6 @@ def write_report(
     grid_max_side: int | None = GRID_MAX_SIDE,
 ) -> dict[str, Path]:
     """Write metrics.csv, metrics.json, grid.png, area_ratio.png and report.md into ``out``; returns their paths."""
-    from kontext.tools.plot import bar_chart
-
     with writing(out, "the evaluation folder"):
         out.mkdir(parents=True, exist_ok=True)
     paths = {k: out / f for k, f in (("csv", "metrics.csv"), ("json", "metrics.json"), ("grid", "grid.png"),
@@ -372,8 +371,6 @@ def write_report(
 
 def degenerate_threshold_lines(samples: Sequence[EvalSample], variants: Sequence[Variant]) -> list[str]:
     """The report's note on samples whose change-mask threshold had to be bounded (``threshold_degenerate``)."""
-    from kontext.tools.metrics import MAX_THRESHOLD
-
     bad = {
         v.label: [s.name for s, r in zip(samples, v.rows) if r.get("threshold_degenerate", 0.0) == 1.0]
         for v in variants
@@ -497,8 +494,6 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
                 max_sequence_length=max_sequence_length,
                 progress=bar,
             )
-    from data.hint import apply_mask_hint_pil
-
     hinted = [apply_mask_hint_pil(s.context, s.mask, mask_hint, outline_width) for s in samples]
     settings = {
         "model": model,

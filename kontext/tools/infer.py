@@ -29,6 +29,8 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
+from data import make_buckets, nearest_bucket
+from data.buckets import BUCKET_MULTIPLE
 from data.errors import writing
 from data.hint import MASK_HINT_MODES
 from kontext.runtime.generation import DEFAULT_MAX_AREA, generate
@@ -84,9 +86,6 @@ def trained_size(image_size: tuple[int, int], trained: dict[str, Any]) -> tuple[
     """The generation size (W, H) at the LoRA run's ``data.resolution`` for an image of ``image_size``, or None
     without one: the nearest aspect bucket when the run used ``data.aspect_buckets`` (the size training gave
     such an image), else about ``resolution**2`` pixels at the image's aspect ratio, in multiples of 16."""
-    from data import make_buckets, nearest_bucket
-    from data.buckets import BUCKET_MULTIPLE
-
     resolution = trained.get("resolution")
     if not isinstance(resolution, int) or isinstance(resolution, bool):
         return None

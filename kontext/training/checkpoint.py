@@ -14,18 +14,21 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import Counter
 import math
 import re
 import shutil
+from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
 
+from data import BucketBatchSampler, make_buckets, nearest_bucket
 from data.errors import TEMP_PREFIX, is_disk_full, is_write_error, reason_of, remove_partial, write_fix
+from kontext.errors import UserError
 from kontext.runtime.lora_io import LORA_WEIGHTS_NAME
+from kontext.training.distributed import any_process
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +38,7 @@ SCHEDULE_KEYS = ("learning_rate", "lr_scheduler", "lr_warmup_steps", "max_steps"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint cannot be used for this run; the message says why and what to do."""
 
 
@@ -432,8 +435,6 @@ def check_data_position(
     saved with another batch size, seed, process count or dataset size are refused here, not after the
     model has loaded.
     """
-    from data import BucketBatchSampler, make_buckets, nearest_bucket
-
     batch_size, seed = cfg.train.batch_size, cfg.train.seed
     buckets = make_buckets(cfg.data.resolution, cfg.data.aspect_buckets)
     ids = [nearest_bucket(*source.size(i), buckets) for i in range(len(source))]
@@ -559,8 +560,6 @@ def save_failure_message(exc: BaseException, output_dir: str | Path, partial: It
 def raise_save_failure(exc: BaseException, output_dir: str | Path, partial: Iterable[Path], what: str) -> NoReturn:
     """Raise the user-facing error for a failed save (:func:`save_failure_message`), or ``exc`` itself when it is
     not a full disk or a lost write."""
-    from kontext.training.launch import UserError
-
     message = save_failure_message(exc, output_dir, partial, what)
     if message is None:
         raise exc
@@ -585,8 +584,6 @@ def stop_if_any_failed(acc: Any, failure: Exception | None, output_dir: Path, pa
     Every rank calls this whatever happened locally, so a write that fails on one rank (a full disk is often one
     node's) stops every rank together and none is left waiting at a barrier.
     """
-    from kontext.training.distributed import any_process
-
     if not any_process(acc, failure is not None):
         return
     if failure is None:  # this rank's part was fine; another's was not

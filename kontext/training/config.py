@@ -27,9 +27,10 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from data.errors import write_text_atomic
+from kontext.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override is invalid; the message names the key and the fix.
 
     ``keys`` holds the dotted key(s) at fault, so :func:`load_config` can say where each came from

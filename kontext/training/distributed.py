@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-from kontext.training.launch import UserError
+from kontext.errors import UserError
 
 
 def main_process_first(acc: Any, fn: Callable[[], Any], everyone: bool = True) -> Any:

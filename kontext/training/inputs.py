@@ -17,8 +17,13 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from data.dataset import TrainBatch, make_train_batch
+from data import DatasetError, LatentCache, make_buckets, open_configured_source, validate_source
+from data.dataset import TrainBatch, TripletDataset, make_train_batch
+from data.errors import file_in_the_way
+from kontext.errors import UserError
+from kontext.runtime.flux import encode_images, encode_prompts
 from kontext.runtime.model_path import cache_root
+from kontext.training.validation import validation_sources
 
 Embeddings = tuple[torch.Tensor, torch.Tensor]
 
@@ -30,10 +35,6 @@ def open_sources(cfg: Any) -> tuple[Any, Any]:
     geometry terms) are warned about. ``validation.holdout`` withholds samples from training, and
     ``validation.data_root`` is checked like ``data.root``.
     """
-    from data import DatasetError, make_buckets, open_configured_source, validate_source
-    from kontext.training.launch import UserError
-    from kontext.training.validation import validation_sources
-
     d = cfg.data
     if d.cache_latents:
         check_cache_dir(latent_cache_dir(d.cache_dir))
@@ -54,9 +55,6 @@ def latent_cache_dir(configured: str | None) -> Path:
 
 def check_cache_dir(path: Path) -> None:
     """Refuse (before any model loads) a latent cache folder that is a file or runs through one."""
-    from data.errors import file_in_the_way
-    from kontext.training.launch import UserError
-
     if where := file_in_the_way(path):
         raise UserError(
             f"data.cache_dir {path} {where}, not a folder; set data.cache_dir to a folder (it is created if missing), "
@@ -70,9 +68,6 @@ def build_dataset(cfg: Any, source: Any, pipe: Any, accelerator: Any, encoders_d
 
     With caching the VAE is parked on the CPU until validation.
     """
-    from data import LatentCache
-    from data.dataset import TripletDataset
-
     d = cfg.data
     g = cfg.loss.geometry
     model_id = f"{cfg.model.pretrained_model_name_or_path}|{cfg.model.dtype}|msl{cfg.model.max_sequence_length}"
@@ -111,8 +106,6 @@ def build_dataset(cfg: Any, source: Any, pipe: Any, accelerator: Any, encoders_d
 
 def prompt_encoder(pipe: Any, max_sequence_length: int, device: torch.device) -> Callable[[list[str]], Embeddings]:
     """``prompts -> (prompt_embeds [B, L, D], pooled [B, Dp])`` with the pipeline's CLIP and T5 (float32, CPU)."""
-    from kontext.runtime.flux import encode_prompts
-
     def encode(prompts: list[str]) -> Embeddings:
         pe, pooled = encode_prompts(pipe, prompts, max_sequence_length, device)
         return pe.float().cpu(), pooled.float().cpu()
@@ -134,8 +127,6 @@ def image_encoder(pipe: Any, device: torch.device, to_cpu: bool, max_images: int
     """``pixels [N, 3, H, W] -> latents [N, 16, H/8, W/8]`` with the pipeline's VAE on ``device`` (float32 out),
     at most ``max_images`` per VAE call: the encoder's activations, not the latents, are what costs memory, and on
     the uncached path they would add to the training step's own peak while the next batch is prepared."""
-    from kontext.runtime.flux import encode_images
-
     def encode(pixels: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             parts = pixels.split(max_images or pixels.shape[0])

@@ -22,14 +22,18 @@ OWN_LOGGERS = ("kontext_lora", "kontext", "data", "losses")
 RUN_CLOCK: dict[str, float] = {}
 
 
-class UserError(Exception):
-    """An error in the user's input that ends the run with one clear message (no traceback)."""
-
-
 def launched_by_accelerate(environ: Any = None) -> bool:
     """True under ``accelerate launch`` (or torchrun), which choose the processes' CPU threads themselves."""
     env = os.environ if environ is None else environ
     return "LOCAL_RANK" in env or any(k.startswith("ACCELERATE_") for k in env)
+
+
+def is_main_launch_process() -> bool:
+    """True on the process that owns the output folder: rank 0 of a launch, or a plain single process.
+
+    Read from the launcher's ``RANK`` so the lock can be taken before ``Accelerator()`` exists.
+    """
+    return os.environ.get("RANK", "0").strip() in ("", "0")
 
 
 def stderr_is_relayed_by_accelerate(environ: Any = None) -> bool:
@@ -194,8 +198,6 @@ def error_text(e: Exception) -> str:
     ``RuntimeError`` line: :func:`stderr_to_stdout_under_accelerate` leaves it nothing to repeat), printed after
     the script has ended, so there the message is set off by a rule and a pointer; the error stays the last line.
     """
-    from kontext.training.output_dir import is_main_launch_process
-
     if not launched_by_accelerate() or not is_main_launch_process():
         return f"error: {e}\n"
     return (

@@ -6,13 +6,12 @@ from typing import Any
 
 import torch
 
-from kontext.training.launch import UserError
+from kontext.errors import UserError
+from kontext.runtime.quantization import QuantizationUnavailable, check_available
 
 
 def check_optional_features(cfg: Any) -> None:
     """GPU-only and optional-package options fail here, with the install command, before any expensive work."""
-    from kontext.runtime.quantization import QuantizationUnavailable, check_available
-
     try:
         check_available(cfg.model.quantization)
     except QuantizationUnavailable as e:

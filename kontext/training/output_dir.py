@@ -35,7 +35,10 @@ from typing import Any
 import yaml
 
 from data.errors import TEMP_PREFIX
+from kontext.errors import UserError
 from kontext.runtime.lora_io import LORA_WEIGHTS_NAME
+from kontext.training.checkpoint import list_checkpoints, read_trainer_state, resolve_resume
+from kontext.training.config import Config, config_to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -60,20 +63,12 @@ _CHECKPOINT_RE = re.compile(r"^checkpoint-\d+(\.tmp|\.old)?$")
 _MODEL_CARD_TAG = "kontext-lora"
 
 
-class OutputDirError(ValueError):
+class OutputDirError(UserError, ValueError):
     """The output folder cannot be used for this run; the message says why and what to do."""
 
 
 class OutputDirLocked(OutputDirError):
     """Another process holds the output folder's lock."""
-
-
-def is_main_launch_process() -> bool:
-    """True on the process that owns the output folder: rank 0 of a launch, or a plain single process.
-
-    Read from the launcher's ``RANK`` so the lock can be taken before ``Accelerator()`` exists.
-    """
-    return os.environ.get("RANK", "0").strip() in ("", "0")
 
 
 def check_location(output_dir: str, cwd: Path | None = None, home: Path | None = None) -> Path:
@@ -160,8 +155,6 @@ def _is_ours(path: Path) -> bool:
             return False
         return head.startswith("---") and _MODEL_CARD_TAG in head
     if path.name == CONFIG_NAME:
-        from kontext.training.config import Config, config_to_dict
-
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (OSError, yaml.YAMLError, UnicodeDecodeError):
@@ -259,8 +252,6 @@ def open_output_dir(cfg: Any, main: bool) -> tuple[Path, Path | None]:
 
     Raises :class:`OutputDirError` or ``kontext.training.checkpoint.CheckpointError``; writes nothing but the lock.
     """
-    from kontext.training.checkpoint import list_checkpoints, read_trainer_state, resolve_resume
-
     path = check_location(cfg.output_dir)
     check_layout(cfg, path)
     check_contents(path, configured_entries(cfg, path))  # before the lock: a folder not a run's gets no lock file

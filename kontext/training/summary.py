@@ -11,6 +11,12 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from kontext.runtime.lora_io import LORA_WEIGHTS_NAME
+from kontext.tiny.model import COMMITTED_DIR
+from kontext.training.checkpoint import list_checkpoints
+from kontext.training.launch import RUN_CLOCK, launched_by_accelerate
+from kontext.training.validation import held_out
+
 # The loss terms shown (in this order) when the history has them.
 _LOSS_KEYS = ("loss/total", "loss/flow", "loss/geometry")
 # Validation metrics shown (in this order) when present.
@@ -40,8 +46,6 @@ def _duration(seconds: float) -> str:
 
 def _model_argument(base_model: str) -> str:
     """``tiny`` for the committed tiny model (shorter, and valid on any machine), the reference itself otherwise."""
-    from kontext.tiny.model import COMMITTED_DIR
-
     try:
         return "tiny" if Path(base_model).resolve() == COMMITTED_DIR else base_model
     except (OSError, ValueError):
@@ -62,9 +66,6 @@ def final_losses(history: list[dict[str, float]], last: int = 10) -> dict[str, f
 def output_files(output_dir: str | Path) -> tuple[list[str], bool]:
     """The artefacts a finished run left in ``output_dir`` (names relative to it, in a fixed order) and whether a
     checkpoint is there to continue from."""
-    from kontext.runtime.lora_io import LORA_WEIGHTS_NAME
-    from kontext.training.checkpoint import list_checkpoints
-
     out = Path(output_dir)
     names = [LORA_WEIGHTS_NAME, "lora_comfyui.safetensors", "README.md", "config.yaml", "training_history.json"]
     files = [n for n in names if (out / n).is_file()]
@@ -120,9 +121,6 @@ def finished_run_summary(output_dir: Path, cfg: Any, history: list[dict[str, flo
                          metrics: dict[str, float]) -> str:
     """:func:`run_summary` for the run that just finished in this process (its files, clock and launcher)."""
     import time
-
-    from kontext.training.launch import RUN_CLOCK, launched_by_accelerate
-    from kontext.training.validation import held_out
 
     files, can_resume = output_files(output_dir)
     heldout, make_heldout = held_out_folder(cfg)

@@ -6,7 +6,7 @@ of that held-out dataset; with ``validation.holdout: N`` the last N samples (in 
 are then withheld from training; with neither (the default) the first ``validation.num_samples`` TRAINING samples,
 which shows what the LoRA learned but not how it generalises. They are used un-flipped and centre-cropped at
 their bucket size, each with its own fixed seed (``validation.seed + index``), so the grids of successive steps
-differ only by the LoRA. The metrics (``kontext.tools.metrics``) compare the result with the ORIGINAL context (the
+differ only by the LoRA. The metrics (``kontext.evaluation.metrics``) compare the result with the ORIGINAL context (the
 hint is not part of the scene), in pixel space and in latent space (``val/latent_*``; meaningful even when the
 base model's VAE reconstructs poorly, as the tiny model's does).
 """
@@ -22,11 +22,20 @@ import numpy as np
 import torch
 from PIL import Image
 
+from data import TripletDataset, make_buckets, open_configured_source, validate_source
 from data.errors import DatasetError, writing
 from data.transforms import prepare_sample
-from kontext.runtime.generation import components_on, generate, image_latents, mask_array, mask_to_pil, quiet_progress, to_pil
-from kontext.tools.grid import draw_mask_outline, make_grid
-from kontext.tools.metrics import aggregate, latent_sample_metrics, sample_metrics
+from kontext.evaluation.grid import draw_mask_outline, make_grid
+from kontext.evaluation.metrics import aggregate, latent_sample_metrics, sample_metrics
+from kontext.runtime.generation import (
+    components_on,
+    generate,
+    image_latents,
+    mask_array,
+    mask_to_pil,
+    quiet_progress,
+    to_pil,
+)
 from kontext.training.signals import busy, uninterrupted
 
 logger = logging.getLogger(__name__)
@@ -112,8 +121,6 @@ def validation_sources(cfg: Any, source: Any) -> tuple[Any, Any | None]:
         return train, held
     if not v.data_root:
         return source, None
-    from data import make_buckets, open_configured_source, validate_source
-
     held = open_configured_source(d, v.data_root)
     validate_source(held, max_pixels=d.max_pixels, progress=False, buckets=make_buckets(d.resolution, d.aspect_buckets))
     shown = range(min(v.num_samples, len(held)))
@@ -135,8 +142,6 @@ def _shown(names: list[str], limit: int = 5) -> str:
 
 def validation_dataset(cfg: Any, source: Any) -> Any:
     """The held-out samples as a ``data.TripletDataset`` with the training buckets and hint (no cache, no geometry)."""
-    from data import TripletDataset
-
     d = cfg.data
     return TripletDataset(
         source,
@@ -241,7 +246,7 @@ def run_validation(
             (``val/grid``); None to skip logging.
 
     Returns:
-        Mean metrics over the samples: the pixel metrics of ``kontext.tools.metrics.SampleMetrics`` as ``val/<name>``,
+        Mean metrics over the samples: the pixel metrics of ``kontext.evaluation.metrics.SampleMetrics`` as ``val/<name>``,
         the latent ones as ``val/latent_<name>``, and ``val/count``.
 
     The grid has a header row naming the columns of :data:`GRID_COLUMNS`, then one row per sample; each cell is the

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-from kontext.tools.grid import font
+from kontext.evaluation.grid import font
 
 # Colour-blind-safe series colours (Okabe-Ito).
 SERIES_COLORS = [(0, 114, 178), (230, 159, 0), (0, 158, 115), (204, 121, 167), (86, 180, 233), (213, 94, 0)]

@@ -9,6 +9,7 @@ from typing import Any
 
 from data.errors import write_text_atomic
 from kontext.runtime.sharing import shareable_model_name
+from kontext.tiny.model import COMMITTED_DIR
 
 # How many of the per-sample prompts the card quotes.
 PROMPTS_SHOWN = 3
@@ -29,7 +30,6 @@ def prompt_lines(prompts: Sequence[str]) -> list[str]:
 
 def _load_base_lines(base_path: str, base: str, dtype: str) -> list[str]:
     """The snippet's lines that load the base model, in a form that runs as written where one exists."""
-    from kontext.tiny.model import COMMITTED_DIR
 
     if Path(base_path).expanduser().resolve() == COMMITTED_DIR.resolve():
         return [
