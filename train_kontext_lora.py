@@ -23,6 +23,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -33,9 +34,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from data import BucketBatchSampler
 from data.dataset import TrainBatch
-from data.errors import WriteError, write_text_atomic
+from data.errors import WriteError, first_names, write_text_atomic
 from data.synthetic import generate_dataset
 from kontext.errors import UserError
 from kontext.export.comfyui import export_comfyui
@@ -49,14 +49,9 @@ from kontext.runtime.pipeline import load_pipeline
 from kontext.tiny.model import resolve_model_path
 from kontext.training import inputs
 from kontext.training.checkpoint import (
-    apply_schedule,
-    check_base_model,
-    check_compatible,
-    check_data_position,
     finalize,
     lora_shape,
     newest_intact,
-    read_trainer_state,
     remove_incomplete,
     remove_previous_run,
     schedule_of,
@@ -65,7 +60,15 @@ from kontext.training.checkpoint import (
     try_write,
     weights_finite,
 )
-from kontext.training.config import Config, dump_config, flat_config, load_config
+from kontext.training.config import (
+    Config,
+    LossConfig,
+    OnPolicyConfig,
+    TrainConfig,
+    dump_config,
+    flat_config,
+    load_config,
+)
 from kontext.training.distributed import all_finite, any_process, main_process_first
 from kontext.training.launch import (
     cpu_only_multiprocess,
@@ -77,10 +80,11 @@ from kontext.training.launch import (
 )
 from kontext.training.optim import check_optional_features, make_optimizer
 from kontext.training.output_dir import lock_output_dir, open_output_dir, unlock_all, unlock_output_dir
+from kontext.training.resume import ResumePoint, check_base_model, data_sampler, open_resume, restore
 from kontext.training.signals import Stopped, StopRequest, busy, uninterrupted
 from kontext.training.summary import finished_run_summary
 from kontext.training.validation import run_validation, validation_dataset
-from losses import GeometryLossWeights, geometry_loss, noise_level_weight
+from losses import geometry_loss, noise_level_weight
 from losses import flow_matching as fm
 
 logger = logging.getLogger("kontext_lora")
@@ -94,7 +98,9 @@ logger = logging.getLogger("kontext_lora")
 def compute_loss(
     transformer: torch.nn.Module,
     batch: TrainBatch,
-    cfg: Config,
+    loss_cfg: LossConfig,
+    train_cfg: TrainConfig,
+    guidance_scale: float,
     generator: torch.Generator,
     train_scheduler: Any,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -103,89 +109,90 @@ def compute_loss(
     ``batch`` (a ``data.dataset.TrainBatch``) holds ``target_latents`` / ``context_latents`` (hinted, the
     conditioning) / ``scene_latents`` (un-hinted, what the geometry terms compare with) ``[B, 16, h, w]``,
     ``prompt_embeds [B, L, D]``, ``pooled_prompt_embeds [B, Dp]`` and ``geometry`` (a ``losses.MaskTargets``
-    ``[B, 1, h, w]`` each).
+    ``[B, 1, h, w]`` each). ``loss_cfg`` is the config's ``loss`` section, ``train_cfg`` its ``train`` section
+    (timestep sampling and weighting), ``guidance_scale`` the model's guidance embedding value.
     ``train_scheduler`` is the base model's ``FlowMatchEulerDiscreteScheduler`` before ``set_timesteps``
-    (its training table of timesteps and sigmas). Noise is drawn first, then ``u``, from ``generator``.
+    (its training table of timesteps and sigmas). Noise is drawn first, then ``u``, from ``generator``
+    (:func:`losses.flow_matching.flow_step`), then the on-policy draws.
     Returns the total loss (float32 scalar) and its detached components for logging.
     """
-    x0 = batch.target_latents
-    ctx = batch.context_latents
-    bsz = x0.shape[0]
-    device = x0.device
-    tc = cfg.train
-
-    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(device)
-    u = fm.sample_timestep_density(
-        tc.weighting_scheme, bsz, tc.logit_mean, tc.logit_std, tc.mode_scale, generator=generator
+    context = batch.context_latents
+    bsz = batch.target_latents.shape[0]
+    device = batch.target_latents.device
+    model_dtype = batch.target_latents.dtype
+    step = fm.flow_step(
+        batch.target_latents,
+        generator,
+        train_scheduler,
+        train_cfg.weighting_scheme,
+        train_cfg.logit_mean,
+        train_cfg.logit_std,
+        train_cfg.mode_scale,
+        train_cfg.resolution_shift,
     )
-    geo, op = cfg.loss.geometry, cfg.loss.on_policy
+    geometry, on_policy_cfg = loss_cfg.geometry, loss_cfg.on_policy
     # Drawn after the flow's noise and timesteps, so that turning on-policy on leaves those unchanged.
-    on_policy = geo.enabled and op.enabled and float(torch.rand((), generator=generator)) < op.fraction
-    timesteps, sigmas = fm.timesteps_and_sigmas_from_density(u, train_scheduler)
-    if tc.resolution_shift:
-        # Train at the noise levels the pipeline samples at this resolution (FLUX's dynamic shift).
-        seq_len = (x0.shape[-2] // 2) * (x0.shape[-1] // 2)
-        sigmas = fm.shift_sigmas_for_resolution(sigmas, seq_len)
-        timesteps = sigmas * train_scheduler.config.num_train_timesteps
-    sigmas = sigmas.to(device)
-    sig = sigmas.view(-1, 1, 1, 1)
-    x0f = x0.float()
-    x_t = fm.add_noise(x0f, noise, sig)
-    t_in = timesteps.to(device) / train_scheduler.config.num_train_timesteps  # the pipeline's timestep / 1000
+    on_policy = (
+        geometry.enabled
+        and on_policy_cfg.enabled
+        and float(torch.rand((), generator=generator)) < on_policy_cfg.fraction
+    )
     embeds, pooled = batch.prompt_embeds, batch.pooled_prompt_embeds
     if on_policy:
         # The model's own sample at a noise level where the extent is being set, and one prediction from it with
         # gradient, in the same forward as the teacher-forced one (one forward per backward, as DDP requires).
-        x_s, sigma_s = on_policy_rollout(transformer, batch, op, cfg.model.guidance_scale, generator, train_scheduler.config)
+        x_s, sigma_s = on_policy_rollout(
+            transformer, batch, on_policy_cfg, guidance_scale, generator, train_scheduler.config
+        )
         v_both = predict_velocity(
             transformer,
-            torch.cat([x_t, x_s]).to(x0.dtype),
-            torch.cat([ctx, ctx]),
-            torch.cat([t_in, sigma_s.expand(bsz).to(device)]),
+            torch.cat([step.x_t, x_s]).to(model_dtype),
+            torch.cat([context, context]),
+            torch.cat([step.model_timesteps, sigma_s.expand(bsz).to(device)]),
             torch.cat([embeds, embeds]),
             torch.cat([pooled, pooled]),
-            cfg.model.guidance_scale,
+            guidance_scale,
         ).float()
         v_pred, v_s = v_both[:bsz], v_both[bsz:]
     else:
-        v_pred = predict_velocity(transformer, x_t.to(x0.dtype), ctx, t_in, embeds, pooled, cfg.model.guidance_scale)
+        v_pred = predict_velocity(
+            transformer, step.x_t.to(model_dtype), context, step.model_timesteps, embeds, pooled, guidance_scale
+        )
     # Losses in float32 whatever the model's dtype.
     v_pred = v_pred.float()
-    target = fm.velocity_target(x0f, noise)
-    weighting = fm.loss_weighting(tc.weighting_scheme, sig)
-    if cfg.loss.masked.enabled:
-        weighting = weighting * fm.masked_flow_weight(batch.geometry.mask, cfg.loss.masked.unmasked_weight)
-    base = fm.flow_matching_loss(v_pred, target, weighting)
+    mask_weight = None
+    if loss_cfg.masked.enabled:
+        mask_weight = fm.masked_flow_weight(batch.geometry.mask, loss_cfg.masked.unmasked_weight)
+    base = step.loss(v_pred, mask_weight)
     logs: dict[str, torch.Tensor] = {"loss/flow": base.detach()}
     total = base
 
-    if geo.enabled:
+    if geometry.enabled:
         # The clean latents the velocity implies; the geometry terms judge them against target and context.
         if on_policy:
             z_pred = fm.predicted_clean_latents(x_s, v_s, sigma_s.expand(bsz).to(device))
-            sample_weights, scale = None, op.weight
+            sample_weights, scale = None, on_policy_cfg.weight
         else:
-            z_pred = fm.predicted_clean_latents(x_t, v_pred, sig)
-            sample_weights, scale = noise_level_weight(sigmas, geo.noise_weighting), 1.0
-        weights = GeometryLossWeights(mse=geo.mse, bg=geo.bg, dice=geo.dice, area=geo.area, boundary=geo.boundary)
+            z_pred = step.predicted_clean_latents(v_pred)
+            sample_weights, scale = noise_level_weight(step.sigmas, geometry.noise_weighting), 1.0
         # "What did the model change" is asked against the un-hinted scene, not the grey-filled context.
-        geo_total, parts = geometry_loss(
+        geometry_total, parts = geometry_loss(
             z_pred,
-            x0f,
+            step.x0,
             batch.scene_latents.float(),
             batch.geometry,
-            weights,
-            w_in=geo.w_in,
-            w_band=geo.w_band,
-            w_out=geo.w_out,
-            k_sigma=geo.k_sigma,
-            formulation=geo.formulation,
-            temperature=geo.temperature,
+            geometry.loss_weights(),
+            w_in=geometry.w_in,
+            w_band=geometry.w_band,
+            w_out=geometry.w_out,
+            k_sigma=geometry.k_sigma,
+            formulation=geometry.formulation,
+            temperature=geometry.temperature,
             sample_weights=sample_weights,
         )
-        geo_total = scale * geo_total
-        total = total + geo.weight * geo_total
-        logs["loss/geometry"] = geo_total.detach()
+        geometry_total = scale * geometry_total
+        total = total + geometry.weight * geometry_total
+        logs["loss/geometry"] = geometry_total.detach()
         logs.update({f"loss/{k}": v.detach() for k, v in parts.items()})
     logs["loss/total"] = total.detach()
     return total, logs
@@ -195,31 +202,33 @@ def compute_loss(
 def on_policy_rollout(
     transformer: torch.nn.Module,
     batch: TrainBatch,
-    op: Any,
+    on_policy_cfg: OnPolicyConfig,
     guidance_scale: float,
     generator: torch.Generator,
     scheduler_config: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's own sample part-way down the sampler: ``(x_s [B, 16, h, w] float32, sigma_s scalar tensor)``.
 
-    Draws ``sigma_stop`` uniformly in ``[op.sigma_min, op.sigma_max]`` and fresh noise from ``generator``, then
-    takes Euler steps with the current LoRA along the pipeline's schedule of ``op.sampler_steps`` steps
-    (:func:`losses.flow_matching.sampling_sigmas`) until the first schedule sigma at or below ``sigma_stop`` (at
-    most to the last non-zero one).
+    Draws ``sigma_stop`` uniformly in ``[sigma_min, sigma_max]`` of ``on_policy_cfg`` (the config's
+    ``loss.on_policy``) and fresh noise from ``generator``, then takes Euler steps with the current LoRA along
+    the pipeline's schedule of ``sampler_steps`` steps (:func:`losses.flow_matching.sampling_sigmas`) until the
+    first schedule sigma at or below ``sigma_stop`` (at most to the last non-zero one).
     No gradient flows through the rollout (DRaFT-1 / ReFL): only the prediction made from ``x_s`` is trained.
     """
-    x0, ctx = batch.target_latents, batch.context_latents
+    x0, context = batch.target_latents, batch.context_latents
     b, _, h, w = x0.shape
-    sigmas = fm.sampling_sigmas(op.sampler_steps, (h // 2) * (w // 2), scheduler_config)
-    stop = op.sigma_min + (op.sigma_max - op.sigma_min) * float(torch.rand((), generator=generator))
+    sampler_steps = on_policy_cfg.sampler_steps
+    sigmas = fm.sampling_sigmas(sampler_steps, (h // 2) * (w // 2), scheduler_config)
+    low, high = on_policy_cfg.sigma_min, on_policy_cfg.sigma_max
+    stop = low + (high - low) * float(torch.rand((), generator=generator))
     # The schedule falls from 1 to 0: sigmas[steps] is the first at or below the stop, and never the final 0 (a
     # prediction at sigma 0 is the sample itself, with nothing to train).
-    steps = min(int((sigmas > stop).sum()), op.sampler_steps - 1)
+    steps = min(int((sigmas > stop).sum()), sampler_steps - 1)
     x = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
     for i in range(steps):
         t = sigmas[i].expand(b).to(x0.device)
         v = predict_velocity(
-            transformer, x.to(x0.dtype), ctx, t, batch.prompt_embeds, batch.pooled_prompt_embeds, guidance_scale
+            transformer, x.to(x0.dtype), context, t, batch.prompt_embeds, batch.pooled_prompt_embeds, guidance_scale
         )
         x = fm.euler_step(x, v.float(), sigmas[i], sigmas[i + 1])
     return x, sigmas[steps]
@@ -251,43 +260,77 @@ class Run:
     start_step: int = 0
     data_state: dict[str, int] = field(default_factory=lambda: {"epoch": 0, "position": 0})
     history: list[dict[str, float]] = field(default_factory=list)
-    stop_reason: str = ""
+    stop_reason: str = ""  # a StopReason once finished
     validation_dataset: Any = None  # held-out samples (validation.data_root / holdout); None: the training ones
 
     def batches(self) -> Iterator[TrainBatch]:
         """The micro-batch stream from the run's data position, on the training device in the model's dtype
         (geometry targets float32). The position advances as batches are handed out (``inputs.batches``)."""
-        c = self.cfg
+        cfg = self.cfg
         # The un-hinted scene is read only by the geometry terms: without them it is not encoded.
         stream = inputs.batches(
-            self.dataset, self.sampler, self.data_state, self.encode_images, c.loss.geometry.enabled,
-            inputs.use_prefetch(c.data.prefetch, self.accelerator.device),
+            self.dataset, self.sampler, self.data_state, self.encode_images, cfg.loss.geometry.enabled,
+            inputs.use_prefetch(cfg.data.prefetch, self.accelerator.device),
         )
         for batch in stream:
-            yield batch.to(self.accelerator.device, DTYPES[c.model.dtype])
-
-
-def check_output_dir(cfg: Config) -> tuple[Path, Path | None, dict[str, Any] | None]:
-    """The output folder, the verified checkpoint to resume (or None) and its trainer state, after the checks (and
-    the lock) of ``kontext.training.output_dir.open_output_dir``: nothing is written before them, nothing of others'
-    is touched, and a checkpoint of another LoRA shape is refused before any model is loaded."""
-    output_dir, ckpt = open_output_dir(cfg, main=is_main_launch_process())
-    state = read_trainer_state(ckpt) if ckpt is not None else None
-    if ckpt is not None:
-        check_compatible(ckpt, state, lora_shape(cfg.lora), cfg.train.optimizer)
-    return output_dir, ckpt, state
-
-
-def resolve_model(name_or_path: str) -> str:
-    """``tiny`` -> the committed tiny model folder; a folder -> absolute; a hub id unchanged."""
-    return resolve_model_path(name_or_path)
+            yield batch.to(self.accelerator.device, DTYPES[cfg.model.dtype])
 
 
 def setup(cfg: Config) -> Run:
-    """Config -> a ready-to-train :class:`Run` (cheap checks first, models after)."""
-    output_dir, resume_ckpt, state = check_output_dir(cfg)
+    """Config -> a ready-to-train :class:`Run`, as a recipe: the output folder, the checkpoint to resume and the inputs
+    are checked before any model loads, nothing is written before those checks, and ``config.yaml`` only once a
+    resume has loaded."""
+    output_dir, checkpoint = open_output_dir(cfg, main=is_main_launch_process())
+    resume = open_resume(checkpoint, cfg)  # another LoRA shape or optimiser is refused before any model loads
     check_optional_features(cfg)
+    accelerator = _setup_accelerator(cfg, output_dir)
+    set_seed(cfg.train.seed)
+    source, val_source, sampler = _check_data(cfg, accelerator, resume)
+    if accelerator.is_main_process:  # a new folder is created (and locked) only now, after the input checks
+        lock_output_dir(output_dir, main=True, create=True)
+    model_path = _resolve_base_model(cfg, accelerator, resume)
+    if accelerator.is_main_process:
+        remove_incomplete(output_dir)
+    pipe, lora_params, encoders_device = _setup_model(cfg, accelerator, model_path)
+    dataset, val_data = _setup_data(cfg, source, val_source, pipe, accelerator, encoders_device)
+    transformer, optimizer, lr_scheduler = _setup_optimizer(cfg, accelerator, pipe.transformer, lora_params)
+    run = Run(
+        cfg=cfg,
+        accelerator=accelerator,
+        output_dir=output_dir,
+        pipe=pipe,
+        transformer=transformer,
+        lora_params=lora_params,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        dataset=dataset,
+        sampler=sampler,
+        # Training sigmas come from the scheduler's un-shifted training table, as diffusers' Kontext script.
+        train_scheduler=FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config),
+        encoders_device=encoders_device,
+        encode_images=None
+        if cfg.data.cache_latents
+        else inputs.image_encoder(pipe, encoders_device, to_cpu=False, max_images=cfg.data.cache_batch_size),
+        validation_dataset=val_data,
+    )
+    if resume is not None:
+        _load_checkpoint(run, resume)
+    if accelerator.is_main_process:
+        # Only now: a resume that fails on the way (another model, optimiser or architecture) leaves the config.yaml
+        # that its printed resume command names as it was, and a failed overwrite leaves the old run whole. A stop
+        # takes effect after both, never between them.
+        with uninterrupted():
+            if cfg.checkpoint.overwrite_output_dir and resume is None:
+                remove_previous_run(output_dir)  # never resumed into this run, never beside it
+            dump_config(cfg, output_dir / "config.yaml")
+        if cfg.logging.report_to != "none":
+            accelerator.init_trackers(cfg.logging.project_name, config=flat_config(cfg))
+    _log_cpu_threads(cfg, accelerator.device)
+    return run
 
+
+def _setup_accelerator(cfg: Config, output_dir: Path) -> Accelerator:
+    """The run's ``Accelerator`` (its mixed precision recorded in ``cfg``) and the logging of each process."""
     accelerator = Accelerator(
         cpu=cpu_only_multiprocess(),
         # `auto` -> None: accelerate reads the launcher's choice (ACCELERATE_MIXED_PRECISION, its config file).
@@ -304,82 +347,94 @@ def setup(cfg: Config) -> Run:
         )
     cfg.train.mixed_precision = accelerator.mixed_precision  # config.yaml records what the run used
     setup_logging(accelerator)
-    set_seed(cfg.train.seed)
+    return accelerator
 
-    # -- data: generate (embedded default) and validate before any model is loaded
-    if cfg.data.synthetic.enabled:
-        def generate() -> None:
-            s = cfg.data.synthetic
-            try:
-                generate_dataset(cfg.data.root, num_samples=s.num_samples, size=(s.size, s.size), seed=s.seed)
-            except FileExistsError as e:  # a folder of real data: nothing was written, say so in one message
-                raise UserError(f"data.synthetic.enabled is true, but data.root {e}.") from None
 
-        main_process_first(accelerator, generate, everyone=False)
+def _check_data(cfg: Config, accelerator: Accelerator, resume: ResumePoint | None) -> tuple[Any, Any, Any]:
+    """The training source, the held-out validation source (or None) and the run's batch sampler, all checked
+    before any model loads: every sample, batches that fit the data, and a resumed data position that fits them
+    (checked once, on the sampler that training then draws from)."""
+    if cfg.data.synthetic.enabled:  # the embedded default's data, generated once by the main process
+        main_process_first(accelerator, lambda: _generate_synthetic(cfg), everyone=False)
     source, val_source = inputs.open_sources(cfg)
-    # Batches that fit the data, and a resumed data position that fits them, before any model loads.
-    check_data_position(source, cfg, accelerator.num_processes, resume_ckpt, state)
-    if accelerator.is_main_process:  # a new folder is created (and locked) only now, after the input checks
-        lock_output_dir(output_dir, main=True, create=True)
+    sampler = data_sampler(source, cfg, accelerator.num_processes, accelerator.process_index, resume)
+    return source, val_source, sampler
 
-    # -- model
-    model_path = main_process_first(accelerator, lambda: resolve_model(cfg.model.pretrained_model_name_or_path))
+
+def _generate_synthetic(cfg: Config) -> None:
+    synthetic = cfg.data.synthetic
+    try:
+        generate_dataset(
+            cfg.data.root, num_samples=synthetic.num_samples, size=(synthetic.size, synthetic.size), seed=synthetic.seed
+        )
+    except FileExistsError as e:  # a folder of real data: nothing was written, say so in one message
+        raise UserError(f"data.synthetic.enabled is true, but data.root {e}.") from None
+
+
+def _resolve_base_model(cfg: Config, accelerator: Accelerator, resume: ResumePoint | None) -> str:
+    """The base model's path (``tiny`` -> the committed tiny model, a folder -> absolute, a hub id unchanged),
+    recorded in ``cfg``; a resumed checkpoint must have been trained on the same base (checked before it loads)."""
+    model_path = main_process_first(accelerator, lambda: resolve_model_path(cfg.model.pretrained_model_name_or_path))
     cfg.model.pretrained_model_name_or_path = model_path
-    if resume_ckpt is not None:  # the same base as the checkpoint's, before the model loads
-        check_base_model(resume_ckpt, state, base_model_identity(model_path, cfg.model.revision),
+    if resume is not None:
+        check_base_model(resume.checkpoint, resume.state, base_model_identity(model_path, cfg.model.revision),
                          cfg.checkpoint.allow_other_base)
-    if accelerator.is_main_process:
-        if warning := text_length_warning(model_path, cfg.model.max_sequence_length):
-            logger.warning(warning)
-        remove_incomplete(output_dir)
+    if accelerator.is_main_process and (warning := text_length_warning(model_path, cfg.model.max_sequence_length)):
+        logger.warning(warning)
+    return model_path
 
-    weight_dtype = DTYPES[cfg.model.dtype]
-    m = cfg.model
-    pipe = load_pipeline(model_path, weight_dtype, revision=m.revision, variant=m.variant, quantization=m.quantization)
-    device = accelerator.device
-    transformer = pipe.transformer
+
+def _setup_model(
+    cfg: Config, accelerator: Accelerator, model_path: str
+) -> tuple[Any, list[torch.nn.Parameter], torch.device]:
+    """The frozen pipeline on its devices, with a fresh LoRA on its transformer (seeded by ``train.seed``).
+    Returns ``(pipe, LoRA parameters, the encoders' device)``."""
+    model_cfg = cfg.model
+    pipe = load_pipeline(model_path, DTYPES[model_cfg.dtype], revision=model_cfg.revision, variant=model_cfg.variant,
+                         quantization=model_cfg.quantization)
     for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
         getattr(pipe, name).requires_grad_(False).eval()
-    encoders_device = torch.device("cpu") if cfg.model.offload_encoders else device
-    if cfg.model.quantization == "none":
-        transformer.to(device)
+    encoders_device = torch.device("cpu") if model_cfg.offload_encoders else accelerator.device
+    if model_cfg.quantization == "none":
+        pipe.transformer.to(accelerator.device)
     pipe.vae.to(encoders_device)
     pipe.text_encoder.to(encoders_device)
     pipe.text_encoder_2.to(encoders_device)
 
-    lc = cfg.lora
+    lora_cfg = cfg.lora
     torch.manual_seed(cfg.train.seed)  # LoRA init is part of the run's seed
     try:
         lora_params = attach_lora(
-            transformer, make_lora_config(lc.rank, lc.alpha, lc.dropout, lc.init, lc.target_modules)
+            pipe.transformer,
+            make_lora_config(lora_cfg.rank, lora_cfg.alpha, lora_cfg.dropout, lora_cfg.init, lora_cfg.target_modules),
         )
     except ValueError as e:
         raise UserError(str(e)) from None
-    if cfg.model.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    transformer.train()
+    if model_cfg.gradient_checkpointing:
+        pipe.transformer.enable_gradient_checkpointing()
+    pipe.transformer.train()
+    return pipe, lora_params, encoders_device
 
-    # -- dataset, cache, sampler
+
+def _setup_data(
+    cfg: Config, source: Any, val_source: Any, pipe: Any, accelerator: Accelerator, encoders_device: torch.device
+) -> tuple[Any, Any]:
+    """The training dataset with every prompt encoded (and, cached, every sample's latents) and the held-out
+    validation dataset (or None); CLIP and T5 are freed once every prompt either needs is encoded."""
     dataset = inputs.build_dataset(cfg, source, pipe, accelerator, encoders_device)
     val_data = validation_dataset(cfg, val_source) if val_source is not None else None
     # Validation's prompts are known now: encode the held-out ones, then free CLIP and T5.
-    val_prompts = [val_data.prompt_of(i) for i in range(min(cfg.validation.num_samples, len(val_data)))] if val_data else []
+    shown = min(cfg.validation.num_samples, len(val_data)) if val_data else 0
+    val_prompts = [val_data.prompt_of(i) for i in range(shown)]
     inputs.free_text_encoders(pipe, dataset, inputs.prompt_table(pipe, cfg, val_prompts, encoders_device))
+    return dataset, val_data
 
-    try:
-        sampler = BucketBatchSampler(
-            dataset.bucket_ids,
-            batch_size=cfg.train.batch_size,
-            seed=cfg.train.seed,
-            shuffle=True,
-            drop_last=True,
-            num_replicas=accelerator.num_processes,
-            rank=accelerator.process_index,
-        )
-    except ValueError as e:
-        raise UserError(str(e)) from None
 
-    # -- optimiser and schedule
+def _setup_optimizer(
+    cfg: Config, accelerator: Accelerator, transformer: torch.nn.Module, lora_params: list[torch.nn.Parameter]
+) -> tuple[torch.nn.Module, Any, Any]:
+    """The optimiser over the LoRA and its LR schedule, prepared with the transformer by accelerate (whose
+    checkpoints then hold only the LoRA). Returns the prepared ``(transformer, optimizer, lr_scheduler)``."""
     optimizer = make_optimizer(cfg, lora_params)
     lr_scheduler = get_scheduler(
         cfg.train.lr_scheduler,
@@ -389,49 +444,18 @@ def setup(cfg: Config) -> Run:
     )
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     register_checkpoint_hooks(accelerator, transformer)
+    return transformer, optimizer, lr_scheduler
 
-    # Training sigmas come from the scheduler's un-shifted training table, as diffusers' Kontext script.
-    train_sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    run = Run(
-        cfg=cfg,
-        accelerator=accelerator,
-        output_dir=output_dir,
-        pipe=pipe,
-        transformer=transformer,
-        lora_params=lora_params,
-        optimizer=optimizer,
-        lr_scheduler=lr_scheduler,
-        dataset=dataset,
-        sampler=sampler,
-        train_scheduler=train_sched,
-        encoders_device=encoders_device,
-        encode_images=None
-        if cfg.data.cache_latents
-        else inputs.image_encoder(pipe, encoders_device, to_cpu=False, max_images=cfg.data.cache_batch_size),
-        validation_dataset=val_data,
-    )
-    if resume_ckpt is not None:
-        accelerator.load_state(str(resume_ckpt))
-        run.start_step = int(state["step"])
-        try:
-            # Refuses a position from another dataset size, batch size, seed or process count.
-            run.sampler.load_state_dict(state["data"])
-        except ValueError as e:
-            raise UserError(f"Cannot resume from {resume_ckpt}: {e}") from None
-        run.data_state = {"epoch": int(state["data"]["epoch"]), "position": int(state["data"]["position"])}
-        run.history = list(state.get("history", []))
-        apply_schedule(run.lr_scheduler, state, cfg.train, warn=accelerator.is_main_process)  # a changed LR applies, loudly
-        accelerator.print(f"Resumed from {resume_ckpt} at step {run.start_step}.")
-    if accelerator.is_main_process:
-        # Only now: a resume that fails on the way (another model, optimiser or architecture) leaves the config.yaml
-        # that its printed resume command names as it was, and a failed overwrite leaves the old run whole. A stop
-        # takes effect after both, never between them.
-        with uninterrupted():
-            if cfg.checkpoint.overwrite_output_dir and resume_ckpt is None:
-                remove_previous_run(output_dir)  # never resumed into this run, never beside it
-            dump_config(cfg, output_dir / "config.yaml")
-    if accelerator.is_main_process and cfg.logging.report_to != "none":
-        accelerator.init_trackers(cfg.logging.project_name, config=flat_config(cfg))
+
+def _load_checkpoint(run: Run, resume: ResumePoint) -> None:
+    """Continue from ``resume``: the LoRA, optimiser, LR schedule (with this run's learning-rate settings) and RNG
+    states, then the step, the data position (checked against the run's sampler in :func:`_check_data`) and the
+    history."""
+    run.start_step, run.data_state, run.history = restore(run.accelerator, run.lr_scheduler, resume, run.cfg.train)
+    run.accelerator.print(f"Resumed from {resume.checkpoint} at step {run.start_step}.")
+
+
+def _log_cpu_threads(cfg: Config, device: torch.device) -> None:
     if device.type == "cpu":
         prefetch = inputs.use_prefetch(cfg.data.prefetch, device)
         logger.info(
@@ -439,7 +463,33 @@ def setup(cfg: Config) -> Run:
             torch.get_num_threads(), "" if torch.get_num_threads() == 1 else "s",
             "in a background thread" if prefetch else "between steps (data.prefetch)",
         )
-    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# Train
+# ---------------------------------------------------------------------------------------------
+
+
+class StopReason(str, Enum):
+    """Why :func:`train` stopped (a ``str``: ``run.stop_reason == "done"`` holds)."""
+
+    DONE = "done"  # train.max_steps reached
+    SIGNAL = "signal"  # a stop signal: checkpoint saved, the run can be resumed
+    NONFINITE = "nonfinite"  # train.max_nonfinite_steps updates in a row had a NaN/inf loss or gradient
+    NONFINITE_WEIGHTS = "nonfinite_weights"  # an update made the LoRA weights NaN/inf (never saved)
+    PAUSED = "paused"  # ``pause_at`` reached: checkpoint saved, as a pre-emption would
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Update(Enum):
+    """What became of one optimiser update."""
+
+    APPLIED = "applied"
+    SKIPPED_OVERFLOW = "skipped_overflow"  # fp16: the gradient scaler skipped it and lowered its scale; it counts
+    SKIPPED_NONFINITE = "skipped_nonfinite"  # a NaN/inf loss or gradient: discarded, the step number is retried
+    NONFINITE_WEIGHTS = "nonfinite_weights"  # it made the LoRA weights NaN/inf: the run stops without saving them
 
 
 def _step_generator(run: Run, step: int, micro: int) -> torch.Generator:
@@ -453,124 +503,164 @@ def _step_generator(run: Run, step: int, micro: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(seed)
 
 
-def train(run: Run, pause_at: int | None = None) -> str:
-    """The optimisation loop. Returns why it stopped: ``done``, ``signal``, ``nonfinite``, ``nonfinite_weights`` or ``paused``.
+def train(run: Run, pause_at: int | None = None) -> StopReason:
+    """The optimisation loop: accumulate, check, update, log, save. Returns why it stopped (:class:`StopReason`).
 
     ``pause_at``: stop after that many updates with a checkpoint, as a pre-emption would (used to test
     that a resumed run is the same run).
     """
     cfg, acc = run.cfg, run.accelerator
-    accum = cfg.train.gradient_accumulation_steps
     batches = run.batches()
     step = run.start_step
-    bad_streak = 0
-    progress = tqdm(
-        total=cfg.train.max_steps, initial=step, desc="train", disable=not acc.is_local_main_process, dynamic_ncols=True
-    )
-    reason = "done"
+    nonfinite_streak = 0
     # From the prepared model: FSDP2 replaces the parameters with sharded ones (run.lora_params predates prepare).
     trainable = [p for p in run.transformer.parameters() if p.requires_grad]
-    # Logged terms stay on the device until a logging step (or a checkpoint) needs them: one transfer then.
-    pending: list[tuple[dict[str, float], list[str], torch.Tensor]] = []
-
-    def flush() -> None:
-        if not pending:
-            return
-        values = torch.stack([t for _, _, t in pending])
-        if acc.num_processes > 1:
-            values = acc.reduce(values, reduction="mean")  # all-reduce: the logs are the mean over processes
-        for (host, names, _), row in zip(pending, values.tolist()):  # .tolist(): one host-device sync
-            run.history.append({"step": host.pop("step"), **dict(sorted({**host, **dict(zip(names, row))}.items()))})
-        pending.clear()
-        last = run.history[-1]
-        progress.set_postfix(
-            loss=f"{last['loss/total']:.4f}",
-            flow=f"{last['loss/flow']:.4f}",
-            **({"geo": f"{last['loss/geometry']:.4f}"} if "loss/geometry" in last else {}),
-        )
-
-    def save(at: int) -> None:
-        flush()  # the checkpoint records the whole history
-        save_checkpoint(run, at)
-
+    log = TermLog(run, initial_step=step)
+    reason = StopReason.DONE
     with StopRequest() as stop:
         while step < cfg.train.max_steps:
-            t0 = time.perf_counter()
-            terms: torch.Tensor | None = None  # this update's logged terms, averaged over micro-batches, on the device
-            names: list[str] = []
-            for micro in range(accum):
-                batch = next(batches)
-                # LoRA dropout draws from the global stream: pin it to the step, and to the rank so that the
-                # ranks draw different masks (rank 0 keeps the single-process stream).
-                torch.manual_seed(cfg.train.seed + 7919 * step + micro + (acc.process_index << 40))
-                sync = micro == accum - 1
-                ctx = acc.no_sync(run.transformer) if not sync else contextlib.nullcontext()
-                with ctx:  # gradients are all-reduced only with the last micro-batch's backward
-                    with acc.autocast():
-                        loss, logs = compute_loss(run.transformer, batch, cfg, _step_generator(run, step, micro), run.train_scheduler)
-                    # A NaN/inf loss gives NaN/inf gradients: the check below discards them with the update.
-                    acc.backward(loss / accum)
-                names = list(logs)
-                row = torch.stack([v.float() for v in logs.values()]) / accum
-                terms = row if terms is None else terms + row
-            # One fused check per update: a host-device sync (and, with several processes, one all-reduce, so that
-            # all ranks skip together).
-            finite = all_finite(acc, terms)
-            if not finite:
-                bad = [n for n, v in zip(names, terms.tolist()) if not math.isfinite(v)]  # failure path only
-                logger.warning(
-                    "step %d: non-finite %s; skipping this update", step + 1, ", ".join(bad) or "loss on another process"
-                )
-            grad_norm = None
-            if finite:
-                stepped, grad_norm = optimizer_step(run, step, trainable)
-                # Host-device sync (a gather of the shards' norms under FSDP2): AdamW cannot be undone, so
-                # weights made NaN/inf stop the run and are never saved.
-                if stepped and not weights_finite(trainable):
-                    logger.error("step %d: the update made the LoRA weights NaN/inf; stopping without saving them", step + 1)
-                    reason = "nonfinite_weights"
-                    break
-                # An fp16 overflow that the gradient scaler skipped is routine (it lowers its scale): the step
-                # counts, as in diffusers' and transformers' trainers, and is no non-finite failure.
-                finite = stepped or acc.optimizer_step_was_skipped
+            started = time.perf_counter()
+            names, terms = _accumulate_gradients(run, batches, step)
+            update, grad_norm = _apply_update(run, step, names, terms, trainable)
+            if update is Update.NONFINITE_WEIGHTS:
+                reason = StopReason.NONFINITE_WEIGHTS
+                break
             run.optimizer.zero_grad(set_to_none=True)
-            if not finite:
-                bad_streak += 1
-                if bad_streak >= cfg.train.max_nonfinite_steps:
-                    reason = "nonfinite"
+            if update is Update.SKIPPED_NONFINITE:
+                nonfinite_streak += 1
+                if nonfinite_streak >= cfg.train.max_nonfinite_steps:
+                    reason = StopReason.NONFINITE
                     break
                 continue  # the same step number is retried with the next batch
-            bad_streak = 0
+            nonfinite_streak = 0
             step += 1
-            host = {
-                "step": step,
-                "lr": run.lr_scheduler.get_last_lr()[0],  # a host float: no sync
-                "grad_norm": grad_norm if grad_norm is not None else 0.0,
-                # On a GPU this is the host's time; the finiteness check and the norm above wait for the kernels.
-                "step_time_s": time.perf_counter() - t0,
-            }
-            pending.append((host, names, terms.detach()))
-            progress.update(1)
+            # On a GPU this is the host's time; the finiteness check and the norm wait for the kernels.
+            log.add(step, names, terms, grad_norm, time.perf_counter() - started)
             if step % cfg.logging.log_every == 0:
-                flush()
+                log.flush()
                 acc.log({k: v for k, v in run.history[-1].items() if k != "step"}, step=step)
 
             # Collective (one all-reduce per update with several processes): a signal may reach only some
             # processes, and all must save (and stop) together.
             signalled = any_process(acc, stop.requested is not None)
             if signalled or step == pause_at:
-                save(step)
-                reason = "signal" if signalled else "paused"
+                log.flush()  # the checkpoint records the whole history
+                save_checkpoint(run, step)
+                reason = StopReason.SIGNAL if signalled else StopReason.PAUSED
                 break
-            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < cfg.train.max_steps:
-                save(step)
-            v_every = cfg.validation.every_steps
-            if v_every > 0 and step % v_every == 0 and step < cfg.train.max_steps:
+            if _due(step, cfg.checkpoint.every_steps, cfg.train.max_steps):
+                log.flush()
+                save_checkpoint(run, step)
+            if _due(step, cfg.validation.every_steps, cfg.train.max_steps):
                 validate(run, step)
-    flush()
-    progress.close()
+    log.close()
     run.start_step = step
     return reason
+
+
+def _due(step: int, every: int, max_steps: int) -> bool:
+    """A periodic save or validation is due at ``step`` (the final step has its own, in :func:`finish`)."""
+    return every > 0 and step % every == 0 and step < max_steps
+
+
+def _accumulate_gradients(run: Run, batches: Iterator[TrainBatch], step: int) -> tuple[list[str], torch.Tensor]:
+    """Forward and backward over ``train.gradient_accumulation_steps`` micro-batches; the gradients are summed in
+    the LoRA's ``.grad`` (each loss divided by the count). Returns the logged terms' names and their values averaged
+    over the micro-batches, on the device (a NaN/inf loss gives NaN/inf gradients: :func:`_apply_update` discards
+    them)."""
+    cfg, acc = run.cfg, run.accelerator
+    accum = cfg.train.gradient_accumulation_steps
+    terms: torch.Tensor | None = None
+    names: list[str] = []
+    for micro in range(accum):
+        batch = next(batches)
+        # LoRA dropout draws from the global stream: pin it to the step, and to the rank so that the ranks draw
+        # different masks (rank 0 keeps the single-process stream). The CPU generator keeps only a seed's low
+        # 32 bits, so the rank's share must change those.
+        torch.manual_seed(cfg.train.seed + 7919 * step + micro + 1_000_003 * acc.process_index)
+        generator = _step_generator(run, step, micro)
+        last = micro == accum - 1
+        # Gradients are all-reduced only with the last micro-batch's backward.
+        with acc.no_sync(run.transformer) if not last else contextlib.nullcontext():
+            with acc.autocast():
+                loss, logs = compute_loss(
+                    run.transformer, batch, cfg.loss, cfg.train, cfg.model.guidance_scale, generator, run.train_scheduler
+                )
+            acc.backward(loss / accum)
+        names = list(logs)
+        row = torch.stack([v.float() for v in logs.values()]) / accum
+        terms = row if terms is None else terms + row
+    return names, terms
+
+
+def _apply_update(
+    run: Run, step: int, names: list[str], terms: torch.Tensor, trainable: list[torch.nn.Parameter]
+) -> tuple[Update, float | None]:
+    """Check the accumulated terms, then apply the update (:func:`optimizer_step`) and check the weights it made.
+    Returns the update's outcome and the gradient norm (None when there is none to log)."""
+    # One fused check per update: a host-device sync (and, with several processes, one all-reduce, so that all
+    # ranks skip together).
+    if not all_finite(run.accelerator, terms):
+        bad = [n for n, v in zip(names, terms.tolist()) if not math.isfinite(v)]  # failure path only
+        logger.warning(
+            "step %d: non-finite %s; skipping this update", step + 1, ", ".join(bad) or "loss on another process"
+        )
+        return Update.SKIPPED_NONFINITE, None
+    stepped, grad_norm = optimizer_step(run, step, trainable)
+    # Host-device sync (a gather of the shards' norms under FSDP2): AdamW cannot be undone, so weights made NaN/inf
+    # stop the run and are never saved.
+    if stepped and not weights_finite(trainable):
+        logger.error("step %d: the update made the LoRA weights NaN/inf; stopping without saving them", step + 1)
+        return Update.NONFINITE_WEIGHTS, None
+    if stepped:
+        return Update.APPLIED, grad_norm
+    # An fp16 overflow that the gradient scaler skipped is routine (it lowers its scale): the step counts, as in
+    # diffusers' and transformers' trainers, and is no non-finite failure.
+    return (Update.SKIPPED_OVERFLOW if run.accelerator.optimizer_step_was_skipped else Update.SKIPPED_NONFINITE), None
+
+
+class TermLog:
+    """The logged terms of each update, kept on the device until a logging step or a checkpoint needs them: then one
+    transfer (with several processes one all-reduce: the logs are the mean over processes) appends them to
+    ``run.history``. Also the progress bar."""
+
+    def __init__(self, run: Run, initial_step: int) -> None:
+        self.run = run
+        self.pending: list[tuple[dict[str, float], list[str], torch.Tensor]] = []
+        self.progress = tqdm(total=run.cfg.train.max_steps, initial=initial_step, desc="train",
+                             disable=not run.accelerator.is_local_main_process, dynamic_ncols=True)
+
+    def add(self, step: int, names: list[str], terms: torch.Tensor, grad_norm: float | None, step_time: float) -> None:
+        host = {
+            "step": step,
+            "lr": self.run.lr_scheduler.get_last_lr()[0],  # a host float: no sync
+            "grad_norm": grad_norm if grad_norm is not None else 0.0,
+            "step_time_s": step_time,
+        }
+        self.pending.append((host, names, terms.detach()))
+        self.progress.update(1)
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        acc = self.run.accelerator
+        values = torch.stack([terms for _, _, terms in self.pending])
+        if acc.num_processes > 1:
+            values = acc.reduce(values, reduction="mean")  # all-reduce
+        for (host, names, _), row in zip(self.pending, values.tolist()):  # .tolist(): one host-device sync
+            record = {**host, **dict(zip(names, row))}
+            self.run.history.append({"step": record.pop("step"), **dict(sorted(record.items()))})
+        self.pending.clear()
+        last = self.run.history[-1]
+        self.progress.set_postfix(
+            loss=f"{last['loss/total']:.4f}",
+            flow=f"{last['loss/flow']:.4f}",
+            **({"geo": f"{last['loss/geometry']:.4f}"} if "loss/geometry" in last else {}),
+        )
+
+    def close(self) -> None:
+        self.flush()
+        self.progress.close()
 
 
 def optimizer_step(run: Run, step: int, params: list[torch.nn.Parameter] | None = None) -> tuple[bool, float | None]:
@@ -632,8 +722,7 @@ def _nonfinite_grad_names(run: Run, limit: int = 3) -> str:
         n for n, p in run.accelerator.unwrap_model(run.transformer).named_parameters()
         if p.grad is not None and not torch.isfinite(getattr(p.grad, "to_local", lambda: p.grad)()).all()
     ]
-    shown = ", ".join(names[:limit]) + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
-    return shown or "the gradient on another process"
+    return first_names(names, limit) or "the gradient on another process"
 
 
 def save_checkpoint(run: Run, step: int) -> Path:
@@ -692,9 +781,9 @@ def validate(run: Run, step: int, stop: StopRequest | None = None) -> dict[str, 
     return metrics
 
 
-def finish(run: Run, reason: str) -> str:
+def finish(run: Run, reason: StopReason | str) -> StopReason:
     """Validate once more, write the history and model card, export the LoRA (and the ComfyUI file); release the
-    output folder. Returns why the run ended (``reason``, or ``signal`` when a stop came before the export).
+    output folder. Returns why the run ended (``reason``, or ``SIGNAL`` when a stop came before the export).
 
     A stop (SIGTERM, SIGINT, SIGHUP, SIGQUIT; the scope of ``run_training``, or this function's own) never loses
     the trained LoRA: before the export it ends the final validation early, saves ``checkpoint-<step>`` (unless
@@ -702,24 +791,24 @@ def finish(run: Run, reason: str) -> str:
     completed first (seconds), and the run is finished.
     """
     with StopRequest() as stop:
-        return _finish(run, reason, stop)
+        return _finish(run, StopReason(reason), stop)
 
 
-def _finish(run: Run, reason: str, stop: StopRequest) -> str:
+def _finish(run: Run, reason: StopReason, stop: StopRequest) -> StopReason:
     cfg, acc = run.cfg, run.accelerator
-    if reason in ("paused", "signal"):
+    if reason in (StopReason.PAUSED, StopReason.SIGNAL):
         acc.end_training()
         unlock_output_dir(run.output_dir)
-        if reason == "signal":
+        if reason is StopReason.SIGNAL:
             acc.print(_stopped_message(run))
         return reason
-    if reason in ("nonfinite", "nonfinite_weights"):
+    if reason in (StopReason.NONFINITE, StopReason.NONFINITE_WEIGHTS):
         acc.end_training()
         unlock_output_dir(run.output_dir)
         last = _last_checkpoint_name(run)
         what = f"{cfg.train.max_nonfinite_steps} consecutive updates had a NaN/inf loss or gradient (see the warnings above for the term)"
         raise UserError(
-            f"{what if reason == 'nonfinite' else 'An update made the LoRA weights NaN/inf (they were not saved)'}; "
+            f"{what if reason is StopReason.NONFINITE else 'An update made the LoRA weights NaN/inf (they were not saved)'}; "
             f"stopped at step {run.start_step}. Last good checkpoint: {last}. Lower "
             "train.learning_rate, check the data, or use model.dtype=float32 / train.mixed_precision=no."
         )
@@ -739,7 +828,7 @@ def _finish(run: Run, reason: str, stop: StopRequest) -> str:
         acc.end_training()
         unlock_output_dir(run.output_dir)
         acc.print(_stopped_message(run, "before the final export"))
-        return "signal"
+        return StopReason.SIGNAL
     with busy("the export of the final LoRA", then="stopping with the run finished"):
         _export(run, metrics)
     return reason

@@ -76,14 +76,24 @@ def peak_memory() -> "PeakRSS | PeakCUDA":
     return PeakCUDA() if torch.cuda.is_available() else PeakRSS()
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
     """Resident set size of this process (Linux /proc; the benchmarks run on Linux)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def trimmed_rss_bytes() -> int:
+    """The RSS after freed heap pages went back to the OS: what is live, so that what a step allocates next shows up
+    as growth instead of reusing pages glibc kept from earlier steps."""
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+    return rss_bytes()
+
+
 class PeakRSS:
-    """Context manager sampling this process's RSS in a thread; ``.peak_mib`` above the starting RSS."""
+    """Context manager sampling this process's RSS in a thread; ``.peak_mib`` above the RSS at entry (see
+    :func:`trimmed_rss_bytes`)."""
 
     def __init__(self, interval_s: float = 0.0005) -> None:
         self.interval_s = interval_s
@@ -91,12 +101,7 @@ class PeakRSS:
         self._stop = threading.Event()
 
     def __enter__(self) -> "PeakRSS":
-        # Hand freed heap pages back to the OS first, so the RSS starts at what is live and the
-        # step's temporaries show up as growth instead of reusing pages glibc kept from earlier steps.
-        gc.collect()
-        if _LIBC is not None:
-            _LIBC.malloc_trim(0)
-        self._base = _rss_bytes()
+        self._base = trimmed_rss_bytes()
         self._peak = self._base
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -104,25 +109,50 @@ class PeakRSS:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self._peak = max(self._peak, _rss_bytes())
+            self._peak = max(self._peak, rss_bytes())
             time.sleep(self.interval_s)
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self._peak = max(self._peak, _rss_bytes())
+        self._peak = max(self._peak, rss_bytes())
         self.peak_mib = (self._peak - self._base) / MIB
 
 
 DTYPE = "float32"  # model.dtype of every run; --dtype bfloat16 for GPUs
+# What every benchmark run of the trainer sets: one step at a time (``train_steps`` moves max_steps on), no
+# warm-up, no checkpoints, no validation inside ``train``, no trackers.
+TIMED_RUN_OVERRIDES = (
+    "train.max_steps=1",
+    "train.lr_warmup_steps=0",
+    "checkpoint.every_steps=0",
+    "validation.every_steps=-1",
+    "logging.report_to=none",
+)
+
+
+def tiny_config(overrides: list[str]) -> Any:
+    """``configs/example_tiny.yaml`` with :data:`TIMED_RUN_OVERRIDES`, then ``overrides``."""
+    return load_config(str(REPO / "configs" / "example_tiny.yaml"), [*TIMED_RUN_OVERRIDES, *overrides])
+
+
+def train_steps(run: T.Run, steps: int, geometry: bool) -> list[float]:
+    """Run ``steps`` more updates through the trainer's ``train`` with the geometry losses on or off; returns the
+    seconds of each (the trainer's own ``step_time_s``)."""
+    run.cfg.loss.geometry.enabled = geometry
+    run.cfg.train.max_steps = run.start_step + steps
+    n0 = len(run.history)
+    reason = T.train(run)
+    if reason != "done":
+        raise RuntimeError(f"training stopped: {reason}")
+    return [h["step_time_s"] for h in run.history[n0:]]
 
 
 def make_run(
     work: Path, resolution: int, cache_latents: bool = True, samples: int = 8, checkpointing: bool = False
 ) -> T.Run:
     """A trainer run of the embedded default at ``resolution`` px (batch 2, no checkpoints/validation)."""
-    cfg = load_config(
-        str(REPO / "configs" / "example_tiny.yaml"),
+    cfg = tiny_config(
         [
             f"output_dir={work / f'out_{resolution}_{int(cache_latents)}_{int(checkpointing)}'}",
             f"data.root={work / f'data_{resolution}'}",
@@ -131,29 +161,19 @@ def make_run(
             f"data.cache_latents={str(cache_latents).lower()}",
             f"data.synthetic.size={resolution}",
             f"data.synthetic.num_samples={samples}",
-            "train.max_steps=1",
-            "train.lr_warmup_steps=0",
-            "checkpoint.every_steps=0",
-            "validation.every_steps=-1",
-            "logging.report_to=none",
             "loss.geometry.enabled=true",
             f"model.dtype={DTYPE}",
             f"model.gradient_checkpointing={str(checkpointing).lower()}",
-        ],
+        ]
     )
     return T.setup(cfg)
 
 
 def timed_steps(run: T.Run, steps: int, geometry: bool) -> tuple[list[float], float]:
-    """Run ``steps`` more updates through ``train``; returns per-step seconds and peak RSS growth (MiB)."""
-    run.cfg.loss.geometry.enabled = geometry
-    run.cfg.train.max_steps = run.start_step + steps
-    n0 = len(run.history)
+    """:func:`train_steps` under :func:`peak_memory`; returns per-step seconds and the peak memory growth (MiB)."""
     with peak_memory() as mem:
-        reason = T.train(run)
-    if reason != "done":
-        raise RuntimeError(f"training stopped: {reason}")
-    return [h["step_time_s"] for h in run.history[n0:]], mem.peak_mib
+        times = train_steps(run, steps, geometry)
+    return times, mem.peak_mib
 
 
 def image_tokens(resolution: int) -> int:
@@ -194,43 +214,47 @@ def bench_geometry(work: Path, resolutions: list[int], repeats: int, steps: int)
     del runs
 
 
-def bench_caching(work: Path, resolution: int, repeats: int, steps: int) -> None:
-    print(f"\n== 2. caching on vs off at {resolution} px (geometry on, median step time, interleaved) ==")
-    runs = {c: make_run(work, resolution, cache_latents=c) for c in (True, False)}
+def interleaved(runs: dict[bool, T.Run], repeats: int, steps: int) -> tuple[dict[bool, list[float]], dict[bool, float]]:
+    """Time two runs with the geometry losses on, after a warm-up step each, ``steps`` updates at a time in
+    alternating order (the dict's order, then reversed); returns each run's step times and peak memory growth."""
     for run in runs.values():
         timed_steps(run, 1, True)
-    times: dict[bool, list[float]] = {True: [], False: []}
-    mems: dict[bool, list[float]] = {True: [], False: []}
+    times: dict[bool, list[float]] = {c: [] for c in runs}
+    mems: dict[bool, list[float]] = {c: [] for c in runs}
     for rep in range(repeats):
-        for c in ((True, False) if rep % 2 == 0 else (False, True)):
+        for c in (list(runs) if rep % 2 == 0 else list(runs)[::-1]):
             t, m = timed_steps(runs[c], steps, True)
             times[c] += t
             mems[c].append(m)
+    return times, {c: max(m) for c, m in mems.items()}
+
+
+def bench_caching(work: Path, resolution: int, repeats: int, steps: int) -> None:
+    print(f"\n== 2. caching on vs off at {resolution} px (geometry on, median step time, interleaved) ==")
+    runs = {c: make_run(work, resolution, cache_latents=c) for c in (True, False)}
+    times, mems = interleaved(runs, repeats, steps)
     on, off = statistics.median(times[True]), statistics.median(times[False])
-    print(f"cached   : {on * 1e3:8.1f} ms/step, peak +{max(mems[True]):.0f} MiB")
-    print(f"encoding : {off * 1e3:8.1f} ms/step, peak +{max(mems[False]):.0f} MiB")
+    print(f"cached   : {on * 1e3:8.1f} ms/step, peak +{mems[True]:.0f} MiB")
+    print(f"encoding : {off * 1e3:8.1f} ms/step, peak +{mems[False]:.0f} MiB")
     print(f"caching saves {(1 - on / off) * 100:.0f}% of the step time (uncached/cached = {off / on:.2f}x)")
     enc = runs[True].pipe
-    n = {name: sum(p.numel() for p in getattr(enc, name).parameters()) for name in ("vae", "text_encoder", "text_encoder_2")}
-    print(f"encoder parameters (tiny model): {n}; on a GPU caching moves these off the device after the cache is built")
+    # The trainer deletes CLIP and T5 once every prompt is encoded; with caching the VAE waits on the CPU.
+    n = {
+        name: sum(p.numel() for p in getattr(enc, name).parameters())
+        for name in ("vae", "text_encoder", "text_encoder_2")
+        if getattr(enc, name, None) is not None
+    }
+    print(f"encoder parameters still held after caching (tiny model): {n}")
 
 
 def bench_checkpointing(work: Path, resolution: int, repeats: int, steps: int) -> None:
     print(f"\n== 4. gradient checkpointing on vs off at {resolution} px (geometry on, interleaved) ==")
     runs = {c: make_run(work, resolution, checkpointing=c) for c in (False, True)}
-    for run in runs.values():
-        timed_steps(run, 1, True)
-    times: dict[bool, list[float]] = {True: [], False: []}
-    mems: dict[bool, list[float]] = {True: [], False: []}
-    for rep in range(repeats):
-        for c in ((False, True) if rep % 2 == 0 else (True, False)):
-            t, m = timed_steps(runs[c], steps, True)
-            times[c] += t
-            mems[c].append(m)
+    times, mems = interleaved(runs, repeats, steps)
     off, on = statistics.median(times[False]), statistics.median(times[True])
-    print(f"no checkpointing : {off * 1e3:8.1f} ms/step, peak +{max(mems[False]):.0f} MiB")
-    print(f"checkpointing    : {on * 1e3:8.1f} ms/step, peak +{max(mems[True]):.0f} MiB")
-    print(f"checkpointing costs {on / off:.2f}x the step time and keeps {max(mems[True]) / max(max(mems[False]), 1e-9):.2f}x the step memory")
+    print(f"no checkpointing : {off * 1e3:8.1f} ms/step, peak +{mems[False]:.0f} MiB")
+    print(f"checkpointing    : {on * 1e3:8.1f} ms/step, peak +{mems[True]:.0f} MiB")
+    print(f"checkpointing costs {on / off:.2f}x the step time and keeps {mems[True] / max(mems[False], 1e-9):.2f}x the step memory")
 
 
 @contextlib.contextmanager
@@ -253,23 +277,28 @@ def bench_profile(work: Path, resolution: int, repeats: int) -> None:
     print(f"\n== 3. where one step goes at {resolution} px (batch 2, geometry on, median of {repeats}) ==")
     run = make_run(work, resolution)
     run.cfg.loss.geometry.enabled = True
-    batches = T._batches(run)
+    batches = run.batches()
     parts: dict[str, list[float]] = {}
 
     def one_step(step: int, acc: dict[str, list[float]]) -> None:
         with _timer(acc, "data + to device"):
-            batch = T._to_device(next(batches), run)
+            batch = next(batches)
         gen = T._step_generator(run, step, 0)
         # Forward + flow loss alone (geometry off), then the full loss with the same draws: the
         # difference is what the geometry losses add to the forward.
         run.cfg.loss.geometry.enabled = False
         with _timer(acc, "forward + flow loss"):
-            loss_flow, _ = T.compute_loss(run.transformer, batch, run.cfg, gen, run.train_scheduler)
+            loss_flow, _ = T.compute_loss(
+                run.transformer, batch, run.cfg.loss, run.cfg.train, run.cfg.model.guidance_scale, gen, run.train_scheduler
+            )
         del loss_flow
         run.cfg.loss.geometry.enabled = True
         _sync()
         t0 = time.perf_counter()
-        loss, _ = T.compute_loss(run.transformer, batch, run.cfg, T._step_generator(run, step, 0), run.train_scheduler)
+        loss, _ = T.compute_loss(
+            run.transformer, batch, run.cfg.loss, run.cfg.train, run.cfg.model.guidance_scale,
+            T._step_generator(run, step, 0), run.train_scheduler,
+        )
         _sync()
         full = time.perf_counter() - t0
         acc.setdefault("geometry losses (forward)", []).append(max(full - acc["forward + flow loss"][-1], 0.0))
@@ -284,20 +313,22 @@ def bench_profile(work: Path, resolution: int, repeats: int) -> None:
     for i in range(repeats):
         one_step(i + 1, parts)
     # Geometry losses alone, forward + backward, on tensors of this step's shapes.
-    batch = T._to_device(next(batches), run)
-    g = run.cfg.loss.geometry
+    batch = next(batches)
+    geometry = run.cfg.loss.geometry
     from losses import GeometryLossWeights, geometry_loss
 
-    x0 = batch["target_latents"].float()
+    x0 = batch.target_latents.float()
     geo_fb = []
     for _ in range(repeats + 1):
         z = (x0 + 0.1 * torch.randn_like(x0)).requires_grad_(True)
         _sync()
         t0 = time.perf_counter()
         tot, _ = geometry_loss(
-            z, x0, batch["context_latents"].float(), batch["geometry"],
-            GeometryLossWeights(mse=g.mse, bg=g.bg, dice=g.dice, area=g.area, boundary=g.boundary),
-            w_in=g.w_in, w_band=g.w_band, w_out=g.w_out, k_sigma=g.k_sigma,
+            z, x0, batch.scene_latents.float(), batch.geometry,
+            GeometryLossWeights(
+                mse=geometry.mse, bg=geometry.bg, dice=geometry.dice, area=geometry.area, boundary=geometry.boundary
+            ),
+            w_in=geometry.w_in, w_band=geometry.w_band, w_out=geometry.w_out, k_sigma=geometry.k_sigma,
         )
         tot.backward()
         _sync()

@@ -89,10 +89,12 @@ def sigma_profile(tk: Any, sf: Any, work: Path, model: str, data: Path, batches:
             with noise_level(tk, sigma):
                 for i, batch in enumerate(batch_list):
                     geo.enabled = False
-                    flow, _ = tk.compute_loss(run.transformer, batch, cfg, torch.Generator().manual_seed(i), run.train_scheduler)
+                    flow, _ = tk.compute_loss(run.transformer, batch, cfg.loss, cfg.train, cfg.model.guidance_scale,
+                                              torch.Generator().manual_seed(i), run.train_scheduler)
                     g_flow = torch.autograd.grad(flow, params)
                     geo.enabled = True
-                    total, logs = tk.compute_loss(run.transformer, batch, cfg, torch.Generator().manual_seed(i), run.train_scheduler)
+                    total, logs = tk.compute_loss(run.transformer, batch, cfg.loss, cfg.train, cfg.model.guidance_scale,
+                                                  torch.Generator().manual_seed(i), run.train_scheduler)
                     g_total = torch.autograd.grad(total, params)
                     if op.enabled:  # the flow part of the on-policy pass is the same loss at the same draws
                         assert torch.allclose(logs["loss/flow"], flow.detach())
@@ -145,14 +147,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for i in range(args.batches):
         batch = next(batches)
         geo.enabled = False
-        flow, _ = tk.compute_loss(run.transformer, batch, cfg, torch.Generator().manual_seed(i), run.train_scheduler)
+        flow, _ = tk.compute_loss(run.transformer, batch, cfg.loss, cfg.train, cfg.model.guidance_scale,
+                                  torch.Generator().manual_seed(i), run.train_scheduler)
         g_flow = torch.autograd.grad(flow, params)
         geo.enabled = True
         row = []
         for t in TERMS:
             for u in TERMS:  # this term alone; same noise and timesteps as the flow-only pass
                 setattr(geo, u, weights[u] if u == t else 0.0)
-            total, _ = tk.compute_loss(run.transformer, batch, cfg, torch.Generator().manual_seed(i), run.train_scheduler)
+            total, _ = tk.compute_loss(run.transformer, batch, cfg.loss, cfg.train, cfg.model.guidance_scale,
+                                       torch.Generator().manual_seed(i), run.train_scheduler)
             g_term = [a - b for a, b in zip(torch.autograd.grad(total, params), g_flow, strict=True)]
             ratios[t].append(_norm(g_term) / max(_norm(g_flow), 1e-30))
             cosines[t].append(_cos(g_term, g_flow))

@@ -4,9 +4,9 @@ For synthetic scenes the product is painted at 0.6x ... 1.4x its mask's size ove
 mask shows the scene's own background, with a slight background drift everywhere outside the mask), encoded
 with the tiny model's VAE, and every geometry term is computed with the prediction's latents as ``z_pred``:
 
-- ``seed/hinted``: the specification's composition against the *hinted* context (the mask filled grey), as the
-  trainer computed it before the scene latents existed;
-- ``seed/scene``: the same composition against the un-hinted scene;
+- ``reference/hinted``: the specification's composition against the *hinted* context (the mask filled grey), the
+  input the model is conditioned on;
+- ``reference/scene``: the same composition against the un-hinted scene;
 - ``calibrated``: the default formulation (against the scene, minimal at the target).
 
 A term that measures size must be lowest at 1.0x. The script prints, per formulation and term, the mean over
@@ -41,7 +41,7 @@ SCALES = (0.6, 0.8, 0.9, 1.0, 1.1, 1.25, 1.4)
 def score_samples(vae, n: int, area_range: tuple[float, float], size: int = 128, seed: int = 0, drift: float = 3.0):
     """Per formulation: ``terms[formulation][term]`` = array ``[n, len(SCALES)]``, and the gradient norms."""
     rng = np.random.default_rng(seed)
-    forms = {"seed/hinted": ("seed", True), "seed/scene": ("seed", False), "calibrated": ("calibrated", False)}
+    forms = {"reference/hinted": ("reference", True), "reference/scene": ("reference", False), "calibrated": ("calibrated", False)}
     terms = {f: {k: np.zeros((n, len(SCALES))) for k in LOSS_TERMS} for f in forms}
     grads = {f: np.zeros((n, 2)) for f in forms}
     areas = np.exp(rng.uniform(math.log(area_range[0]), math.log(area_range[1]), size=n))

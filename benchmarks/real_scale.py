@@ -24,9 +24,10 @@ What it does, per variant (``dense``, ``dense-ckpt``, ``nf4``, ``nf4-ckpt``; ``-
 3. Builds a ``data.dataset.TrainBatch`` at ``--resolution`` (target, context and scene latents ``[B, 16, R/8,
    R/8]``, T5 embeddings ``[B, 512, 4096]``, pooled ``[B, 768]``, mask targets from ``losses.compute_mask_targets``
    on a centred rectangle mask, as ``data/dataset.py`` builds them) and trains with the trainer's own
-   ``train_kontext_lora.compute_loss`` (FLUX's ``FlowMatchEulerDiscreteScheduler``), under bf16 autocast as the
-   real-model template (``train.mixed_precision: bf16``), then ``backward``, gradient clipping at
-   ``train.max_grad_norm`` and ``torch.optim.AdamW`` on the LoRA parameters.
+   ``train_kontext_lora.compute_loss`` (its rectified-flow step ``losses.flow_matching.flow_step`` on FLUX's
+   ``FlowMatchEulerDiscreteScheduler``), under bf16 autocast as the real-model template
+   (``train.mixed_precision: bf16``), then ``backward``, gradient clipping at ``train.max_grad_norm`` and the
+   trainer's optimiser on the LoRA parameters (``kontext.training.optim.make_optimizer``: ``train.optimizer``).
 4. Reports the median seconds per step after ``--warmup`` steps, model FLOP utilisation (MFU) against the
    device's dense bf16 peak (``PEAK_TFLOPS``, or ``--peak-tflops``), the memory the weights take and the peak
    CUDA memory of the steps (``torch.cuda.max_memory_allocated``). An OOM, an error or a time-out in one variant
@@ -454,9 +455,12 @@ def attach_default_lora(transformer: torch.nn.Module, cfg: Any) -> list[torch.nn
     """The project's LoRA with the config's ``lora.*`` (seeded by ``train.seed``, as the trainer)."""
     from kontext.runtime.lora import attach_lora, make_lora_config
 
-    lc = cfg.lora
+    lora_cfg = cfg.lora
     torch.manual_seed(cfg.train.seed)
-    return attach_lora(transformer, make_lora_config(lc.rank, lc.alpha, lc.dropout, lc.init, lc.target_modules))
+    return attach_lora(
+        transformer,
+        make_lora_config(lora_cfg.rank, lora_cfg.alpha, lora_cfg.dropout, lora_cfg.init, lora_cfg.target_modules),
+    )
 
 
 def make_scheduler() -> Any:
@@ -492,8 +496,8 @@ def make_batch(
     mask_px = torch.zeros(batch_size, 1, resolution, resolution)
     q = resolution // 4
     mask_px[..., q : resolution - q, q : resolution - q] = 1.0
-    geo = cfg.loss.geometry
-    targets = compute_mask_targets(mask_px, (h, w), geo.band_r, geo.sdm_normalize)
+    geometry = cfg.loss.geometry
+    targets = compute_mask_targets(mask_px, (h, w), geometry.band_r, geometry.sdm_normalize)
     batch = TrainBatch(
         target_latents=lat(),
         context_latents=lat(),
@@ -507,13 +511,6 @@ def make_batch(
     return batch.to(device, dtype)
 
 
-def make_optimizer(params: list[torch.nn.Parameter], cfg: Any) -> torch.optim.Optimizer:
-    t = cfg.train
-    return torch.optim.AdamW(
-        params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay
-    )
-
-
 def train_step(
     transformer: torch.nn.Module,
     params: list[torch.nn.Parameter],
@@ -524,7 +521,8 @@ def train_step(
     train_scheduler: Any,
     autocast_dtype: torch.dtype | None = None,
 ) -> float:
-    """One update through the trainer's ``compute_loss``; returns the loss (a host sync)."""
+    """One update through the trainer's ``compute_loss`` (and so :func:`losses.flow_matching.flow_step`); returns the
+    loss (a host sync)."""
     from train_kontext_lora import compute_loss
 
     device_type = batch.target_latents.device.type
@@ -535,7 +533,7 @@ def train_step(
         else contextlib.nullcontext()
     )
     with ctx:
-        loss, _ = compute_loss(transformer, batch, cfg, generator, train_scheduler)
+        loss, _ = compute_loss(transformer, batch, cfg.loss, cfg.train, cfg.model.guidance_scale, generator, train_scheduler)
     loss.backward()
     if cfg.train.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
@@ -560,6 +558,7 @@ def _sync(device: torch.device) -> None:
 def run_variant(spec: dict[str, Any], variant: str, time_limit: float) -> dict[str, Any]:
     """Build, attach, train ``warmup + steps`` updates; a result row (never raises for OOM or a missing feature)."""
     from kontext.runtime.quantization import QuantizationUnavailable, check_available
+    from kontext.training.optim import make_optimizer
 
     t_start = time.perf_counter()
     base, ckpt = VARIANTS[variant]
@@ -588,7 +587,7 @@ def run_variant(spec: dict[str, Any], variant: str, time_limit: float) -> dict[s
             transformer.enable_gradient_checkpointing()
         transformer.train()
         batch = make_batch(arch, cfg, spec["resolution"], spec["batch_size"], spec["text_tokens"], device, dtype, cfg.train.seed)
-        optimizer = make_optimizer(params, cfg)
+        optimizer = make_optimizer(cfg, params)
         scheduler = make_scheduler()
         _sync(device)
         row["build_s"] = time.perf_counter() - t_start
@@ -782,9 +781,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, str]]:
         "config": args.config,
         "overrides": list(args.overrides),
     }
-    lc = cfg.lora
+    lora_cfg = cfg.lora
     flops = {
-        key: count_flops(arch, image_tokens, text_tokens, batch_size, lc.rank, lc.target_modules, checkpointing=ck)
+        key: count_flops(arch, image_tokens, text_tokens, batch_size, lora_cfg.rank, lora_cfg.target_modules,
+                         checkpointing=ck)
         for key, ck in (("plain", False), ("ckpt", True))
     }
     device = torch.device(args.device)
@@ -794,7 +794,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, str]]:
     tokens = image_tokens + text_tokens
     print(f"real-scale check on {device_name}: peak {peak if peak else 'unknown (pass --peak-tflops)'} TFLOP/s dense bf16")
     print(f"transformer {arch.double_blocks}+{arch.single_blocks} blocks, width {arch.width}: {n_params / 1e9:.3f} B parameters; "
-          f"LoRA rank {lc.rank} on {len(lc.target_modules)} target suffixes: {fc.lora_params / 1e6:.1f} M parameters")
+          f"LoRA rank {lora_cfg.rank} on {len(lora_cfg.target_modules)} target suffixes: {fc.lora_params / 1e6:.1f} M parameters")
     print(f"{args.resolution} px, batch {batch_size}: {image_tokens // 2} target + {image_tokens // 2} context + "
           f"{text_tokens} text = {tokens} tokens per sample")
     print(f"FLOP per step: forward linears {fc.forward_linear:.3e}, attention {fc.forward_attention:.3e}; "

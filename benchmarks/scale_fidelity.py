@@ -65,7 +65,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "masked_on_policy": {"geometry": {"enabled": True}, "masked": MASKED, "on_policy": {"enabled": True}},
     # Ablations, not in the default set.
     "geometry": {"geometry": {"enabled": True}, "masked": UNMASKED},
-    "reference": {"geometry": {"enabled": True, "formulation": "seed"}, "masked": UNMASKED},
+    "reference": {"geometry": {"enabled": True, "formulation": "reference"}, "masked": UNMASKED},
     "geometry_unweighted": {"geometry": {"enabled": True, "noise_weighting": "none"}, "masked": UNMASKED},
 }
 DEFAULT_VARIANTS = (

@@ -56,16 +56,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train_kontext_lora as T  # noqa: E402
-from bench_train_step import _LIBC, _rss_bytes  # noqa: E402
-from kontext.training.config import load_config  # noqa: E402
+from bench_train_step import MIB, rss_bytes, tiny_config, train_steps, trimmed_rss_bytes  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-MIB = 2**20
 SAMPLES, BATCH, RANK, LR, MSL = 8, 2, 16, 1e-4, 32
 
 
 class PhaseMemory:
-    """Peak RSS (and CUDA allocation) per named phase, sampled by a thread every 2 ms."""
+    """Peak RSS (and CUDA allocation) per named phase, sampled by a thread every 2 ms; a nested phase's samples
+    count for it alone."""
 
     def __init__(self) -> None:
         self.peaks: dict[str, float] = {}
@@ -80,15 +78,12 @@ class PhaseMemory:
         while not self._stop.is_set():
             label = self._label
             if label is not None:
-                self.peaks[label] = max(self.peaks.get(label, 0.0), (_rss_bytes() - self._base) / MIB)
+                self.peaks[label] = max(self.peaks.get(label, 0.0), (rss_bytes() - self._base) / MIB)
             time.sleep(0.002)
 
     def baseline(self) -> None:
         """The RSS the next setting's figures are counted from (after freed heap pages went back)."""
-        gc.collect()
-        if _LIBC is not None:
-            _LIBC.malloc_trim(0)
-        self._base = _rss_bytes()
+        self._base = trimmed_rss_bytes()
 
     @contextlib.contextmanager
     def phase(self, label: str) -> Iterator[None]:
@@ -99,7 +94,7 @@ class PhaseMemory:
         try:
             yield
         finally:
-            self.peaks[label] = max(self.peaks.get(label, 0.0), (_rss_bytes() - self._base) / MIB)
+            self.peaks[label] = max(self.peaks.get(label, 0.0), (rss_bytes() - self._base) / MIB)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
                 self.cuda[label] = max(self.cuda.get(label, 0.0), torch.cuda.max_memory_allocated() / MIB)
@@ -121,8 +116,7 @@ MEM: PhaseMemory  # set in main
 def project_run(work: Path, model: Path, data: Path, resolution: int, cached: bool, random_crop: bool = False) -> T.Run:
     """The trainer's ``setup`` of this benchmark's run; the load and cache phases are recorded."""
     name = f"project {'cached' if cached else 'uncached'}{' random-crop' if random_crop else ''} {resolution}"
-    cfg = load_config(
-        str(REPO / "configs" / "example_tiny.yaml"),
+    cfg = tiny_config(
         [
             f"output_dir={work / name.replace(' ', '_')}",
             f"model.pretrained_model_name_or_path={model}",
@@ -139,16 +133,11 @@ def project_run(work: Path, model: Path, data: Path, resolution: int, cached: bo
             f"train.batch_size={BATCH}",
             f"train.learning_rate={LR}",
             "train.lr_scheduler=constant",
-            "train.lr_warmup_steps=0",
-            "train.max_steps=1",
             "train.max_grad_norm=1.0",
-            "checkpoint.every_steps=0",
-            "validation.every_steps=-1",
             "validation.num_samples=1",
             "validation.num_inference_steps=2",
-            "logging.report_to=none",
             "export.comfyui=false",
-        ],
+        ]
     )
     real_build = T.inputs.build_dataset
 
@@ -168,15 +157,9 @@ def project_run(work: Path, model: Path, data: Path, resolution: int, cached: bo
 
 
 def project_steps(run: T.Run, steps: int, geometry: bool, prefetch: bool | str = "auto") -> list[float]:
-    run.cfg.loss.geometry.enabled = geometry
     run.cfg.data.prefetch = prefetch
-    run.cfg.train.max_steps = run.start_step + steps
-    n0 = len(run.history)
     with MEM.phase(f"{run.bench_name}|train"):  # type: ignore[attr-defined]
-        reason = T.train(run)
-    if reason != "done":
-        raise RuntimeError(f"training stopped: {reason}")
-    return [h["step_time_s"] for h in run.history[n0:]]
+        return train_steps(run, steps, geometry)
 
 
 class Bare:

@@ -185,9 +185,9 @@ class CacheableDataset(Protocol):
     def prompt_of(self, i: int) -> str:
         """Prompt of sample ``i``."""
 
-    def prepared_pixels(self, i: int, flip: bool, raw: Any = None) -> dict[str, torch.Tensor]:
-        """``context_pixels`` [3,H,W] (hint drawn), ``target_pixels`` [3,H,W], ``mask_px`` [1,H,W], and
-        ``scene_pixels`` [3,H,W] (the context without the hint) when a hint is drawn."""
+    def prepared_pixels(self, i: int, flip: bool, raw: Any = None) -> Any:
+        """A ``data.dataset.SamplePixels``: ``context`` [3,H,W] (hint drawn), ``target`` [3,H,W], ``mask`` [1,H,W],
+        and ``scene`` [3,H,W] (the context without the hint) when a hint is drawn."""
 
     def load_raw(self, i: int) -> Any:
         """Decoded sample ``i`` (a ``RawSample``)."""
@@ -235,8 +235,8 @@ def build_cache(
             else:
                 todo.append((dataset.bucket_ids[i], i, fl, key))
     todo.sort()  # by bucket, so a batch has one size
-    gp = dataset.geometry_params()
-    kinds = ["context_pixels", "target_pixels"] + (["scene_pixels"] if hinted else [])
+    geometry_params = dataset.geometry_params()
+    kinds = ["context", "target"] + (["scene"] if hinted else [])
     per_call = max(1, batch_size // len(kinds))
     bar = tqdm(total=len(todo), desc="Caching latents", unit="image", disable=not progress or not todo)
     k = 0
@@ -251,7 +251,7 @@ def build_cache(
                 raws[i] = dataset.load_raw(i)
             prepared.append(dataset.prepared_pixels(i, fl, raws[i]))
         n = len(chunk)
-        pixels = torch.stack([p[kind] for kind in kinds for p in prepared])
+        pixels = torch.stack([getattr(p, kind) for kind in kinds for p in prepared])
         latents = encode_images(pixels)
         h, w = pixels.shape[-2] // VAE_SCALE_FACTOR, pixels.shape[-1] // VAE_SCALE_FACTOR
         if latents.dim() != 4 or latents.shape[0] != len(kinds) * n or tuple(latents.shape[-2:]) != (h, w):
@@ -259,8 +259,10 @@ def build_cache(
                 f"encode_images returned {tuple(latents.shape)} for pixels {tuple(pixels.shape)}; expected "
                 f"[{len(kinds) * n}, C, {h}, {w}] (8x downsampling)"
             )
-        masks = torch.stack([p["mask_px"] for p in prepared])
-        geo = compute_mask_targets(masks, (h, w), band_r=gp["band_r"], sdm_normalize=gp["sdm_normalize"]).to_dict()
+        masks = torch.stack([p.mask for p in prepared])
+        geo = compute_mask_targets(
+            masks, (h, w), band_r=geometry_params["band_r"], sdm_normalize=geometry_params["sdm_normalize"]
+        ).to_dict()
         for j, (_, i, fl, key) in enumerate(chunk):
             tensors = {
                 "context_latents": latents[j].clone(),

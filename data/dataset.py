@@ -7,10 +7,13 @@ Two modes, chosen by ``cache``:
   targets, and, after :meth:`TripletDataset.encode_prompt_table`, the prompt embeddings), so a step
   only flips, draws the hint and encodes with the VAE;
 - cached (``cache=LatentCache(...)``, after :func:`data.cache.build_cache`): each item is read
-  from the cache; the VAE and text encoders are no longer needed.
+  from the cache; the VAE and text encoders are not needed.
 
-:func:`make_train_batch` turns the items of one batch (either mode) into a :class:`TrainBatch`, the
-one thing the training step reads.
+An item is a :class:`TripletItem`: its :class:`SamplePixels` (uncached) or its :class:`SampleLatents` (cached, or
+kept from an earlier use). The trainer, which owns the VAE, encodes the pixels of a batch's items
+(:meth:`TripletItem.encoded`) and hands latents worth keeping back with :meth:`TripletDataset.remember_latents`;
+:func:`make_train_batch` then turns the items of one batch into a :class:`TrainBatch`, the one thing the training
+step reads. :func:`dataset_from_config` builds the dataset a ``data`` config section describes.
 
 Per-sample randomness (flip, random crop) is a pure function of (seed, epoch, index); set the
 epoch with :meth:`TripletDataset.set_epoch` before each epoch, or index with ``(index, epoch)`` tuples.
@@ -37,6 +40,72 @@ from .transforms import flip_decision, prepare_sample, sample_rng
 TRANSFORM_VERSION = "lanczos-rgb/area-mask/v1"
 
 
+@dataclass
+class SamplePixels:
+    """One sample resized to its bucket.
+
+    Attributes:
+        target: ``[3, H, W]`` in [-1, 1].
+        context: ``[3, H, W]`` in [-1, 1], the mask hint drawn (what the model is conditioned on).
+        mask: ``[1, H, W]`` in [0, 1], the insertion mask.
+        scene: ``[3, H, W]`` in [-1, 1], the context without the hint; None with ``mask_hint: none`` (the
+            context is the scene).
+    """
+
+    target: torch.Tensor
+    context: torch.Tensor
+    mask: torch.Tensor
+    scene: torch.Tensor | None = None
+
+
+@dataclass
+class SampleLatents:
+    """VAE latents of one sample, ``[16, H/8, W/8]`` each (``(vae.encode(x).mode - shift) * scale``).
+
+    Attributes:
+        target: the target's (``x0``).
+        context: the hinted context's.
+        scene: the un-hinted scene's, which the geometry terms compare with; None when the scene is the context
+            (``mask_hint: none``) or was not encoded (nothing reads it).
+    """
+
+    target: torch.Tensor
+    context: torch.Tensor
+    scene: torch.Tensor | None = None
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.target, self.context, self.scene) if t is not None)
+
+
+@dataclass
+class TripletItem:
+    """One item of a :class:`TripletDataset`: the sample as pixels or as latents, never both.
+
+    Attributes:
+        name, prompt: the sample's, for messages and the prompt embeddings.
+        pixels: uncached: the pixels the trainer encodes with the VAE; None when ``latents`` is set.
+        latents: cached, or kept from an earlier use of a centre-cropped sample; None when ``pixels`` is set.
+        prompt_embeds: T5 ``[L, D]``; pooled_prompt_embeds: CLIP ``[Dp]``. Set when cached or after
+            :meth:`TripletDataset.encode_prompt_table`, else None.
+        geometry: the sample's ``losses.MaskTargets`` ``[1, 1, h, w]`` (float32), or None without ``with_geometry``.
+        latent_key: uncached and centre-cropped: the (index, flip) under which
+            :meth:`TripletDataset.remember_latents` keeps this item's latents once encoded; else None.
+    """
+
+    name: str
+    prompt: str
+    pixels: SamplePixels | None = None
+    latents: SampleLatents | None = None
+    prompt_embeds: torch.Tensor | None = None
+    pooled_prompt_embeds: torch.Tensor | None = None
+    geometry: MaskTargets | None = None
+    latent_key: tuple[int, bool] | None = None
+
+    def encoded(self, latents: SampleLatents) -> TripletItem:
+        """This item with ``latents`` (its pixels, encoded) in place of its pixels."""
+        return replace(self, pixels=None, latents=latents)
+
+
 class TripletDataset(torch.utils.data.Dataset):
     """Indexable triplets ready for training.
 
@@ -59,13 +128,10 @@ class TripletDataset(torch.utils.data.Dataset):
             bucket with a centre crop, else at their original size with ``random_crop``); 0 decodes the
             files for every item.
 
-    Items (uncached): ``name``, ``prompt``, ``target_pixels`` [3,H,W] and ``context_pixels``
-    [3,H,W] in [-1,1] (hint drawn), ``mask_px`` [1,H,W] in [0,1], ``geometry`` dict of
-    ``mask, band, outside, sdm`` each [1,H/8,W/8], with a hint drawn ``scene_pixels`` [3,H,W]
-    (the context without it), and ``prompt_embeds`` [L,D] / ``pooled_prompt_embeds`` [Dp] once
-    :meth:`encode_prompt_table` has run. Cached: ``name``, ``prompt``, ``target_latents``/
-    ``context_latents``/``scene_latents`` [C,H/8,W/8] (the scene's are the context's with
-    ``mask_hint: none``), ``prompt_embeds`` [L,D], ``pooled_prompt_embeds`` [Dp], ``geometry``.
+    Items are :class:`TripletItem`: uncached, its :class:`SamplePixels` (with the prompt embeddings once
+    :meth:`encode_prompt_table` has run, and a ``latent_key`` with a centre crop), or the latents kept by
+    :meth:`remember_latents`; cached, its :class:`SampleLatents` and prompt embeddings. Both carry the
+    geometry targets with ``with_geometry``.
 
     The model is conditioned on the hinted context; the geometry terms that ask "what changed" compare
     with the un-hinted scene (a grey-filled region would make a shrunk product look like a full change).
@@ -120,7 +186,7 @@ class TripletDataset(torch.utils.data.Dataset):
         self.with_geometry = with_geometry
         self.epoch = 0
         self.bucket_ids = [nearest_bucket(*source.size(i), self.buckets) for i in range(len(source))]
-        self._geometry_memo: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+        self._geometry_memo: dict[tuple[str, int], MaskTargets] = {}
         self._prompt_memo: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._prompt_memo_size = prompt_memo_size
         self._prompt_lock = threading.Lock()  # the trainer's prefetch thread and validation both read prompts
@@ -130,7 +196,7 @@ class TripletDataset(torch.utils.data.Dataset):
         self._decoded_budget = max(0, int(decoded_memory_mb)) * 2**20
         self._decoded_bytes = 0
         self._decoded: dict[Any, Any] = {}
-        self._latents: dict[tuple[int, bool], dict[str, torch.Tensor]] = {}
+        self._latents: dict[tuple[int, bool], SampleLatents] = {}
 
     def build_cache(self, progress: bool = True, batch_size: int = 2) -> dict[str, int]:
         """Fill the cache with every entry this dataset reads (see :func:`data.cache.build_cache`); returns the counts."""
@@ -218,35 +284,41 @@ class TripletDataset(torch.utils.data.Dataset):
         rng = sample_rng(self.seed, epoch, i)
         return rng, flip_decision(rng, self.flip)
 
-    def prepared_pixels(self, i: int, flip: bool, raw: RawSample | None = None, rng: Any = None) -> dict[str, torch.Tensor]:
-        """Sample ``i`` resized to its bucket: ``context_pixels`` (hint drawn), ``target_pixels``, ``mask_px``, and
-        ``scene_pixels`` (the context without the hint) unless ``mask_hint`` is ``none``."""
+    def prepared_pixels(self, i: int, flip: bool, raw: RawSample | None = None, rng: Any = None) -> SamplePixels:
+        """Sample ``i`` resized to its bucket, the hint drawn on its context (the scene kept apart unless
+        ``mask_hint`` is ``none``)."""
         raw = self.source.load(i) if raw is None else raw
         p = prepare_sample(raw, self.buckets[self.bucket_ids[i]], flip=flip, crop=self.crop, rng=rng)
-        out = {"target_pixels": p["target"], "mask_px": p["mask"]}
+        return self._hinted(i, target=p["target"], scene=p["context"], mask=p["mask"])
+
+    def _hinted(self, i: int, target: torch.Tensor, scene: torch.Tensor, mask: torch.Tensor) -> SamplePixels:
         if self.mask_hint == "none":
-            out["context_pixels"] = p["context"]
-        else:
-            out["context_pixels"] = apply_mask_hint(p["context"], p["mask"], self.mask_hint, self._outline_width(i))
-            out["scene_pixels"] = p["context"]
-        return out
+            return SamplePixels(target=target, context=scene, mask=mask)
+        context = apply_mask_hint(scene, mask, self.mask_hint, self._outline_width(i))
+        return SamplePixels(target=target, context=context, mask=mask, scene=scene)
 
     # -- geometry
 
-    def _geometry(self, i: int, mask_px: torch.Tensor, flip: bool) -> dict[str, torch.Tensor]:
+    def _geometry(self, i: int, mask: torch.Tensor | None, flip: bool) -> MaskTargets:
+        """Geometry targets ``[1, 1, h, w]`` of sample ``i`` from its pixel mask ``[1, H, W]`` (None: the memo has them,
+        the case of latents kept after a first use with pixels)."""
         h, w = self.latent_size(i)
         if self.crop == "random":
             # Every epoch has another window, so there is nothing to reuse.
-            return {k: v[0] for k, v in compute_mask_targets(mask_px[None], (h, w), self.band_r, self.sdm_normalize).to_dict().items()}
+            return compute_mask_targets(mask[None], (h, w), self.band_r, self.sdm_normalize)
         # Geometry of a mirrored mask is the mirrored geometry (area pooling at 8x, symmetric
         # morphology and distances), so one computation serves both orientations.
         key = (self.source.fingerprint(i), self.bucket_ids[i])
         if key not in self._geometry_memo:
-            upright = torch.flip(mask_px, dims=[-1]) if flip else mask_px
-            t = compute_mask_targets(upright[None], (h, w), self.band_r, self.sdm_normalize).to_dict()
-            self._geometry_memo[key] = {k: v[0] for k, v in t.items()}
-        g = self._geometry_memo[key]
-        return {k: torch.flip(v, dims=[-1]) for k, v in g.items()} if flip else {k: v.clone() for k, v in g.items()}
+            upright = torch.flip(mask, dims=[-1]) if flip else mask
+            self._geometry_memo[key] = compute_mask_targets(upright[None], (h, w), self.band_r, self.sdm_normalize)
+        upright_targets = self._geometry_memo[key]
+        return MaskTargets(
+            **{
+                field: torch.flip(t, dims=[-1]) if flip else t.clone()
+                for field, t in upright_targets.to_dict().items()
+            }
+        )
 
     # -- items
 
@@ -270,7 +342,7 @@ class TripletDataset(torch.utils.data.Dataset):
                 self._prompt_memo.popitem(last=False)
         return value
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> TripletItem:
         i, epoch = (int(key[0]), int(key[1])) if isinstance(key, tuple) else (int(key), self.epoch)
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} samples")
@@ -278,52 +350,62 @@ class TripletDataset(torch.utils.data.Dataset):
         name = self.source.names[i]
         prompt = self.source.prompt(i)
         if self.cache is not None:
-            d = self.cache.load_sample(self.cache_key(i, flip), what=f"sample '{name}' (flip={flip})")
+            entry = self.cache.load_sample(self.cache_key(i, flip), what=f"sample '{name}' (flip={flip})")
             embeds, pooled = self._prompt_embeds(prompt, name)
-            item: dict[str, Any] = {
-                "name": name,
-                "prompt": prompt,
-                "target_latents": d["target_latents"],
-                "context_latents": d["context_latents"],
-                "scene_latents": d["scene_latents"] if self.mask_hint != "none" else d["context_latents"],
-                "prompt_embeds": embeds,
-                "pooled_prompt_embeds": pooled,
-            }
+            geometry = None
             if self.with_geometry:
-                item["geometry"] = {f: d[f"geometry.{f}"] for f in GEOMETRY_FIELDS}
-            return item
+                geometry = MaskTargets(**{f: entry[f"geometry.{f}"][None] for f in GEOMETRY_FIELDS})
+            return TripletItem(
+                name=name,
+                prompt=prompt,
+                latents=SampleLatents(
+                    target=entry["target_latents"],
+                    context=entry["context_latents"],
+                    scene=entry["scene_latents"] if self.mask_hint != "none" else None,
+                ),
+                prompt_embeds=embeds,
+                pooled_prompt_embeds=pooled,
+                geometry=geometry,
+            )
+        item = TripletItem(name=name, prompt=prompt)
         kept = self._latents.get((i, flip))
         if kept is not None:  # centre crop: encoded on an earlier use (see remember_latents)
-            item = {"name": name, "prompt": prompt, **kept}
+            item.latents = kept
         else:
-            item = {"name": name, "prompt": prompt, **self._pixels(i, flip, rng)}
+            item.pixels = self._pixels(i, flip, rng)
             if self.crop == "center":
-                item["latent_key"] = (i, flip)
+                item.latent_key = (i, flip)
         if prompt in self._prompt_table:
-            item["prompt_embeds"], item["pooled_prompt_embeds"] = self._prompt_table[prompt]
+            item.prompt_embeds, item.pooled_prompt_embeds = self._prompt_table[prompt]
         if self.with_geometry:
-            item["geometry"] = self._geometry(i, item.get("mask_px"), flip)
+            item.geometry = self._geometry(i, None if item.pixels is None else item.pixels.mask, flip)
         return item
 
-    def remember_latents(self, key: tuple[int, bool], latents: dict[str, torch.Tensor]) -> None:
-        """Keep the VAE latents of an uncached, centre-cropped item (``latent_key``) for its later uses.
+    def remember_latents(self, key: tuple[int, bool], latents: SampleLatents) -> None:
+        """Keep the VAE latents of an uncached, centre-cropped item (its ``latent_key``) for its later uses.
 
         With a centre crop the pixels of (sample, orientation) never change, and neither do their latents
         (the VAE's mode, no sampling): the first use encodes, later ones read these. They take the place of
-        the kept pixels (a twelfth of their float size) in the ``decoded_memory_mb`` budget. ``latents`` holds
-        ``target_latents``, ``context_latents`` and, with a hint drawn, ``scene_latents`` (``[16, h, w]`` each).
+        the kept pixels (a twelfth of their float size) in the ``decoded_memory_mb`` budget. With a hint drawn
+        only complete latents (the scene's included) are kept, so a kept item serves any later use.
         """
         if self.crop != "center" or key in self._latents:
             return
-        if self.mask_hint != "none" and "scene_latents" not in latents:
+        if self.mask_hint != "none" and latents.scene is None:
             return
-        kept = {k: v.detach().to("cpu", torch.float32).clone() for k, v in latents.items()}
-        if self.mask_hint == "none":
-            kept["scene_latents"] = kept["context_latents"]
+
+        def kept_copy(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.detach().to("cpu", torch.float32).clone()
+
+        kept = SampleLatents(
+            target=kept_copy(latents.target),
+            context=kept_copy(latents.context),
+            scene=kept_copy(latents.scene) if self.mask_hint != "none" else None,
+        )
         pixels = self._decoded.pop(key, None)
         if pixels is not None:
             self._decoded_bytes -= sum(t.numel() * t.element_size() for t in pixels.values())
-        nbytes = sum(t.numel() * t.element_size() for k, t in kept.items() if k != "scene_latents" or self.mask_hint != "none")
+        nbytes = kept.nbytes()
         if self._decoded_bytes + nbytes <= self._decoded_budget:
             self._latents[key] = kept
             self._decoded_bytes += nbytes
@@ -335,7 +417,7 @@ class TripletDataset(torch.utils.data.Dataset):
             self._decoded[key] = value
             self._decoded_bytes += nbytes
 
-    def _pixels(self, i: int, flip: bool, rng: Any) -> dict[str, torch.Tensor]:
+    def _pixels(self, i: int, flip: bool, rng: Any) -> SamplePixels:
         """:meth:`prepared_pixels` of sample ``i``, from the images kept in memory where possible.
 
         Centre crop: the pixels of (sample, orientation) never change, so the resized images are kept as
@@ -351,23 +433,20 @@ class TripletDataset(torch.utils.data.Dataset):
             return self.prepared_pixels(i, flip, raw=raw, rng=rng)
         kept = self._decoded.get((i, flip))
         if kept is None:
-            p = self.prepared_pixels(i, flip, rng=rng)
-            scene = p.get("scene_pixels", p["context_pixels"])
+            pixels = self.prepared_pixels(i, flip, rng=rng)
             kept = {
-                "target": _to_uint8(p["target_pixels"]),
-                "scene": _to_uint8(scene),
-                "mask_px": p["mask_px"],
+                "target": _to_uint8(pixels.target),
+                "scene": _to_uint8(pixels.context if pixels.scene is None else pixels.scene),
+                "mask": pixels.mask,
             }
             self._keep((i, flip), kept, sum(t.numel() * t.element_size() for t in kept.values()))
-            return p
-        scene = kept["scene"].float() / 127.5 - 1.0
-        out = {"target_pixels": kept["target"].float() / 127.5 - 1.0, "mask_px": kept["mask_px"].clone()}
-        if self.mask_hint == "none":
-            out["context_pixels"] = scene
-        else:
-            out["context_pixels"] = apply_mask_hint(scene, kept["mask_px"], self.mask_hint, self._outline_width(i))
-            out["scene_pixels"] = scene
-        return out
+            return pixels
+        return self._hinted(
+            i,
+            target=kept["target"].float() / 127.5 - 1.0,
+            scene=kept["scene"].float() / 127.5 - 1.0,
+            mask=kept["mask"].clone(),
+        )
 
 
 def _to_uint8(pixels: torch.Tensor) -> torch.Tensor:
@@ -421,94 +500,75 @@ class TrainBatch:
         )
 
 
-def make_train_batch(
-    items: list[dict[str, Any]],
-    encode_images: EncodeImages | None = None,
-    with_scene: bool = True,
-    remember: Any = None,
-) -> TrainBatch:
-    """The :class:`TrainBatch` of dataset items of one bucket: latent items (cached, or kept from an earlier
-    use) and pixel items, in any mix.
+def stack_one_bucket(values: list[torch.Tensor], what: str) -> torch.Tensor:
+    """``torch.stack(values)``, or a ValueError naming ``what`` when the samples come from several buckets."""
+    shapes = {tuple(v.shape) for v in values}
+    if len(shapes) > 1:
+        raise ValueError(f"'{what}' has shapes {sorted(shapes)}; batch samples of one bucket (BucketBatchSampler)")
+    return torch.stack(values)
 
-    The pixel items are encoded with ``encode_images`` (pixels ``[N, 3, H, W]`` in [-1, 1] -> latents
-    ``[N, 16, H/8, W/8]``), their targets, contexts and (hint drawn) scenes in one call.
-    ``with_scene=False`` (nothing reads the scene: the geometry terms are off) skips encoding the scenes of
-    items that will not be remembered; the batch's ``scene_latents`` are then the context's.
-    ``remember(latent_key, latents)`` (``TripletDataset.remember_latents``) receives the new latents of each
-    item that carries a ``latent_key``. Every item must carry its prompt embeddings (cached, or after
-    :meth:`TripletDataset.encode_prompt_table`).
+
+def make_train_batch(items: list[TripletItem], with_scene: bool = True) -> TrainBatch:
+    """The :class:`TrainBatch` of the dataset items of one bucket, each with its latents (cached, kept from an
+    earlier use, or its pixels encoded by the trainer: :meth:`TripletItem.encoded`) and its prompt embeddings
+    (cached, or after :meth:`TripletDataset.encode_prompt_table`).
+
+    ``with_scene=False`` (nothing reads the scene: the geometry terms are off), or an item without the scene's
+    latents (no hint drawn), makes the batch's ``scene_latents`` the context's.
     """
     if not items:
         raise ValueError("make_train_batch: empty batch")
-    missing = [k for k in ("prompt_embeds", "pooled_prompt_embeds") if k not in items[0]]
-    if missing:
+    if items[0].prompt_embeds is None or items[0].pooled_prompt_embeds is None:
         raise ValueError(
-            f"make_train_batch: the items lack {missing}; cache the dataset or run TripletDataset.encode_prompt_table"
+            "make_train_batch: the items lack ['prompt_embeds', 'pooled_prompt_embeds']; cache the dataset or run "
+            "TripletDataset.encode_prompt_table"
         )
-
-    def stack(vals: list[torch.Tensor], what: str) -> torch.Tensor:
-        shapes = {tuple(v.shape) for v in vals}
-        if len(shapes) > 1:
-            raise ValueError(f"make_train_batch: '{what}' has shapes {sorted(shapes)}; batch samples of one bucket")
-        return torch.stack(vals)
-
-    latents: list[dict[str, torch.Tensor]] = [{} for _ in items]
-    pending = [j for j, it in enumerate(items) if "target_latents" not in it]
-    for j, it in enumerate(items):
-        if j not in pending:
-            latents[j] = {k: it[k] for k in ("target_latents", "context_latents")}
-            if it.get("scene_latents", it["context_latents"]) is not it["context_latents"]:
-                latents[j]["scene_latents"] = it["scene_latents"]
-    if pending:
-        if encode_images is None:
-            raise ValueError("make_train_batch: pixel items need encode_images")
-        keep = remember is not None and any("latent_key" in items[j] for j in pending)
-        kinds = ["target", "context"] + (["scene"] if (with_scene or keep) and "scene_pixels" in items[pending[0]] else [])
-        pixels = [stack([items[j][f"{k}_pixels"] for j in pending], f"{k}_pixels") for k in kinds]
-        with torch.no_grad():
-            z = encode_images(torch.cat(pixels)).chunk(len(kinds))  # one VAE call for the batch
-        for n, j in enumerate(pending):
-            latents[j] = {f"{k}_latents": z[m][n] for m, k in enumerate(kinds)}
-            if remember is not None and "latent_key" in items[j]:
-                remember(items[j]["latent_key"], latents[j])
-    target = stack([d["target_latents"] for d in latents], "target_latents")
-    context = stack([d["context_latents"] for d in latents], "context_latents")
-    if with_scene and all("scene_latents" in d for d in latents):
-        scene = stack([d["scene_latents"] for d in latents], "scene_latents")
+    unencoded = [item.name for item in items if item.latents is None]
+    if unencoded:
+        raise ValueError(
+            f"make_train_batch: samples {unencoded} have pixels, not latents; encode them with the VAE first "
+            "(TripletItem.encoded)"
+        )
+    latents = [item.latents for item in items]
+    context = stack_one_bucket([z.context for z in latents], "context_latents")
+    if with_scene and all(z.scene is not None for z in latents):
+        scene = stack_one_bucket([z.scene for z in latents], "scene_latents")
     else:
         scene = context  # no hint drawn (the scene is the context), or nothing reads it
     geometry = None
-    if "geometry" in items[0]:
-        geometry = MaskTargets(**{f: torch.stack([it["geometry"][f] for it in items]).float() for f in GEOMETRY_FIELDS})
+    if items[0].geometry is not None:
+        geometry = MaskTargets(
+            **{f: torch.cat([getattr(item.geometry, f) for item in items]).float() for f in GEOMETRY_FIELDS}
+        )
     return TrainBatch(
-        target_latents=target,
+        target_latents=stack_one_bucket([z.target for z in latents], "target_latents"),
         context_latents=context,
         scene_latents=scene,
-        prompt_embeds=stack([it["prompt_embeds"] for it in items], "prompt_embeds"),
-        pooled_prompt_embeds=stack([it["pooled_prompt_embeds"] for it in items], "pooled_prompt_embeds"),
+        prompt_embeds=stack_one_bucket([item.prompt_embeds for item in items], "prompt_embeds"),
+        pooled_prompt_embeds=stack_one_bucket([item.pooled_prompt_embeds for item in items], "pooled_prompt_embeds"),
         geometry=geometry,
-        names=[it["name"] for it in items],
-        prompts=[it["prompt"] for it in items],
+        names=[item.name for item in items],
+        prompts=[item.prompt for item in items],
     )
 
 
-def collate_triplets(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Batch items of one bucket: tensors stacked on a new dim 0, strings listed, ``geometry`` collated field by field."""
-    if not items:
-        raise ValueError("collate_triplets: empty batch")
-    out: dict[str, Any] = {}
-    for k, v in items[0].items():
-        vals = [it[k] for it in items]
-        if isinstance(v, torch.Tensor):
-            shapes = {tuple(x.shape) for x in vals}
-            if len(shapes) > 1:
-                raise ValueError(
-                    f"collate_triplets: '{k}' has shapes {sorted(shapes)}; batch samples of one bucket "
-                    "(use BucketBatchSampler)"
-                )
-            out[k] = torch.stack(vals)
-        elif isinstance(v, dict):
-            out[k] = collate_triplets(vals)
-        else:
-            out[k] = vals
-    return out
+def dataset_from_config(data_config: Any, source: TripletSource, seed: int, **options: Any) -> TripletDataset:
+    """The :class:`TripletDataset` a ``data`` config section (``kontext.training.config.DataConfig``) describes over
+    ``source``: its buckets, mask hint, flips and crops and decoded-image budget; the training set and a held-out
+    validation set are built the same way.
+
+    ``seed`` seeds flips and crops (``train.seed``); ``options`` are the other :class:`TripletDataset` arguments
+    (``cache``, the encoders, the geometry parameters, ``with_geometry``).
+    """
+    return TripletDataset(
+        source,
+        resolution=data_config.resolution,
+        aspect_buckets=data_config.aspect_buckets,
+        mask_hint=data_config.mask_hint,
+        outline_width=data_config.outline_width,
+        random_flip=data_config.random_flip,
+        random_crop=data_config.random_crop,
+        decoded_memory_mb=data_config.decoded_memory_mb,
+        seed=seed,
+        **options,
+    )

@@ -44,6 +44,12 @@ class DatasetError(UserError, ValueError):
         return (type(self), (self.where, self.problems))
 
 
+def first_names(names: Sequence[str], limit: int) -> str:
+    """The first ``limit`` of ``names`` joined with ", ", then `` and K more`` for the rest: a list in a message."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 class WriteError(UserError, OSError):
     """A file could not be written. ``str(err)`` names the file, what the library said and the fix; ``errno`` is the
     operating system's code where one was given (``ENOSPC`` for a full disk)."""

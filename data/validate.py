@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .buckets import VAE_SCALE_FACTOR, nearest_bucket
-from .errors import DatasetError
+from .errors import DatasetError, first_names
 from .images import ImageProblem, decode_mask, decode_rgb, mask_coverage_problem, open_header, oriented_size
 from .sources import ROLES, TripletSource
 from .transforms import area_resize, crop_box
@@ -92,9 +92,7 @@ def _background_note(
     bad = sorted((b for b in found if b.share > warn_share), key=lambda b: -b.share)
     if not bad:
         return None, summary
-    shown = ", ".join(f"{b.name} ({b.share:.1%} differ, up to {b.max_diff} levels)" for b in bad[:SHOWN_NAMES])
-    if len(bad) > SHOWN_NAMES:
-        shown += f" and {len(bad) - SHOWN_NAMES} more"
+    shown = first_names([f"{b.name} ({b.share:.1%} differ, up to {b.max_diff} levels)" for b in bad], SHOWN_NAMES)
     warning = (
         f"{len(bad)} of {n} samples have a target that differs from its context outside the mask on more than "
         f"{warn_share:.0%} of the outside pixels (by more than {tolerance} levels): {shown}. The background-"
@@ -222,7 +220,7 @@ def validate_source(
         background.extend(found)
     notes: list[str] = []
     if vanished:
-        shown = ", ".join(vanished[:SHOWN_NAMES]) + (f" and {len(vanished) - SHOWN_NAMES} more" if len(vanished) > SHOWN_NAMES else "")
+        shown = first_names(vanished, SHOWN_NAMES)
         what = (
             f"vanish{'es' if len(vanished) == 1 else ''} at the training resolution ({shown}): after resizing and centre "
             "cropping to the training bucket no latent cell (8x8 pixels) is more than half white, so the sample trains "

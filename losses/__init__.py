@@ -2,7 +2,7 @@
 
 The loss functions (``downsample_mask_area`` ... ``boundary_loss``) work on any latents;
 ``compute_mask_targets`` + ``geometry_loss`` is the training-loop form with per-sample precomputed targets,
-in the ``calibrated`` formulation (default) or the reference composition of those functions (``seed``).
+in the ``calibrated`` formulation (default) or the reference composition of those functions (``reference``).
 See ``docs/losses.md``.
 """
 
@@ -11,9 +11,11 @@ from __future__ import annotations
 from .combined import LOSS_TERMS, GeometryLossWeights, geometry_loss, noise_level_weight
 from .distance import distance_transform_edt, signed_distance_map_from_mask
 from .flow_matching import (
+    FlowStep,
     add_noise,
     calculate_shift,
     flow_matching_loss,
+    flow_step,
     loss_weighting,
     masked_flow_weight,
     predicted_clean_latents,
@@ -38,6 +40,7 @@ from .targets import MaskTargets, compute_mask_targets
 __all__ = [
     "LOSS_TERMS",
     "ChangeMaskStats",
+    "FlowStep",
     "GeometryLossWeights",
     "MaskTargets",
     "add_noise",
@@ -53,6 +56,7 @@ __all__ = [
     "downsample_mask_area",
     "erode",
     "flow_matching_loss",
+    "flow_step",
     "geometry_loss",
     "loss_weighting",
     "masked_flow_weight",

@@ -7,7 +7,7 @@ squared (V-Net) Dice, the log area ratio against the target's change area, and a
 ``mean(|phi| (p - t)^2)`` that generalises Kervadec's loss to soft targets without rewarding
 unbounded change.
 
-``formulation="seed"`` is the reference composition: the same numbers as composing the functions of
+``formulation="reference"`` is the reference composition: the same numbers as composing the functions of
 ``losses.geometry`` with the default weights (see ``docs/losses.md``); the change mask is compared with the
 insertion mask.
 
@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 LOSS_TERMS = ("mse", "bg", "dice", "area", "boundary")
-FORMULATIONS = ("calibrated", "seed")
+FORMULATIONS = ("calibrated", "reference")
 
 NoiseWeightScheme = Literal["none", "one_minus_sigma", "one_minus_sigma_sq", "cosine", "inverse_sigma"]
 NOISE_WEIGHTINGS = ("none", "one_minus_sigma", "one_minus_sigma_sq", "cosine", "inverse_sigma")
@@ -224,7 +224,7 @@ def geometry_loss(
       sum (p - t)^2 / (sum p^2 + sum t^2 + smooth)``, ``area = log((sum p + eps) / (sum t + eps))^2`` with
       both sums over the mask and its band (not the sure background, whose drift is ``bg``'s business),
       ``boundary = mean(|phi| (p - t)^2)``. Every term is 0 with zero gradient at ``z_pred = z_tgt``.
-    - ``"seed"`` (the reference composition): each term exactly as the function of the same name in
+    - ``"reference"`` (the reference composition): each term exactly as the function of the same name in
       :mod:`losses.geometry` (same fallbacks), ``bg`` the MSE against ``z_ctx`` on the sure background,
       ``tau, s`` from the prediction's own background, Dice and area against the insertion mask, and
       Kervadec's ``mean(p * phi)``. With ``sample_weights=None`` the total equals composing those functions
@@ -245,7 +245,7 @@ def geometry_loss(
             ``mean_b(sample_weights[b] * sum_k weight_k * term_k[b])``.
         min_s, detach_stats: change-mask temperature floor / whether its statistics are constants.
         dice_smooth, area_eps: pixel-unit smoothing of Dice and the area ratio.
-        formulation: ``"calibrated"`` (default) or ``"seed"``.
+        formulation: ``"calibrated"`` (default) or ``"reference"``.
         temperature: ``calibrated`` only: sigmoid width as a fraction of the target's change contrast.
 
     Returns:
@@ -256,7 +256,8 @@ def geometry_loss(
     if channel_reduce not in ("mean", "sum"):
         raise ValueError(f"channel_reduce must be 'mean' or 'sum'; got {channel_reduce!r}")
     if formulation not in FORMULATIONS:
-        raise ValueError(f"formulation must be one of {FORMULATIONS}; got {formulation!r}")
+        hint = " (the reference composition is called 'reference')" if formulation == "seed" else ""
+        raise ValueError(f"formulation must be one of {FORMULATIONS}; got {formulation!r}{hint}")
     weights = weights if weights is not None else GeometryLossWeights()
     dt = compute_dtype(z_pred)
     b, c = z_pred.shape[:2]
@@ -275,7 +276,7 @@ def geometry_loss(
     mse = (latent_weight_map(m, band, w_in, w_band, w_out) * err_tgt).mean(dims)
     D = (sq_ctx + NORM_EPS).sqrt()
     n_out = outside.sum(dims).clamp_min(1.0)
-    if formulation == "seed":
+    if formulation == "reference":
         err_ctx = sq_ctx / c if channel_reduce == "mean" else sq_ctx
         bg = (outside * err_ctx).sum(dims) / n_out
         stats = change_stats_from_background(D, outside, k_sigma, min_s, detach_stats)

@@ -4,12 +4,13 @@ Numbers match diffusers' ``training_utils.compute_density_for_timestep_sampling`
 ``compute_loss_weighting_for_sd3``, ``pipelines.flux.pipeline_flux.calculate_shift`` and
 ``FlowMatchEulerDiscreteScheduler`` for the same inputs (and the same generator state).
 
-Training step, in these terms::
+Training step, in these terms (:func:`flow_step` composes them; the trainer, the tiny model's pretraining and
+the real-scale benchmark all train through it)::
 
-    u = sample_timestep_density("logit_normal", B, generator=g)
+    noise = randn(x0.shape, generator=g); u = sample_timestep_density("logit_normal", B, generator=g)
     timesteps, sigmas = timesteps_and_sigmas_from_density(u, scheduler)
     x_t = add_noise(x0, noise, sigmas)
-    v_pred = model(x_t, timesteps / 1000, ...)
+    v_pred = model(x_t, timesteps / scheduler.config.num_train_timesteps, ...)
     loss = flow_matching_loss(v_pred, velocity_target(x0, noise), loss_weighting("none", sigmas))
     z_pred = predicted_clean_latents(x_t, v_pred, sigmas)   # for the geometry losses
 """
@@ -17,18 +18,22 @@ Training step, in these terms::
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "FlowStep",
     "add_noise",
     "calculate_shift",
     "euler_step",
     "expand_sigmas",
     "flow_matching_loss",
+    "flow_step",
     "loss_weighting",
+    "masked_flow_weight",
     "predicted_clean_latents",
     "sample_timestep_density",
     "sampling_sigmas",
@@ -290,3 +295,96 @@ def euler_step(x: Tensor, v_pred: Tensor, sigma: float | Tensor, sigma_next: flo
     ``FlowMatchEulerDiscreteScheduler.step``'s update (deterministic sampling), in ``x``'s dtype.
     """
     return x + (sigma_next - sigma) * v_pred.to(x.dtype)
+
+
+@dataclass(frozen=True)
+class FlowStep:
+    """One rectified-flow training draw: what the model sees and what its velocity is judged against.
+
+    Attributes:
+        x0: ``[B, C, h, w]`` clean latents, float32.
+        noise: same shape, float32, standard normal.
+        sigmas: ``[B]`` float32 noise levels on ``x0.device``.
+        timesteps: ``[B]`` on ``x0.device``, on the scheduler's scale (``0 .. num_train_timesteps``).
+        num_train_timesteps: the scheduler's ``config.num_train_timesteps``.
+        x_t: ``[B, C, h, w]`` float32 noisy latents ``(1 - sigma) x0 + sigma noise``.
+        weighting: ``[B, 1, 1, 1]`` SD3 loss weighting of the timestep scheme (:func:`loss_weighting`).
+    """
+
+    x0: Tensor
+    noise: Tensor
+    sigmas: Tensor
+    timesteps: Tensor
+    num_train_timesteps: int
+    x_t: Tensor
+    weighting: Tensor
+
+    @property
+    def model_timesteps(self) -> Tensor:
+        """``[B]`` timesteps as the transformer takes them (the pipeline's timestep / num_train_timesteps)."""
+        return self.timesteps / self.num_train_timesteps
+
+    @property
+    def target(self) -> Tensor:
+        """The velocity target ``noise - x0``."""
+        return velocity_target(self.x0, self.noise)
+
+    def loss(self, v_pred: Tensor, pixel_weight: Tensor | None = None) -> Tensor:
+        """Flow-matching loss of ``v_pred`` (float32 scalar): :func:`flow_matching_loss` with :attr:`weighting`,
+        times ``pixel_weight`` (e.g. :func:`masked_flow_weight`, broadcastable to ``x0``) when given."""
+        weighting = self.weighting if pixel_weight is None else self.weighting * pixel_weight
+        return flow_matching_loss(v_pred.float(), self.target, weighting)
+
+    def predicted_clean_latents(self, v_pred: Tensor) -> Tensor:
+        """``x_t - sigma * v_pred``: the clean latents ``v_pred`` implies (:func:`predicted_clean_latents`)."""
+        return predicted_clean_latents(self.x_t, v_pred, self.sigmas)
+
+
+def flow_step(
+    x0: Tensor,
+    generator: torch.Generator | None,
+    scheduler: Any,
+    weighting_scheme: DensityScheme | str = "none",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    mode_scale: float = 1.29,
+    resolution_shift: bool = False,
+) -> FlowStep:
+    """Draw the noise and the timesteps of one rectified-flow training step and noise ``x0``.
+
+    From ``generator`` (on the CPU), in this order: ``noise ~ N(0, I)`` shaped like ``x0``, then ``u`` of
+    :func:`sample_timestep_density` (``weighting_scheme``, ``logit_mean``, ``logit_std``, ``mode_scale``); nothing
+    else is drawn, so a caller may draw more from ``generator`` afterwards. ``u`` picks timesteps and sigmas from
+    the scheduler's training table (:func:`timesteps_and_sigmas_from_density`); with ``resolution_shift`` the
+    sigmas are shifted as the pipeline samples at ``x0``'s resolution (:func:`shift_sigmas_for_resolution` of
+    ``(h/2) * (w/2)`` packed tokens) and the timesteps follow them. Everything is float32 on ``x0.device``.
+
+    Args:
+        x0: ``[B, C, h, w]`` clean latents (any float dtype; used in float32).
+        generator: the step's random stream (a CPU generator).
+        scheduler: the training ``FlowMatchEulerDiscreteScheduler`` (before ``set_timesteps``).
+
+    Returns:
+        A :class:`FlowStep`; the model predicts from ``x_t`` and ``model_timesteps``, and ``loss(v_pred)`` is the
+        flow-matching loss.
+    """
+    device = x0.device
+    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(device)
+    u = sample_timestep_density(weighting_scheme, x0.shape[0], logit_mean, logit_std, mode_scale, generator=generator)
+    timesteps, sigmas = timesteps_and_sigmas_from_density(u, scheduler)
+    num_train_timesteps = int(scheduler.config.num_train_timesteps)
+    if resolution_shift:
+        sigmas = shift_sigmas_for_resolution(sigmas, (x0.shape[-2] // 2) * (x0.shape[-1] // 2))
+        timesteps = sigmas * num_train_timesteps
+    sigmas = sigmas.to(device)
+    x0 = x0.float()
+    broadcast = expand_sigmas(sigmas, x0.ndim)
+    return FlowStep(
+        x0=x0,
+        noise=noise,
+        sigmas=sigmas,
+        timesteps=timesteps.to(device),
+        num_train_timesteps=num_train_timesteps,
+        x_t=add_noise(x0, noise, broadcast),
+        weighting=loss_weighting(weighting_scheme, broadcast),
+    )

@@ -1,7 +1,7 @@
 """Latent-space geometry losses: boundary-weighted MSE, background preservation, soft change mask, Dice,
 log area ratio and Kervadec's boundary loss.
 
-The formulas, names, signatures and defaults follow the original geometry-loss specification; they are the
+The formulas, names, signatures and defaults follow the geometry-loss specification; they are the
 public API of ``losses``.
 
 Every function computes in float32 (float64 inputs stay float64, for gradient checks), whatever the

@@ -24,15 +24,14 @@ import train_kontext_lora as tk
 from kontext.training.checkpoint import (
     CheckpointError,
     CheckpointWriteError,
-    check_data_position,
     finalize,
     is_disk_full,
     list_checkpoints,
-    resolve_resume,
     temp_path,
     verify_checkpoint,
 )
 from kontext.training.config import config_from_dict
+from kontext.training.resume import check_data_position, resolve_resume
 
 LORA = "pytorch_lora_weights.safetensors"
 

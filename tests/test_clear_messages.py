@@ -12,6 +12,7 @@ from PIL import Image
 
 import train_kontext_lora as tk
 from data import DatasetError, open_source, validate_source
+from data.errors import first_names
 from kontext.training.config import ConfigError, load_config
 
 
@@ -112,3 +113,9 @@ def test_a_16_bit_mask_holding_8_bit_values_is_described_as_it_is(tmp_path, tiny
     msg = _problems(root)
     assert "mask/00000.png" in msg and "16-bit greyscale image whose values stop at 255" in msg, msg
     assert "only 0 and 1" not in msg, msg
+
+
+def test_a_long_list_of_names_shows_the_first_and_counts_the_rest():
+    assert first_names(["a", "b", "c", "d"], 2) == "a, b and 2 more"
+    assert first_names(["a", "b"], 2) == "a, b"
+    assert first_names([], 3) == ""

@@ -448,17 +448,6 @@ def test_diffusers_kohya_reader_reads_the_file_back(tmp_path):
         assert back[name].abs().max() == 0, name
 
 
-def test_diffusers_reader_fails_on_tiny_linear1_only_for_its_fixed_width(trained):
-    """With single blocks' linear1 present, diffusers' reader trips over its hard-coded 3072/12288 split."""
-    _, folder = trained
-    out = export_comfyui(folder, folder / "full.safetensors", layout="fused")
-    sd = load_file(str(out))
-    with pytest.raises(AssertionError):
-        FluxKontextPipeline.lora_state_dict(dict(sd))
-    no_linear1 = {k: v for k, v in sd.items() if "_linear1." not in k}
-    assert FluxKontextPipeline.lora_state_dict(dict(no_linear1))
-
-
 @pytest.mark.slow
 def test_module_command_writes_the_file(trained, tmp_path):
     _, folder = trained

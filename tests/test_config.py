@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import math
 import re
 import typing
@@ -21,6 +22,7 @@ from kontext.training.config import (
     load_config,
     reference_markdown,
 )
+from losses import GeometryLossWeights, soft_change_mask_from_latents, weighted_masked_mse_latent
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
@@ -158,11 +160,18 @@ def test_contract_key_has_its_default_and_is_set_by_an_override(dotted):
     assert got == expected and type(got) is type(expected)
 
 
-def test_geometry_defaults_are_the_documented_weights():
-    cfg = Config()
-    g = cfg.loss.geometry
-    assert (g.mse, g.bg, g.dice, g.area, g.boundary) == (1.0, 0.6, 0.9, 0.2, 0.4)
-    assert (g.band_r, g.w_in, g.w_band, g.w_out, g.k_sigma) == (1, 1.0, 6.0, 0.2, 2.0)
+def test_geometry_defaults_are_the_loss_functions_defaults():
+    """A default config computes what the spec's functions compute when called with their own defaults."""
+
+    def defaults(fn, names):
+        params = inspect.signature(fn).parameters
+        return tuple(params[n].default for n in names)
+
+    g = Config().loss.geometry
+    assert g.loss_weights() == GeometryLossWeights()
+    names = ("band_r", "w_in", "w_band", "w_out")
+    assert tuple(getattr(g, n) for n in names) == defaults(weighted_masked_mse_latent, names)
+    assert (g.band_r, g.k_sigma) == defaults(soft_change_mask_from_latents, ("band_r", "k_sigma"))
 
 
 def test_overrides_apply_and_parse_yaml_values():
@@ -193,6 +202,17 @@ def test_config_errors_name_the_key(data, fragment):
     with pytest.raises(ConfigError) as e:
         config_from_dict(data)
     assert fragment in str(e.value)
+
+
+def test_renamed_formulation_value_names_the_key_and_the_new_name(tmp_path: Path):
+    p = tmp_path / "old.yaml"
+    p.write_text("loss:\n  geometry:\n    formulation: seed\n")
+    fix = r"`loss\.geometry\.formulation`.*'seed' is now called 'reference': write `loss\.geometry\.formulation: reference`"
+    with pytest.raises(ConfigError, match=fix + r".*old\.yaml, line 3"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=fix):
+        load_config(None, ["loss.geometry.formulation=seed"])
+    assert load_config(None, ["loss.geometry.formulation=reference"]).loss.geometry.formulation == "reference"
 
 
 def test_error_names_the_file(tmp_path: Path):

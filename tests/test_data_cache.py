@@ -15,17 +15,18 @@ from PIL import Image
 
 import data.dataset
 import losses
-from data.dataset import TrainBatch, make_train_batch
 from data import (
     BucketBatchSampler,
     FolderSource,
     LatentCache,
     TripletDataset,
     build_cache,
-    collate_triplets,
     make_buckets,
+    make_train_batch,
     validate_source,
 )
+from data.dataset import TrainBatch
+from kontext.training.inputs import encode_items, train_batch
 
 SHIFT, SCALE = 0.1159, 0.3611  # FLUX.1's VAE shift and scaling factors
 
@@ -160,27 +161,27 @@ def test_cached_items_equal_fresh_computation_and_are_reused(tmp_path: Path, enc
         fresh.set_epoch(epoch)
         for i in range(len(fresh)):
             c, f = cached[i], fresh[i]
-            assert c["name"] == f["name"] and c["prompt"] == f["prompt"]
-            assert "mask_px" not in c  # training reads the latent-resolution geometry only
-            h, w = f["mask_px"].shape[-2] // 8, f["mask_px"].shape[-1] // 8
-            assert c["target_latents"].shape == c["context_latents"].shape == (16, h, w)
-            lat = encode_images(torch.stack([f["context_pixels"], f["target_pixels"], f["scene_pixels"]]))
-            torch.testing.assert_close(c["context_latents"], lat[0], atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(c["target_latents"], lat[1], atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(c["scene_latents"], lat[2], atol=1e-5, rtol=1e-5)
+            assert c.name == f.name and c.prompt == f.prompt
+            assert c.pixels is None and f.latents is None  # training reads the latent-resolution geometry only
+            h, w = f.pixels.mask.shape[-2] // 8, f.pixels.mask.shape[-1] // 8
+            assert c.latents.target.shape == c.latents.context.shape == (16, h, w)
+            lat = encode_images(torch.stack([f.pixels.context, f.pixels.target, f.pixels.scene]))
+            torch.testing.assert_close(c.latents.context, lat[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(c.latents.target, lat[1], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(c.latents.scene, lat[2], atol=1e-5, rtol=1e-5)
             for g in ("mask", "band", "outside", "sdm"):
-                assert c["geometry"][g].shape == (1, h, w)
-                torch.testing.assert_close(c["geometry"][g], f["geometry"][g], atol=1e-3, rtol=0)
-            pe, pooled = encode_prompts([f["prompt"]])
-            torch.testing.assert_close(c["prompt_embeds"], pe[0])
-            torch.testing.assert_close(c["pooled_prompt_embeds"], pooled[0])
+                assert getattr(c.geometry, g).shape == (1, 1, h, w)
+                torch.testing.assert_close(getattr(c.geometry, g), getattr(f.geometry, g), atol=1e-3, rtol=0)
+            pe, pooled = encode_prompts([f.prompt])
+            torch.testing.assert_close(c.prompt_embeds, pe[0])
+            torch.testing.assert_close(c.pooled_prompt_embeds, pooled[0])
     # The hint went into the context latents and not into the scene's: the scene is the un-hinted context.
     plain = _dataset(root, None, mask_hint="none")
-    assert "scene_pixels" not in plain[0]
-    raw_lat = encode_images(plain[0]["context_pixels"][None])[0]
-    assert not torch.allclose(raw_lat, cached[(0, 0)]["context_latents"], atol=1e-3)
-    torch.testing.assert_close(raw_lat, cached[(0, 0)]["scene_latents"], atol=1e-5, rtol=1e-5)
-    hinted_px, scene_px, mask_px = fresh[(0, 0)]["context_pixels"], fresh[(0, 0)]["scene_pixels"], fresh[(0, 0)]["mask_px"]
+    assert plain[0].pixels.scene is None
+    raw_lat = encode_images(plain[0].pixels.context[None])[0]
+    assert not torch.allclose(raw_lat, cached[(0, 0)].latents.context, atol=1e-3)
+    torch.testing.assert_close(raw_lat, cached[(0, 0)].latents.scene, atol=1e-5, rtol=1e-5)
+    hinted_px, scene_px, mask_px = fresh[(0, 0)].pixels.context, fresh[(0, 0)].pixels.scene, fresh[(0, 0)].pixels.mask
     assert torch.equal(hinted_px != scene_px, (mask_px >= 0.5).expand_as(hinted_px) & (scene_px != 0))
 
     # A second build reuses everything; editing one target rebuilds exactly its two orientations.
@@ -202,26 +203,33 @@ def test_cached_items_equal_fresh_computation_and_are_reused(tmp_path: Path, enc
     assert removed == 3  # the two stale orientations of s3 and the old prompt
 
 
-def test_batches_through_sampler_and_collate(tmp_path: Path, encoders) -> None:
+def test_batches_through_the_sampler(tmp_path: Path, encoders) -> None:
     root = tmp_path / "set"
     _write(root, n=8)
     cache = LatentCache(tmp_path / "cache", model_id="tiny")
     ds = _dataset(root, cache)
     build_cache(ds, *encoders, progress=False)
     sampler = BucketBatchSampler(ds.bucket_ids, batch_size=2, seed=0)
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate_triplets)
     n = 0
-    for batch in loader:
+    for indices in sampler:
         n += 1
-        b, c, h, w = batch["target_latents"].shape
-        assert (b, c) == (2, 16) and batch["context_latents"].shape == (2, 16, h, w)
-        assert batch["prompt_embeds"].shape == (2, 10, 12) and batch["pooled_prompt_embeds"].shape == (2, 6)
-        assert {k: v.shape for k, v in batch["geometry"].items()} == {g: (2, 1, h, w) for g in ("mask", "band", "outside", "sdm")}
-        assert len(batch["name"]) == 2 and all(isinstance(p, str) for p in batch["prompt"])
+        batch = make_train_batch([ds[i] for i in indices])
+        b, c, h, w = batch.target_latents.shape
+        assert (b, c) == (2, 16) and batch.context_latents.shape == batch.scene_latents.shape == (2, 16, h, w)
+        assert batch.prompt_embeds.shape == (2, 10, 12) and batch.pooled_prompt_embeds.shape == (2, 6)
+        assert {k: v.shape for k, v in batch.geometry.to_dict().items()} == {
+            g: (2, 1, h, w) for g in ("mask", "band", "outside", "sdm")
+        }
+        assert batch.names == [ds.source.names[i] for i in indices] and all(isinstance(p, str) for p in batch.prompts)
     assert n == len(sampler) == 4
-    fresh = _dataset(root, None)
-    batch = collate_triplets([fresh[i] for i in next(iter(sampler))])
-    assert batch["context_pixels"].shape[:2] == (2, 3)
+    # Samples of two buckets, or pixels nobody encoded, are refused with the fix.
+    other_bucket = next(i for i in range(len(ds)) if ds.bucket_ids[i] != ds.bucket_ids[0])
+    with pytest.raises(ValueError, match="batch samples of one bucket"):
+        make_train_batch([ds[0], ds[other_bucket]])
+    fresh = _dataset(root, None, encode_prompts=encoders[1])
+    fresh.encode_prompt_table()
+    with pytest.raises(ValueError, match="encode them with the VAE first"):
+        make_train_batch([fresh[i] for i in next(iter(sampler))])
 
 
 def test_geometry_computed_once_per_sample_without_cache(tmp_path: Path, monkeypatch) -> None:
@@ -240,11 +248,15 @@ def test_geometry_computed_once_per_sample_without_cache(tmp_path: Path, monkeyp
         ds.set_epoch(epoch)
         items = [ds[i] for i in range(len(ds))]
     assert len(calls) == len(ds)
-    flips = {(e, i): bool(torch.equal(ds[(i, e)]["mask_px"], ds[(i, 0)]["mask_px"].flip(-1))) for e in range(4) for i in range(4)}
+    flips = {
+        (e, i): bool(torch.equal(ds[(i, e)].pixels.mask, ds[(i, 0)].pixels.mask.flip(-1)))
+        for e in range(4)
+        for i in range(4)
+    }
     assert len(set(flips.values())) == 2, "some samples appear mirrored, some not"
-    direct = real(items[0]["mask_px"][None], ds.latent_size(0), 1, True).to_dict()
+    direct = real(items[0].pixels.mask[None], ds.latent_size(0), 1, True).to_dict()
     for g, v in direct.items():
-        torch.testing.assert_close(items[0]["geometry"][g], v[0])
+        torch.testing.assert_close(getattr(items[0].geometry, g), v)
 
 
 def test_geometry_of_mirrored_mask_is_mirrored_geometry() -> None:
@@ -297,7 +309,7 @@ def test_uncached_batches_equal_cached_ones_and_reuse_decoded_images(tmp_path: P
     build_cache(cached, encode_images, encode_prompts, progress=False)
     fresh = _dataset(root, None, encode_prompts=encode_prompts)
     with pytest.raises(ValueError, match="encode_prompt_table"):
-        make_train_batch([fresh[0]], encode_images)
+        make_train_batch(encode_items([fresh[0]], encode_images, with_scene=True))
     prompt_calls = encode_prompts.calls
     assert fresh.encode_prompt_table(batch_size=1) == 2  # two distinct prompts, encoded once for the run
     assert encode_prompts.calls == prompt_calls + 2
@@ -311,7 +323,7 @@ def test_uncached_batches_equal_cached_ones_and_reuse_decoded_images(tmp_path: P
         fresh.set_epoch(epoch)
         for indices in sampler:
             calls = encode_images.calls
-            a = make_train_batch([fresh[i] for i in indices], encode_images)
+            a = make_train_batch(encode_items([fresh[i] for i in indices], encode_images, with_scene=True))
             assert encode_images.calls == calls + 3 * len(indices)
             b = make_train_batch([cached[i] for i in indices])
             assert isinstance(a, TrainBatch) and a.names == b.names and a.prompts == b.prompts
@@ -329,8 +341,8 @@ def test_uncached_batches_equal_cached_ones_and_reuse_decoded_images(tmp_path: P
     for key in list(fresh._decoded)[:4]:
         i, flip = key
         e = next(e for e in range(8) if fresh._rng_and_flip(i, e)[1] == flip)
-        for k in ("context_pixels", "target_pixels", "scene_pixels", "mask_px"):
-            assert torch.equal(fresh[(i, e)][k], plain[(i, e)][k]), k
+        for k in ("context", "target", "scene", "mask"):
+            assert torch.equal(getattr(fresh[(i, e)].pixels, k), getattr(plain[(i, e)].pixels, k)), k
     assert not plain._decoded
 
 
@@ -357,10 +369,9 @@ def test_centre_cropped_uncached_latents_are_encoded_once_and_equal_fresh_ones(t
         sampler.set_epoch(epoch)
         calls = encode_images.calls
         for indices in sampler:
-            items = [ds[(i, epoch)] for i in indices]
-            got = make_train_batch(items, encode_images, with_scene=epoch % 2 == 0, remember=ds.remember_latents)
+            got = train_batch(ds, indices, epoch, encode_images, with_scene=epoch % 2 == 0)
             fresh = [ds.prepared_pixels(i, ds._rng_and_flip(i, epoch)[1]) for i in indices]
-            want = encode_images(torch.stack([f[k] for k in ("target_pixels", "context_pixels", "scene_pixels") for f in fresh]))
+            want = encode_images(torch.stack([getattr(f, k) for k in ("target", "context", "scene") for f in fresh]))
             n = len(indices)
             torch.testing.assert_close(got.target_latents, want[:n])
             torch.testing.assert_close(got.context_latents, want[n : 2 * n])
@@ -376,6 +387,5 @@ def test_centre_cropped_uncached_latents_are_encoded_once_and_equal_fresh_ones(t
     # Random crops change every epoch: nothing is kept.
     rc = _dataset(root, None, random_crop=True, encode_prompts=encode_prompts)
     rc.encode_prompt_table()
-    make_train_batch([rc[(0, 0)], rc[(4, 0)]] if rc.bucket_ids[0] == rc.bucket_ids[4] else [rc[(0, 0)]], encode_images,
-                     remember=rc.remember_latents)
-    assert not rc._latents
+    batch = train_batch(rc, [0, 4] if rc.bucket_ids[0] == rc.bucket_ids[4] else [0], 0, encode_images, with_scene=True)
+    assert batch.scene_latents is not batch.context_latents and not rc._latents

@@ -142,7 +142,7 @@ def test_folder_fingerprint_follows_content_not_position(tmp_path: Path) -> None
 
 
 def test_unknown_kind(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="data.kind must be 'folder' or 'hf', got 'imagefolder'"):
+    with pytest.raises(ValueError, match="data.source must be 'folder' or 'hf', got 'imagefolder'"):
         open_source("imagefolder", tmp_path)
 
 

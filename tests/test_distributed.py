@@ -339,16 +339,16 @@ STOP_IN_FINAL_VALIDATION = textwrap.dedent(
     """
     import signal, sys
     sys.path.insert(0, {repo!r})
-    import kontext.training.validation as kv
+    import kontext.evaluation.score as score
     import train_kontext_lora as tk
 
-    real_generate = kv.generate
+    real_generate = score.generate
 
     def generate_after_sigterm(*a, **k):  # the final validation runs on the main process only
         signal.raise_signal(signal.SIGTERM)
         return real_generate(*a, **k)
 
-    kv.generate = generate_after_sigterm
+    score.generate = generate_after_sigterm
     sys.exit(tk.main(sys.argv[1:]))
     """
 )

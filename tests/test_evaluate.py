@@ -196,7 +196,7 @@ def _rows(n: int, **metrics: float) -> list[dict[str, float]]:
 @pytest.mark.parametrize(
     "rows, label",
     [
-        # the reported case: a LoRA that repainted the whole image reads as "too small" by its area ratio alone
+        # a LoRA that repaints the whole image would read as "too small" by its area ratio alone
         (_rows(4, iou=0.0, changed_area=3.6, psnr_outside=12.6), "repaints outside the mask"),
         (_rows(2, threshold_degenerate=1.0) + _rows(2), "repaints outside the mask"),  # half the backgrounds moved
         (_rows(4, changed_area=40.0, iou=0.4), "too small"),

@@ -10,10 +10,13 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift as diffusers_
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
 from losses import (
+    FlowStep,
     add_noise,
     calculate_shift,
     flow_matching_loss,
+    flow_step,
     loss_weighting,
+    masked_flow_weight,
     predicted_clean_latents,
     sample_timestep_density,
     shift_sigmas_for_resolution,
@@ -25,7 +28,7 @@ from losses import (
 
 def _flux_training_scheduler() -> FlowMatchEulerDiscreteScheduler:
     # FLUX.1's scheduler config (shift 3.0, dynamic shifting on): training uses the unshifted table.
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
+    return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
 
 
 @pytest.mark.parametrize("scheme", ["none", "logit_normal", "mode", "sigma_sqrt", "cosmap"])
@@ -41,7 +44,7 @@ def test_density_sampling_matches_diffusers(scheme):
         mode_scale=1.29,
         generator=torch.Generator().manual_seed(5),
     )
-    assert torch.equal(ours, theirs)
+    torch.testing.assert_close(ours, theirs)
     assert ((ours >= 0) & (ours <= 1)).all()
 
 
@@ -53,7 +56,7 @@ def test_density_rejects_unknown_scheme():
 @pytest.mark.parametrize("scheme", ["none", "sigma_sqrt", "cosmap", "logit_normal"])
 def test_loss_weighting_matches_diffusers(scheme):
     sigmas = torch.linspace(0.05, 1.0, 20).view(20, 1, 1, 1)
-    assert torch.equal(loss_weighting(scheme, sigmas), compute_loss_weighting_for_sd3(scheme, sigmas))
+    torch.testing.assert_close(loss_weighting(scheme, sigmas), compute_loss_weighting_for_sd3(scheme, sigmas))
 
 
 def _diffusers_get_sigmas(scheduler, timesteps, n_dim=4):
@@ -71,9 +74,9 @@ def test_timesteps_and_sigmas_match_training_script_lookup():
     sched = _flux_training_scheduler()
     u = compute_density_for_timestep_sampling("logit_normal", 32, 0.0, 1.0, generator=torch.Generator().manual_seed(0))
     timesteps, sigmas = timesteps_and_sigmas_from_density(u, sched)
-    want_t = sched.timesteps[(u * 1000).long()]
-    assert torch.equal(timesteps, want_t)
-    assert torch.equal(sigmas.view(-1, 1, 1, 1), _diffusers_get_sigmas(sched, want_t))
+    want_t = sched.timesteps[(u * sched.config.num_train_timesteps).long()]
+    torch.testing.assert_close(timesteps, want_t)
+    torch.testing.assert_close(sigmas.view(-1, 1, 1, 1), _diffusers_get_sigmas(sched, want_t))
     # u = 1 (the "mode" scheme at rand = 0) stays on the table
     t1, s1 = timesteps_and_sigmas_from_density(torch.tensor([1.0]), sched)
     assert t1.item() == sched.timesteps[-1].item() and s1.item() == pytest.approx(sched.sigmas[-1].item())
@@ -112,7 +115,7 @@ def test_flow_matching_loss_matches_training_script_formula():
     want = torch.mean((weighting.float() * (pred.float() - target.float()) ** 2).reshape(target.shape[0], -1), 1).mean()
     got = flow_matching_loss(pred, target, loss_weighting("cosmap", sigmas))
     assert got.dtype == torch.float32
-    assert torch.equal(got, want)
+    torch.testing.assert_close(got, want)
     per = flow_matching_loss(pred, target, reduction="none")
     assert per.shape == (3,)
     torch.testing.assert_close(per.mean(), torch.nn.functional.mse_loss(pred.float(), target))
@@ -141,8 +144,6 @@ def test_resolution_shift_matches_scheduler_set_timesteps():
 
 def test_masked_flow_weight_is_the_normalised_mask_weighted_mean():
     """``flow_matching_loss(..., weighting=masked_flow_weight(m, u))`` = sum(w err) / sum(w) per sample, by hand."""
-    from losses import flow_matching_loss, masked_flow_weight
-
     g = torch.Generator().manual_seed(0)
     pred, target = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
     m = torch.zeros(2, 1, 4, 4)
@@ -160,3 +161,119 @@ def test_masked_flow_weight_is_the_normalised_mask_weighted_mean():
     )
     with pytest.raises(ValueError, match="unmasked_weight"):
         masked_flow_weight(m, 1.5)
+
+
+def _flow_step_by_hand(x0, seed, sched, scheme, resolution_shift, v_pred, pixel_weight=None):
+    """One rectified-flow step written out in float64 from diffusers' helpers and the formulas: the noise, then
+    ``u`` from the seeded generator, the scheduler's training table, FLUX's exponential resolution shift."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(x0.shape, generator=g)
+    u = compute_density_for_timestep_sampling(scheme, x0.shape[0], 0.0, 1.0, 1.29, generator=g)
+    n = sched.config.num_train_timesteps
+    index = (u * n).long().clamp(max=len(sched.timesteps) - 1)
+    timesteps, sigmas = sched.timesteps[index].double(), sched.sigmas[index].double()
+    if resolution_shift:
+        mu = diffusers_calculate_shift((x0.shape[-2] // 2) * (x0.shape[-1] // 2))
+        sigmas = np.exp(mu) / (np.exp(mu) + (1.0 / sigmas - 1.0))
+        timesteps = sigmas * n
+    s = sigmas.view(-1, 1, 1, 1)
+    x0, noise = x0.double(), noise.double()
+    x_t = (1.0 - s) * x0 + s * noise
+    target = noise - x0
+    weighting = compute_loss_weighting_for_sd3(scheme, s).double()
+    if pixel_weight is not None:
+        weighting = weighting * pixel_weight.double()
+    loss = (weighting * (v_pred.double() - target) ** 2).mean()
+    return {"noise": noise, "sigmas": sigmas, "model_timesteps": timesteps / n, "x_t": x_t, "target": target,
+            "loss": loss, "z_pred": x_t - s * v_pred.double()}
+
+
+@pytest.mark.parametrize("resolution_shift", [False, True])
+@pytest.mark.parametrize("scheme", ["none", "logit_normal", "mode", "sigma_sqrt", "cosmap"])
+def test_flow_step_is_the_rectified_flow_step_written_out(scheme, resolution_shift):
+    sched = _flux_training_scheduler()
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(3, 16, 8, 12, generator=g)
+    v_pred = torch.randn(3, 16, 8, 12, generator=g)
+    mask = (torch.rand(3, 1, 8, 12, generator=g) > 0.5).float()
+    step = flow_step(x0, torch.Generator().manual_seed(7), sched, scheme, resolution_shift=resolution_shift)
+    want = _flow_step_by_hand(x0, 7, sched, scheme, resolution_shift, v_pred)
+    assert isinstance(step, FlowStep) and step.x_t.dtype == step.sigmas.dtype == torch.float32
+    assert step.sigmas.shape == step.model_timesteps.shape == (3,)
+    tol = {"rtol": 1e-5, "atol": 1e-6}
+    for name in ("noise", "sigmas", "model_timesteps", "x_t", "target"):
+        torch.testing.assert_close(getattr(step, name).double(), want[name], msg=name, **tol)
+    torch.testing.assert_close(step.loss(v_pred).double(), want["loss"], **tol)
+    torch.testing.assert_close(step.predicted_clean_latents(v_pred).double(), want["z_pred"], **tol)
+    masked = _flow_step_by_hand(x0, 7, sched, scheme, resolution_shift, v_pred, masked_flow_weight(mask, 0.1))
+    torch.testing.assert_close(step.loss(v_pred, masked_flow_weight(mask, 0.1)).double(), masked["loss"], **tol)
+
+
+def test_flow_step_draws_only_the_noise_then_u():
+    """After flow_step the generator stands where the noise and ``u`` leave it: callers draw on from there."""
+    sched = _flux_training_scheduler()
+    x0 = torch.randn(2, 16, 4, 4)
+    g, ref = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    flow_step(x0, g, sched, "logit_normal")
+    torch.randn(x0.shape, generator=ref)
+    sample_timestep_density("logit_normal", 2, generator=ref)
+    assert torch.equal(g.get_state(), ref.get_state())
+
+
+def _velocity(x_t: torch.Tensor, model_timesteps: torch.Tensor) -> torch.Tensor:
+    """A fixed stand-in for the transformer: depends on both inputs, so any change in either shows."""
+    return torch.tanh(x_t.flip(1)) * (1.0 + model_timesteps.view(-1, 1, 1, 1)) - 0.3 * x_t
+
+
+@pytest.mark.parametrize("resolution_shift", [False, True])
+@pytest.mark.parametrize("scheme", ["none", "logit_normal", "mode", "sigma_sqrt", "cosmap"])
+def test_flow_step_computes_the_trainers_numbers(scheme, resolution_shift):
+    """The same bits as the trainer's step composed from the single helpers in its draw order, masked and not:
+    the loss, z_pred, and the noise levels the geometry terms weight by."""
+    sched = _flux_training_scheduler()
+    x0 = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[:, :, 2:6, 3:7] = 1.0
+    gen = torch.Generator().manual_seed(5)
+    noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32)
+    u = sample_timestep_density(scheme, 2, 0.0, 1.0, 1.29, generator=gen)
+    timesteps, sigmas = timesteps_and_sigmas_from_density(u, sched)
+    if resolution_shift:
+        sigmas = shift_sigmas_for_resolution(sigmas, 16)
+        timesteps = sigmas * sched.config.num_train_timesteps
+    sig = sigmas.view(-1, 1, 1, 1)
+    x_t = add_noise(x0.float(), noise, sig)
+    t_in = timesteps / sched.config.num_train_timesteps
+    v_pred = _velocity(x_t, t_in)
+    weighting = loss_weighting(scheme, sig)
+    want_plain = flow_matching_loss(v_pred, velocity_target(x0, noise), weighting)
+    want_masked = flow_matching_loss(v_pred, velocity_target(x0, noise), weighting * masked_flow_weight(mask, 0.1))
+    want_z = predicted_clean_latents(x_t, v_pred, sig)
+
+    step = flow_step(x0, torch.Generator().manual_seed(5), sched, scheme, 0.0, 1.0, 1.29, resolution_shift)
+    v = _velocity(step.x_t, step.model_timesteps)
+    assert torch.equal(step.x_t, x_t) and torch.equal(step.model_timesteps, t_in) and torch.equal(step.sigmas, sigmas)
+    assert torch.equal(step.loss(v), want_plain)
+    assert torch.equal(step.loss(v, masked_flow_weight(mask, 0.1)), want_masked)
+    assert torch.equal(step.predicted_clean_latents(v), want_z)
+
+
+def test_flow_step_computes_the_tiny_pretraining_numbers():
+    """The tiny model's pretraining step composed from the single helpers (uniform density, no loss weighting):
+    the same loss bits, and the guidance drawn after it from the same generator position."""
+    sched = _flux_training_scheduler()
+    x0 = torch.randn(4, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(2)
+    noise = torch.randn(x0.shape, generator=gen)
+    u = sample_timestep_density("none", 4, generator=gen)
+    timesteps, sigmas = timesteps_and_sigmas_from_density(u, sched)
+    x_t = add_noise(x0, noise, sigmas.view(-1, 1, 1, 1))
+    t_in = timesteps / float(sched.config.num_train_timesteps)
+    want = flow_matching_loss(_velocity(x_t, t_in), velocity_target(x0, noise))
+    want_guidance = float(torch.rand((), generator=gen))
+
+    new_gen = torch.Generator().manual_seed(2)
+    step = flow_step(x0, new_gen, sched)
+    assert torch.equal(step.model_timesteps, t_in)
+    assert torch.equal(step.loss(_velocity(step.x_t, step.model_timesteps)), want)
+    assert float(torch.rand((), generator=new_gen)) == want_guidance

@@ -347,6 +347,16 @@ def test_infer_reports_an_unloadable_model(scene, tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_infer_reports_a_model_path_that_is_neither_folder_nor_hub_id(scene, tmp_path, capsys):
+    # The runtime's own error (ModelPathError) reaches the command runner as it is: one line, exit status 2.
+    args = _args(scene, tmp_path / "x.png")
+    args[args.index("--model") + 1] = str(tmp_path / "no" / "such" / "model")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --model {str(tmp_path / 'no' / 'such' / 'model')!r} is neither an existing folder")
+    assert "Traceback" not in err and not (tmp_path / "x.png").exists()
+
+
 def test_cache_root_follows_the_environment(tmp_path, monkeypatch):
     from kontext.runtime.model_path import cache_root
 

@@ -1,4 +1,4 @@
-"""Precomputed mask targets and the combined geometry loss: the reference composition (``formulation="seed"``)
+"""Precomputed mask targets and the combined geometry loss: the reference composition (``formulation="reference"``)
 against its formulas written out independently in the test, and properties both formulations share."""
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def test_reference_formulation_equals_its_formulas_written_out(dtype):
     m_px, z_pred, z_tgt, z_ctx = _batch()
     zp = z_pred.to(dtype).requires_grad_(True)
     total, parts = geometry_loss(
-        zp, z_tgt.to(dtype), z_ctx.to(dtype), compute_mask_targets(m_px, (12, 10)), formulation="seed"
+        zp, z_tgt.to(dtype), z_ctx.to(dtype), compute_mask_targets(m_px, (12, 10)), formulation="reference"
     )
     # The reference sees the same (rounded) inputs, in float64.
     zp_ref = zp.detach().double().requires_grad_(True)
@@ -136,7 +136,7 @@ def test_custom_weights_and_options_equal_the_formulas_written_out():
     t = compute_mask_targets(m_px, (12, 10), band_r=1)
     w = GeometryLossWeights(mse=2.0, bg=0.0, dice=1.5, area=0.0, boundary=0.1)
     total, parts = geometry_loss(
-        z_pred, z_tgt, z_ctx, t, w, w_band=9.0, channel_reduce="sum", k_sigma=3.0, formulation="seed"
+        z_pred, z_tgt, z_ctx, t, w, w_band=9.0, channel_reduce="sum", k_sigma=3.0, formulation="reference"
     )
     ref = _reference_terms(m_px, z_pred, z_tgt, z_ctx, w_band=9.0, channel_reduce="sum", k_sigma=3.0)
     want = 2.0 * ref["mse"] + 1.5 * ref["dice"] + 0.1 * ref["boundary"]
@@ -146,7 +146,7 @@ def test_custom_weights_and_options_equal_the_formulas_written_out():
     torch.testing.assert_close(parts["area"].double(), ref["area"], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("formulation", ["calibrated", "seed"])
+@pytest.mark.parametrize("formulation", ["calibrated", "reference"])
 def test_sample_weights_weight_each_sample_before_the_mean(formulation):
     m_px, z_pred, z_tgt, z_ctx = _batch()
     t = compute_mask_targets(m_px, (12, 10))
@@ -165,7 +165,7 @@ def test_sample_weights_weight_each_sample_before_the_mean(formulation):
         geometry_loss(z_pred, z_tgt, z_ctx, t, sample_weights=torch.ones(2))
 
 
-@pytest.mark.parametrize("formulation", ["calibrated", "seed"])
+@pytest.mark.parametrize("formulation", ["calibrated", "reference"])
 def test_one_sample_targets_broadcast_over_the_batch(formulation):
     """Targets of one sample apply to every sample of the batch, as if repeated B times."""
     m_px, z_pred, z_tgt, z_ctx = _batch()
@@ -176,13 +176,13 @@ def test_one_sample_targets_broadcast_over_the_batch(formulation):
         z_pred, z_tgt, z_ctx, compute_mask_targets(repeated, (12, 10)), formulation=formulation
     )
     torch.testing.assert_close(total, total3)
-    if formulation == "seed":
+    if formulation == "reference":
         want = _reference_terms(repeated, z_pred, z_tgt, z_ctx)
         for k in DEFAULT_WEIGHTS:
             torch.testing.assert_close(parts[k].double(), want[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-@pytest.mark.parametrize("formulation", ["calibrated", "seed"])
+@pytest.mark.parametrize("formulation", ["calibrated", "reference"])
 def test_geometry_loss_gradcheck_float64(formulation):
     m_px, z_pred, z_tgt, z_ctx = _batch(b=2, c=2, h=5, w=5)
     t = compute_mask_targets(m_px, (5, 5))
@@ -195,7 +195,7 @@ def test_geometry_loss_gradcheck_float64(formulation):
     )
 
 
-@pytest.mark.parametrize("formulation", ["calibrated", "seed"])
+@pytest.mark.parametrize("formulation", ["calibrated", "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_geometry_loss_edge_cases_finite(dtype, formulation):
     _, z_pred, z_tgt, z_ctx = _batch(b=4)
@@ -235,6 +235,8 @@ def test_mask_targets_cache_roundtrip_batching_and_errors(tmp_path):
         MaskTargets(mask=t.mask, band=t.band, outside=t.outside, sdm=t.sdm.numpy())
     with pytest.raises(ValueError, match="formulation must be one of"):
         geometry_loss(torch.zeros(3, 4, 12, 10), torch.zeros(3, 4, 12, 10), torch.zeros(3, 4, 12, 10), t, formulation="x")
+    with pytest.raises(ValueError, match="called 'reference'"):
+        geometry_loss(torch.zeros(3, 4, 12, 10), torch.zeros(3, 4, 12, 10), torch.zeros(3, 4, 12, 10), t, formulation="seed")
     with pytest.raises(ValueError, match=r"compute_mask_targets\(mask_px, \(6, 6\)\)"):
         geometry_loss(torch.zeros(3, 4, 6, 6), torch.zeros(3, 4, 6, 6), torch.zeros(3, 4, 6, 6), t)
 

@@ -16,8 +16,8 @@ from kontext.runtime.flux import predict_velocity
 from kontext.training.config import ConfigError, config_from_dict
 from losses import GeometryLossWeights, geometry_loss, noise_level_weight
 from losses import flow_matching as fm
-from test_train_step import _batch
-from train_kontext_lora import compute_loss
+from test_train_step import _batch, _loss
+from train_kontext_lora import on_policy_rollout
 
 
 @pytest.fixture(scope="module")
@@ -64,19 +64,19 @@ def test_inverse_sigma_pushes_the_velocity_in_proportion_to_sigma():
 def _rollout_by_hand(transformer, sched, batch, cfg, seed):
     """The on-policy micro-batch written out: the same draws in the same order as compute_loss documents
     (noise, u, the on-policy coin, sigma_stop, the rollout's noise), the pipeline's schedule, Euler steps."""
-    op = cfg.loss.on_policy
+    on_policy = cfg.loss.on_policy
     x0 = batch.target_latents
     b, _, h, w = x0.shape
     g = torch.Generator().manual_seed(seed)
     torch.randn(x0.shape, generator=g)  # the flow's noise
     fm.sample_timestep_density(cfg.train.weighting_scheme, b, generator=g)  # its timesteps
     coin = float(torch.rand((), generator=g))
-    stop = op.sigma_min + (op.sigma_max - op.sigma_min) * float(torch.rand((), generator=g))
+    stop = on_policy.sigma_min + (on_policy.sigma_max - on_policy.sigma_min) * float(torch.rand((), generator=g))
     x = torch.randn(x0.shape, generator=g)
-    sigmas = fm.sampling_sigmas(op.sampler_steps, (h // 2) * (w // 2), sched.config)
+    sigmas = fm.sampling_sigmas(on_policy.sampler_steps, (h // 2) * (w // 2), sched.config)
     i = 0
     with torch.no_grad():
-        while float(sigmas[i]) > stop and i < op.sampler_steps - 1:
+        while float(sigmas[i]) > stop and i < on_policy.sampler_steps - 1:
             v = predict_velocity(transformer, x, batch.context_latents, sigmas[i].expand(b), batch.prompt_embeds,
                                  batch.pooled_prompt_embeds, cfg.model.guidance_scale)
             x = x + (sigmas[i + 1] - sigmas[i]) * v
@@ -97,10 +97,10 @@ def test_on_policy_judges_the_models_own_sample_and_leaves_the_flow_loss(tiny):
     try:
         with torch.enable_grad():
             transformer.requires_grad_(True)  # stands in for the LoRA: a graph exists where gradients are asked for
-            _, logs_on = compute_loss(transformer, batch, on, torch.Generator().manual_seed(21), sched)
+            _, logs_on = _loss(transformer, batch, on, torch.Generator().manual_seed(21), sched)
             n_on = list(calls)
             calls.clear()
-            _, logs_off = compute_loss(transformer, batch, off, torch.Generator().manual_seed(21), sched)
+            _, logs_off = _loss(transformer, batch, off, torch.Generator().manual_seed(21), sched)
     finally:
         transformer.requires_grad_(False)
         handle.remove()
@@ -109,10 +109,11 @@ def test_on_policy_judges_the_models_own_sample_and_leaves_the_flow_loss(tiny):
     # The rollout runs without a graph; one forward (teacher-forced and on-policy inputs together) has one.
     assert n_on == [False] * steps + [True] and calls == [True]
     torch.testing.assert_close(logs_on["loss/flow"], logs_off["loss/flow"])
-    geo = on.loss.geometry
+    geometry = on.loss.geometry
     want, parts = geometry_loss(
         z_own, batch.target_latents, batch.scene_latents, batch.geometry,
-        GeometryLossWeights(geo.mse, geo.bg, geo.dice, geo.area, geo.boundary), temperature=geo.temperature,
+        GeometryLossWeights(geometry.mse, geometry.bg, geometry.dice, geometry.area, geometry.boundary),
+        temperature=geometry.temperature,
     )
     tol = dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(logs_on["loss/geometry"], 0.7 * want, **tol)
@@ -131,8 +132,8 @@ def test_on_policy_fraction_picks_micro_batches_from_the_step_stream(tiny):
     kinds = []
     for seed in range(8):
         with torch.no_grad():
-            _, a = compute_loss(transformer, batch, on, torch.Generator().manual_seed(seed), sched)
-            _, b = compute_loss(transformer, batch, off, torch.Generator().manual_seed(seed), sched)
+            _, a = _loss(transformer, batch, on, torch.Generator().manual_seed(seed), sched)
+            _, b = _loss(transformer, batch, off, torch.Generator().manual_seed(seed), sched)
         g = torch.Generator().manual_seed(seed)
         torch.randn(batch.target_latents.shape, generator=g)
         fm.sample_timestep_density("none", 2, generator=g)
@@ -158,14 +159,12 @@ def test_on_policy_config_errors_name_the_keys():
 def test_a_stop_below_the_schedule_predicts_at_its_last_noise_level(tiny):
     """sigma_stop under the last non-zero sigma of the schedule: the prediction is made there, never at sigma 0
     (where z_pred is the sample itself and nothing would be trained)."""
-    from train_kontext_lora import on_policy_rollout
-
     transformer, sched = tiny
     batch = _batch(transformer, seed=6)
-    op = config_from_dict({"loss": {"geometry": {"enabled": True},
+    on_policy = config_from_dict({"loss": {"geometry": {"enabled": True},
                                     "on_policy": {"enabled": True, "sigma_min": 0.01, "sigma_max": 0.01,
                                                   "sampler_steps": 4}}}).loss.on_policy
     sigmas = fm.sampling_sigmas(4, 16, sched.config)
     assert float(sigmas[-2]) > 0.01
-    _, sigma_s = on_policy_rollout(transformer, batch, op, 1.0, torch.Generator().manual_seed(0), sched.config)
+    _, sigma_s = on_policy_rollout(transformer, batch, on_policy, 1.0, torch.Generator().manual_seed(0), sched.config)
     assert float(sigma_s) == pytest.approx(float(sigmas[-2])) and float(sigma_s) > 0

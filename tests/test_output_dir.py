@@ -182,7 +182,7 @@ def test_only_files_the_trainer_writes_are_accepted(tmp_path):
 def test_a_folder_with_foreign_files_or_the_working_folder_is_refused_untouched(
     tmp_path, tiny_model_dir, tiny_dataset_dir, monkeypatch, no_model_load, capsys
 ):
-    """The reported case: an empty output_dir wrote into the working folder and replaced its README.md."""
+    """An empty output_dir must not write into the working folder (it would replace its README.md)."""
     repo = tmp_path / "repo"
     repo.mkdir()
     (repo / "README.md").write_text("# A repository\n")
@@ -273,7 +273,7 @@ def test_lock_is_reentrant_in_one_process_and_other_ranks_take_none(tmp_path, mo
 
 def test_second_trainer_is_refused_before_it_deletes_or_writes(tmp_path, tiny_model_dir, tiny_dataset_dir,
                                                                 no_model_load, capsys):
-    """The reported case: a second run with resume_from=latest deleted the first one's in-progress checkpoint."""
+    """A second run with resume_from=latest must not delete the first one's in-progress checkpoint."""
     out = tmp_path / "out"
     d = base_config(tmp_path, tiny_model_dir, tiny_dataset_dir, out)
     out.mkdir()

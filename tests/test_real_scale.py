@@ -19,6 +19,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import real_scale as rs  # noqa: E402
 from kontext.training.config import Config  # noqa: E402
+from kontext.runtime.flux import predict_velocity  # noqa: E402
+from kontext.training.optim import make_optimizer  # noqa: E402
+from losses import flow_matching as fm  # noqa: E402
 
 # 1 double + 1 single block, 2 heads x 16 = width 32, T5 width 32, CLIP width 24.
 TINY = rs.Arch(double_blocks=1, single_blocks=1, heads=2, head_dim=16, joint_attention_dim=32,
@@ -79,19 +82,21 @@ def test_flop_count_equals_hand_count():
             assert fc.hardware == pytest.approx(model + (recompute if ckpt else 0.0), rel=1e-12)
 
 
-def test_real_config_count():
-    """FLUX.1 Kontext [dev] at 1024 px: 11.9 B parameters, 8704 tokens, about 3.9e14 model FLOP per step."""
+def test_real_width_model_matches_layer_table():
+    """The default Arch, built by diffusers on the meta device (no memory), has the analytic table's layers."""
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel
+
     arch = rs.Arch()
-    img, txt = rs.tokens_for(1024, 512)
-    assert img + txt == 8704
-    assert rs.param_count(arch) == pytest.approx(11.90e9, rel=1e-3)
-    cfg = Config()
-    fc = rs.count_flops(arch, img, txt, 1, cfg.lora.rank, cfg.lora.target_modules)
-    assert 3.8e14 < fc.model < 3.95e14  # vs 6 * 12e9 * 8704 = 6.3e14 (see the module docstring)
-    assert fc.lora_params == pytest.approx(65.4e6, rel=1e-2)
-    assert rs.rope_axes(128) == (16, 56, 56)
-    assert rs.peak_tflops_for("NVIDIA H200") == 989.0
-    assert rs.peak_tflops_for("NVIDIA H100 PCIe") == 756.0
+    with init_empty_weights():
+        model = FluxTransformer2DModel(**arch.diffusers_config())
+    linears = {n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert linears == {op.name: (op.d_in, op.d_out) for op in rs.linear_ops(arch)}
+    assert sum(p.numel() for p in model.parameters()) == rs.param_count(arch)
+    assert sum(arch.axes_dims_rope) == arch.head_dim and rs.rope_axes(arch.head_dim) == arch.axes_dims_rope
+    # The more specific device name wins over its prefix; an unknown device has no peak.
+    assert rs.peak_tflops_for("NVIDIA H100 PCIe") != rs.peak_tflops_for("NVIDIA H100 80GB HBM3")
+    assert rs.peak_tflops_for("cpu") is None
 
 
 def test_scheduler_config_is_fluxs():
@@ -135,8 +140,6 @@ def test_count_equals_torch_flop_counter(tiny_run):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from kontext.runtime.flux import predict_velocity
-
     cfg, model, _ = tiny_run
     batch = rs.make_batch(TINY, cfg, 64, 2, 8, "cpu", torch.float32)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
@@ -157,9 +160,17 @@ def test_step_changes_lora_weights(tiny_run):
     batch = rs.make_batch(TINY, cfg, 64, 1, 8, "cpu", torch.float32)
     assert tuple(batch.target_latents.shape) == (1, 16, 8, 8)
     assert tuple(batch.geometry.mask.shape) == (1, 1, 8, 8) and float(batch.geometry.mask.sum()) == 16.0
-    opt = rs.make_optimizer(params, cfg)
-    loss = rs.train_step(model, params, opt, batch, cfg, torch.Generator().manual_seed(0), rs.make_scheduler())
+    opt = make_optimizer(cfg, params)
+    sched = rs.make_scheduler()
+    with torch.no_grad():  # the trainer's rectified-flow step (losses.flow_matching.flow_step) on this model
+        step = fm.flow_step(batch.target_latents, torch.Generator().manual_seed(0), sched)
+        v = predict_velocity(model, step.x_t, batch.context_latents, step.model_timesteps, batch.prompt_embeds,
+                             batch.pooled_prompt_embeds, cfg.model.guidance_scale)
+        want = step.loss(v, fm.masked_flow_weight(batch.geometry.mask, cfg.loss.masked.unmasked_weight))
+    loss = rs.train_step(model, params, opt, batch, cfg, torch.Generator().manual_seed(0), sched)
     assert loss == loss and abs(loss) < float("inf")
+    assert cfg.loss.masked.enabled and not cfg.loss.geometry.enabled
+    assert loss == pytest.approx(float(want), rel=1e-6)
     changed = {n for n, p, b in zip(names, params, before) if not torch.equal(p.detach(), b)}
     # B starts at zero (gaussian init): every B moves in the first step.
     assert {n for n in names if ".lora_B." in n} <= changed

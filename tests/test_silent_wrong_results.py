@@ -1,4 +1,4 @@
-"""Inputs that used to give a wrong result without a word are refused or corrected, and said (docs/reliability.md,
+"""Inputs that would give a wrong result without a word are refused or corrected, and said (docs/reliability.md,
 section 11): a resume on another base model, ``latest`` after branching, a prompt file's byte-order mark, a LoRA
 converted for a model of another width, a non-finite LoRA strength, an empty mask composited.
 """
@@ -19,7 +19,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import train_kontext_lora as tk
-from kontext.training.checkpoint import finalize, list_checkpoints, resolve_resume, temp_path
+from kontext.training.checkpoint import finalize, list_checkpoints, temp_path
+from kontext.training.resume import resolve_resume
 
 
 def _tree(folder: Path) -> dict[str, str]:

@@ -22,6 +22,11 @@ def tiny(tiny_model_dir):
     return pipe.transformer.eval(), sched
 
 
+def _loss(transformer, batch, cfg, generator, sched):
+    """The trainer's ``compute_loss`` with the sections of ``cfg`` it takes."""
+    return compute_loss(transformer, batch, cfg.loss, cfg.train, cfg.model.guidance_scale, generator, sched)
+
+
 def _pixel_masks(b: int, h: int, w: int) -> torch.Tensor:
     """``[b, 1, 8h, 8w]`` pixel masks: sample 0 on whole latent cells, sample 1 cutting through cells."""
     mask = torch.zeros(b, 1, h * 8, w * 8)
@@ -148,7 +153,7 @@ def _geometry_by_hand(z, x0, scene, mask_px, sample_weights, formulation):
     weight = torch.where(band, 6.0, 1.0 * m + 0.2 * (1.0 - m))
     mse = (weight * ((z - x0) ** 2).mean(dim=1, keepdim=True)).mean(dim=dims)
     D = ((z - scene) ** 2).sum(dim=1, keepdim=True).sqrt()
-    if formulation == "seed":
+    if formulation == "reference":
         bg = (out * ((z - scene) ** 2).mean(dim=1, keepdim=True)).sum(dim=dims) / out.sum(dim=dims)
         tau, s = [], []
         for d, o in zip(D, outside):
@@ -184,7 +189,7 @@ def test_base_loss_equals_diffusers_kontext_script(tiny, scheme):
     batch = _batch(transformer, seed=1)
     cfg = config_from_dict({"train": {"weighting_scheme": scheme}, "loss": {"masked": {"enabled": False}}})
     with torch.no_grad():
-        ours, logs = compute_loss(transformer, batch, cfg, torch.Generator().manual_seed(5), sched)
+        ours, logs = _loss(transformer, batch, cfg, torch.Generator().manual_seed(5), sched)
     ref = _diffusers_script_loss(transformer, sched, batch, scheme, seed=5)
     assert torch.isfinite(ref)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
@@ -198,27 +203,27 @@ def test_base_loss_parity_with_context_of_other_size(tiny):
     batch = dataclasses.replace(batch, geometry=None)
     cfg = config_from_dict({"loss": {"masked": {"enabled": False}}})
     with torch.no_grad():
-        ours, _ = compute_loss(transformer, batch, cfg, torch.Generator().manual_seed(9), sched)
+        ours, _ = _loss(transformer, batch, cfg, torch.Generator().manual_seed(9), sched)
     ref = _diffusers_script_loss(transformer, sched, batch, "none", seed=9)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_geometry_on_adds_the_reference_composition_written_out(tiny):
-    """Geometry on (``formulation: seed``) = flow loss + weight * (1.0 mse + 0.6 bg + 0.9 dice + 0.2 area +
+    """Geometry on (``formulation: reference``) = flow loss + weight * (1.0 mse + 0.6 bg + 0.9 dice + 0.2 area +
     0.4 boundary) on z_pred = x_t - sigma v_pred, every term and the mask targets written out in the test from
     the pixel masks, with the terms that ask "what changed" taken against the un-hinted scene."""
     transformer, sched = tiny
     batch = _batch(transformer, seed=3)
     on = config_from_dict({"loss": {"masked": {"enabled": False},
                                     "geometry": {"enabled": True, "noise_weighting": "none", "weight": 0.5,
-                                                 "formulation": "seed"}}})
+                                                 "formulation": "reference"}}})
     with torch.no_grad():
-        total, logs = compute_loss(transformer, batch, on, torch.Generator().manual_seed(11), sched)
+        total, logs = _loss(transformer, batch, on, torch.Generator().manual_seed(11), sched)
         r = _diffusers_script_velocity(transformer, sched, batch, "none", seed=11)
     x0 = batch.target_latents
     z_pred = r["x_t"] - r["sigmas"] * r["v"]
     flow = ((r["v"] - (r["noise"] - x0)) ** 2).mean()
-    geo, terms = _geometry_by_hand(z_pred, x0, batch.scene_latents, _pixel_masks(2, 8, 8), torch.ones(2), "seed")
+    geo, terms = _geometry_by_hand(z_pred, x0, batch.scene_latents, _pixel_masks(2, 8, 8), torch.ones(2), "reference")
 
     tol = dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(logs["loss/flow"].double(), flow.double(), **tol)
@@ -238,10 +243,10 @@ def test_geometry_on_is_the_calibrated_formulation_against_the_scene(tiny):
     cfg = config_from_dict({"loss": {"geometry": {"enabled": True}, "masked": {"enabled": False}}})
     assert cfg.loss.geometry.formulation == "calibrated"
     with torch.no_grad():
-        _, logs = compute_loss(transformer, batch, cfg, torch.Generator().manual_seed(3), sched)
+        _, logs = _loss(transformer, batch, cfg, torch.Generator().manual_seed(3), sched)
         r = _diffusers_script_velocity(transformer, sched, batch, "none", seed=3)
         hinted_as_scene = dataclasses.replace(batch, scene_latents=batch.context_latents)
-        _, logs_hint = compute_loss(transformer, hinted_as_scene, cfg, torch.Generator().manual_seed(3), sched)
+        _, logs_hint = _loss(transformer, hinted_as_scene, cfg, torch.Generator().manual_seed(3), sched)
     x0 = batch.target_latents
     z_pred = r["x_t"] - r["sigmas"] * r["v"]
     sigmas = r["sigmas"].flatten()
@@ -300,7 +305,7 @@ def test_gradients_reach_only_lora(tiny_model_dir):
     params = attach_lora(transformer, make_lora_config(4, 8.0, 0.0, "default", ["attn.to_q", "attn.to_v", "proj_mlp"]))
     batch = _batch(transformer, seed=6)
     cfg = config_from_dict({})
-    loss, _ = compute_loss(transformer, batch, cfg, torch.Generator().manual_seed(0), sched)
+    loss, _ = _loss(transformer, batch, cfg, torch.Generator().manual_seed(0), sched)
     loss.backward()
     assert params and all(p.dtype == torch.float32 for p in params)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
@@ -316,3 +321,27 @@ def test_pack_unpack_roundtrip_matches_pipeline_layout():
     torch.testing.assert_close(unpack_latents(tokens, 6, 10), x)
     with pytest.raises(ValueError, match="even"):
         pack_latents(torch.randn(1, 16, 5, 4))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_trainer_and_pretraining_share_the_flow_step(tiny, masked):
+    """The trainer's flow loss, the tiny model's pretraining loss and flow_step with the transformer are one
+    computation: the same bits from the same generator (guidance fixed for the pretraining's draw)."""
+    from kontext.tiny.pretrain import pretrain_loss
+    from losses import flow_matching as fm
+
+    transformer, sched = tiny
+    batch = _batch(transformer, seed=12)
+    cfg = config_from_dict({"loss": {"masked": {"enabled": masked}}, "model": {"guidance_scale": 2.5}})
+    with torch.no_grad():
+        trainer, logs = _loss(transformer, batch, cfg, torch.Generator().manual_seed(4), sched)
+        step = fm.flow_step(batch.target_latents, torch.Generator().manual_seed(4), sched)
+        v = predict_velocity(transformer, step.x_t, batch.context_latents, step.model_timesteps, batch.prompt_embeds,
+                             batch.pooled_prompt_embeds, 2.5)
+        weight = fm.masked_flow_weight(batch.geometry.mask, cfg.loss.masked.unmasked_weight) if masked else None
+        shared = step.loss(v, weight)
+        pretraining = pretrain_loss(transformer, batch.target_latents, batch.context_latents, batch.prompt_embeds,
+                                    batch.pooled_prompt_embeds, torch.Generator().manual_seed(4), sched, (2.5, 2.5))
+    assert torch.equal(trainer, shared) and torch.equal(logs["loss/flow"], shared)
+    if not masked:
+        assert torch.equal(pretraining, shared)

@@ -57,7 +57,8 @@ def _mean_flow_loss(run, batch) -> float:
     """The flow loss on the two samples, averaged over fixed noise and timestep draws (the same every call)."""
     with torch.no_grad():
         values = [
-            compute_loss(run.transformer, batch, run.cfg, torch.Generator().manual_seed(1000 + k), run.train_scheduler)[1]
+            compute_loss(run.transformer, batch, run.cfg.loss, run.cfg.train, run.cfg.model.guidance_scale,
+                         torch.Generator().manual_seed(1000 + k), run.train_scheduler)[1]
             for k in range(EVAL_DRAWS)
         ]
     return sum(float(v["loss/flow"]) for v in values) / EVAL_DRAWS
@@ -74,7 +75,8 @@ def _output_token_grad(run, batch, cfg, seed: int) -> torch.Tensor:
 
     handle = run.transformer.register_forward_hook(keep_output, with_kwargs=True)
     try:
-        loss, _ = compute_loss(run.transformer, batch, cfg, torch.Generator().manual_seed(seed), run.train_scheduler)
+        loss, _ = compute_loss(run.transformer, batch, cfg.loss, cfg.train, cfg.model.guidance_scale,
+                               torch.Generator().manual_seed(seed), run.train_scheduler)
         loss.backward()
     finally:
         handle.remove()
@@ -132,7 +134,8 @@ def test_noise_weighting_scales_the_geometry_terms_by_the_noise_level(two_sample
     with torch.no_grad():
         for name in ("none", scheme):
             cfg = _with_geometry(run.cfg, noise_weighting=name)
-            logs[name] = compute_loss(run.transformer, batch, cfg, torch.Generator().manual_seed(3), table)[1]
+            logs[name] = compute_loss(run.transformer, batch, cfg.loss, cfg.train, cfg.model.guidance_scale,
+                                      torch.Generator().manual_seed(3), table)[1]
     # What the geometry terms add to the trained loss.
     added = {k: float(v["loss/total"]) - float(v["loss/flow"]) for k, v in logs.items()}
     assert added["none"] > 1e-4

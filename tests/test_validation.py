@@ -12,10 +12,11 @@ from PIL import Image
 
 from data import TripletDataset, open_source
 from kontext.evaluation.grid import HEADER_HEIGHT, mask_outline, outline_width_for
-from kontext.evaluation.metrics import sample_metrics
-from kontext.runtime.generation import to_pil
+from kontext.evaluation.metrics import METRIC_FIELDS, sample_metrics
+from kontext.evaluation.score import generate_and_score
+from kontext.runtime.generation import mask_array, to_pil
 from kontext.training.config import config_from_dict
-from kontext.training.validation import GRID_COLUMNS, run_validation
+from kontext.training.validation import GRID_COLUMNS, run_validation, validation_samples
 
 SIZE = 64
 N = 3
@@ -93,14 +94,14 @@ def test_validation_grid_metrics_and_tensorboard(lora_pipe, dataset, tmp_path):
     per_sample = []
     for i in range(N):
         prepared = dataset.prepared_pixels(i, flip=False)
-        hinted = np.asarray(to_pil(prepared["context_pixels"])[0], dtype=np.int16)
-        target = np.asarray(to_pil(prepared["target_pixels"])[0], dtype=np.int16)
+        hinted = np.asarray(to_pil(prepared.context)[0], dtype=np.int16)
+        target = np.asarray(to_pil(prepared.target)[0], dtype=np.int16)
         context_col, result_col, target_col, outline_col = (c.astype(np.int16) for c in cells[i])
         # column 0 is the context with the training hint (same code as the dataset), column 2 the target
         assert np.abs(context_col - hinted).max() <= 1
         assert np.abs(target_col - target).max() <= 1
         # column 3 is column 1 with the mask contour painted red, and nothing else
-        m = prepared["mask_px"][0].numpy() >= 0.5
+        m = prepared.mask[0].numpy() >= 0.5
         ring = mask_outline(m, outline_width_for((SIZE, SIZE)))
         assert ring.any()
         assert np.array_equal(outline_col[~ring], result_col[~ring])
@@ -156,6 +157,22 @@ def test_validation_is_repeatable_and_sees_the_lora(lora_pipe, dataset, tmp_path
 
 
 # ---------------------------------------------------------------- grid size cap
+
+
+def test_generate_and_score_measures_as_sample_metrics_does(lora_pipe, dataset):
+    # Validation and `evaluate` both score through generate_and_score, which keeps the change mask for pictures:
+    # its metrics must be those sample_metrics computes on its own, threshold included.
+    sample = validation_samples(dataset, 1)[0]
+    scored = generate_and_score(
+        lora_pipe, sample["context"], sample["prompt"], sample["mask"], sample["target"], mask_hint="fill", seed=3,
+        num_inference_steps=2, guidance_scale=2.5, max_sequence_length=64,
+    )
+    plain = sample_metrics(scored.result, sample["context"], mask_array(sample["mask"]), sample["target"])
+    assert scored.pixel.as_dict() == pytest.approx(plain.as_dict(), nan_ok=True)
+    assert float(scored.change.mask.sum()) == plain.changed_area
+    assert list(scored.row())[: len(METRIC_FIELDS)] == list(METRIC_FIELDS)
+    assert all(k.startswith("latent_") for k in list(scored.row())[len(METRIC_FIELDS):])
+    assert scored.generation.hinted_context.size == scored.outline.size == sample["context"].size
 
 
 def test_grid_is_downscaled_to_the_cap_and_keeps_its_layout():

@@ -50,7 +50,7 @@ def open_source(
     prompt_column: str | None = "prompt",
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> FolderSource | HFSource:
-    """Build the source described by the trainer's ``data`` config.
+    """Build a source of the kind ``data.source`` names.
 
     kind: ``"folder"`` (``root`` is the dataset folder) or ``"hf"`` (``root`` is a hub id or a
     local dataset path; the column names map the dataset's columns).
@@ -68,21 +68,20 @@ def open_source(
             default_prompt=default_prompt,
             max_pixels=max_pixels,
         )
-    raise ValueError(f"data.kind must be 'folder' or 'hf', got {kind!r}")
+    raise ValueError(f"data.source must be 'folder' or 'hf', got {kind!r}")
 
 
 def open_configured_source(data_cfg: Any, root: str | os.PathLike[str]) -> FolderSource | HFSource:
     """:func:`open_source` with the options of a ``data`` config section (``kontext.training.config.DataConfig``) at ``root``:
     the training data (``data.root``) and a held-out set (``validation.data_root``) are read the same way."""
-    d = data_cfg
     return open_source(
-        d.source,
+        data_cfg.source,
         root,
-        split=d.split,
-        default_prompt=d.default_prompt,
-        context_column=d.context_column,
-        target_column=d.target_column,
-        mask_column=d.mask_column,
-        prompt_column=d.prompt_column,
-        max_pixels=d.max_pixels,
+        split=data_cfg.split,
+        default_prompt=data_cfg.default_prompt,
+        context_column=data_cfg.context_column,
+        target_column=data_cfg.target_column,
+        mask_column=data_cfg.mask_column,
+        prompt_column=data_cfg.prompt_column,
+        max_pixels=data_cfg.max_pixels,
     )

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import DatasetError
+from ..errors import DatasetError, first_names
 from ..images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageRef
 from .base import ROLES, _inside, _SourceBase, _unresolvable
 
@@ -159,7 +159,7 @@ class FolderSource(_SourceBase):
                 continue
             found[p.stem] = p
         if hidden and not found:
-            shown = ", ".join(f"{role}/{n}" for n in hidden[:3]) + (f" and {len(hidden) - 3} more" if len(hidden) > 3 else "")
+            shown = first_names([f"{role}/{n}" for n in hidden], 3)
             self._problems.append(
                 f"{role}/ holds only hidden files ({shown}): names beginning with '.' are ignored as hidden; rename "
                 f"them without the leading dot ({role}/NAME.png)"
@@ -344,7 +344,7 @@ class FolderSource(_SourceBase):
         if len(no_prompt) == 1:
             self._problems.append(self._no_prompt_message(no_prompt[0]))
         elif no_prompt:
-            shown = ", ".join(f"'{n}'" for n in no_prompt[:5]) + (f" and {len(no_prompt) - 5} more" if len(no_prompt) > 5 else "")
+            shown = first_names([f"'{n}'" for n in no_prompt], 5)
             self._problems.append(
                 f"{len(no_prompt)} samples have no prompt ({shown}); write prompts/NAME.txt files, metadata.jsonl "
                 "lines, or set data.default_prompt"

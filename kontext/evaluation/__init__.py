@@ -1,4 +1,5 @@
-"""Judging generated images against the insertion mask: metrics, image grids with the mask outlined, bar charts.
+"""Judging generated images against the insertion mask: metrics, generating and scoring one sample (``score``),
+image grids with the mask outlined, bar charts.
 
 A library: validation during training, the ``evaluate`` command and the tiny model's pretraining recipe use it.
 """

@@ -60,14 +60,37 @@ def _encode(vae: Any, pixels: torch.Tensor, batch: int = 32) -> torch.Tensor:
     return torch.cat([encode_images(vae, pixels[i : i + batch]).float() for i in range(0, len(pixels), batch)])
 
 
+def pretrain_loss(
+    transformer: torch.nn.Module,
+    x0: torch.Tensor,
+    context: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    pooled_prompt_embeds: torch.Tensor,
+    generator: torch.Generator,
+    scheduler: Any,
+    guidance_range: tuple[float, float],
+) -> torch.Tensor:
+    """One pretraining micro-batch's loss: the trainer's rectified-flow step (:func:`losses.flow_matching.flow_step`,
+    uniform timestep density, no loss weighting) on ``x0 [B, 16, h, w]`` conditioned on ``context``.
+
+    From ``generator``: the noise, the timesteps, then the guidance embedding's value, uniform in ``guidance_range``.
+    """
+    flow = fm.flow_step(x0, generator, scheduler)
+    low, high = guidance_range
+    guidance = float(low + (high - low) * torch.rand((), generator=generator))
+    v = predict_velocity(transformer, flow.x_t, context, flow.model_timesteps, prompt_embeds, pooled_prompt_embeds, guidance)
+    return flow.loss(v)
+
+
 def pretrain_transformer(
     transformer: torch.nn.Module, pipe: Any, cfg: dict[str, Any], seed: int, progress: bool = True
 ) -> dict[str, Any]:
     """Train ``transformer`` in place on the insertion task; ``pipe`` supplies the trained VAE and text encoders.
 
-    The objective is the trainer's (:func:`losses.flow_matching` pieces and :func:`kontext.runtime.flux.predict_velocity`):
-    ``x_t = (1 - sigma) x0 + sigma eps``, target velocity ``eps - x0``, sigmas from the scheduler's training
-    table, context tokens appended after the target tokens. The guidance embedding's value is drawn per step
+    The objective is the trainer's (:func:`losses.flow_matching.flow_step` and
+    :func:`kontext.runtime.flux.predict_velocity`): ``x_t = (1 - sigma) x0 + sigma eps``, target velocity
+    ``eps - x0``, sigmas from the scheduler's training table (uniform density, no loss weighting), context tokens
+    appended after the target tokens. The guidance embedding's value is drawn per step
     from ``cfg["guidance_range"]`` so that any guidance a user picks at inference is one the base has seen.
     The final weights are an exponential moving average (``cfg["ema_decay"]``) of the trained ones.
 
@@ -95,7 +118,6 @@ def pretrain_transformer(
     transformer.train()
     opt = torch.optim.AdamW(transformer.parameters(), lr=cfg["lr"], betas=(0.9, 0.99), weight_decay=cfg["weight_decay"])
     ema = copy.deepcopy(transformer).requires_grad_(False)
-    g_lo, g_hi = cfg["guidance_range"]
     losses: list[float] = []
     bar = tqdm(range(steps), desc="tiny transformer pretraining", disable=not progress, leave=False)
     for step in bar:
@@ -107,16 +129,9 @@ def pretrain_transformer(
         if bool(torch.rand((), generator=gen) < 0.5):
             # A mirrored scene is another valid scene: doubles the data at no cost.
             x0, ctx = x0.flip(-1), ctx.flip(-1)
-        noise = torch.randn(x0.shape, generator=gen)
-        u = fm.sample_timestep_density("none", bsz, generator=gen)
-        timesteps, sigmas = fm.timesteps_and_sigmas_from_density(u, sched)
-        sig = sigmas.view(-1, 1, 1, 1)
-        guidance = float(g_lo + (g_hi - g_lo) * torch.rand((), generator=gen))
-        x_t = fm.add_noise(x0, noise, sig)
-        v = predict_velocity(
-            transformer, x_t, ctx, timesteps / 1000.0, pe[prompt_index[idx]], pooled[prompt_index[idx]], guidance
+        loss = pretrain_loss(
+            transformer, x0, ctx, pe[prompt_index[idx]], pooled[prompt_index[idx]], gen, sched, cfg["guidance_range"]
         )
-        loss = fm.flow_matching_loss(v, fm.velocity_target(x0, noise))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
         opt.step()

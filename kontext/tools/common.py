@@ -19,12 +19,12 @@ from typing import Any
 import torch
 import yaml
 
-from data.errors import WriteError, file_in_the_way
+from data.errors import file_in_the_way
 from kontext.errors import UserError
 from kontext.runtime.dtypes import DTYPES
 from kontext.runtime.lora_io import LORA_WEIGHTS_NAME
-from kontext.runtime.model_path import ModelPathError, text_length_warning, trained_text_length
-from kontext.runtime.pipeline import PipelineLoadError, load_pipeline
+from kontext.runtime.model_path import text_length_warning, trained_text_length
+from kontext.runtime.pipeline import load_pipeline
 from kontext.tiny.model import resolve_model_path
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-Kontext-dev"
@@ -75,8 +75,9 @@ def cli_main(
 ) -> int:
     """Parse ``argv``, ``run`` the parsed arguments and ``show`` what it returns; returns the exit status.
 
-    An :class:`InferenceError` prints ``error: <message>`` on stderr and returns 2 (argparse's own usage errors
-    exit with 2 as well); success returns 0.
+    Any :class:`~kontext.errors.UserError` (an option, a file, a folder, the model: every project error a user can
+    fix) prints ``error: <message>`` on stderr and returns 2 (argparse's own usage errors exit with 2 as well);
+    success returns 0.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # Libraries only when something is wrong (as in training): diffusers' notes on a LoRA without text-encoder
@@ -89,7 +90,7 @@ def cli_main(
     args = parser.parse_args(argv)
     try:
         result = run(args)
-    except (InferenceError, WriteError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     show(result)
@@ -106,14 +107,6 @@ def check_out_folder(path: str | Path, option: str = "--out") -> Path:
 
 
 # -------------------------------------------------------------------------------------------- model
-def resolve_model(name_or_path: str, option: str = "--model") -> str:
-    """``tiny``, a diffusers folder or a hub id -> what ``from_pretrained`` takes (see ``kontext.runtime.model_path``)."""
-    try:
-        return resolve_model_path(name_or_path, option)
-    except ModelPathError as e:
-        raise InferenceError(str(e)) from None
-
-
 def default_device() -> torch.device:
     """CUDA when available, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -135,22 +128,19 @@ def open_pipeline(
     dtype: str | None = None,
     prefix: str = "lora",
 ) -> OpenedPipeline:
-    """Resolve ``--model``, load ``FluxKontextPipeline`` onto ``device`` and every LoRA of ``specs`` as its own
-    adapter (see :func:`load_loras`).
+    """Resolve ``--model`` (``tiny``, a diffusers folder or a hub id; see ``kontext.runtime.model_path``), load
+    ``FluxKontextPipeline`` onto ``device`` and every LoRA of ``specs`` as its own adapter (see :func:`load_loras`).
 
     ``device`` defaults to :func:`default_device`; ``dtype`` (a :data:`~kontext.runtime.dtypes.DTYPES` name)
     to bfloat16 on CUDA and float32 on the CPU (where bf16 matmuls are slow).
     """
-    resolved = resolve_model(model)
+    resolved = resolve_model_path(model, "--model")
     device = torch.device(device) if device is not None else default_device()
     if dtype is None:
         dtype = "bfloat16" if device.type == "cuda" else "float32"
     if dtype not in DTYPES:
         raise InferenceError(f"--dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
-    try:
-        pipe = load_pipeline(resolved, DTYPES[dtype], option="--model").to(device)
-    except PipelineLoadError as e:
-        raise InferenceError(str(e)) from None
+    pipe = load_pipeline(resolved, DTYPES[dtype], option="--model").to(device)
     return OpenedPipeline(resolved, pipe, load_loras(pipe, specs, prefix))
 
 

@@ -37,18 +37,11 @@ from data import DatasetError, make_buckets, nearest_bucket, open_source, valida
 from data.errors import write_text_atomic, writing
 from data.hint import MASK_HINT_MODES, apply_mask_hint_pil
 from data.transforms import prepare_sample
-from kontext.evaluation.grid import change_mask_image, draw_mask_outline, make_grid
-from kontext.evaluation.metrics import (
-    MAX_THRESHOLD,
-    METRIC_FIELDS,
-    LatentMetrics,
-    aggregate,
-    latent_sample_metrics,
-    pixel_change_mask,
-    sample_metrics,
-)
+from kontext.evaluation.grid import make_grid
+from kontext.evaluation.metrics import MAX_THRESHOLD, METRIC_FIELDS, LatentMetrics, aggregate
 from kontext.evaluation.plot import bar_chart
-from kontext.runtime.generation import generate, image_latents, mask_array, mask_to_pil, quiet_progress, to_pil
+from kontext.evaluation.score import generate_and_score
+from kontext.runtime.generation import mask_to_pil, quiet_progress, to_pil
 from kontext.tools.common import (
     InferenceError,
     LoraSpec,
@@ -204,11 +197,12 @@ def evaluate_variant(
     pictures = []
     variant.rows = []
     for i, s in enumerate(samples):
-        gen = generate(
+        scored = generate_and_score(
             pipe,
             s.context,
             s.prompt,
             s.mask,
+            s.target,
             mask_hint=mask_hint,
             outline_width=outline_width,
             composite=composite,
@@ -217,16 +211,11 @@ def evaluate_variant(
             guidance_scale=guidance,
             max_sequence_length=max_sequence_length,
         )
-        result = gen.images[0]
-        m = mask_array(s.mask)
-        cm = pixel_change_mask(result, s.context, m)
-        # the change mask is computed here to draw it; its threshold goes back into the metrics
-        pm = sample_metrics(result, s.context, m, s.target, changed=cm.mask)
-        pm = dataclasses.replace(pm, threshold=cm.threshold, threshold_degenerate=float(cm.degenerate))
-        lm = latent_sample_metrics(gen.latents[0], image_latents(pipe, s.context), m)
-        variant.rows.append(pm.as_dict() | {f"latent_{k}": v for k, v in lm.as_dict().items()})
-        pictures.append([result, draw_mask_outline(result, m), change_mask_image(cm.mask, m)])
-        logger.info("%s | %s: IoU %.4g, area ratio %.4g", variant.label, s.name, pm.iou, pm.area_ratio)
+        variant.rows.append(scored.row())
+        pictures.append([scored.result, scored.outline, scored.change_image()])
+        logger.info(
+            "%s | %s: IoU %.4g, area ratio %.4g", variant.label, s.name, scored.pixel.iou, scored.pixel.area_ratio
+        )
         if progress is not None:
             progress.set_postfix_str(f"{variant.label} | {s.name}", refresh=False)
             progress.update(1)

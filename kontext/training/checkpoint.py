@@ -1,4 +1,4 @@
-"""Resumable checkpoints: atomic save, rotation, ``latest`` resolution and compatibility checks.
+"""Resumable checkpoints: atomic save, read-back verification, rotation and listing.
 
 A checkpoint is a folder ``checkpoint-<step>/`` written by ``accelerator.save_state`` (optimizer, LR
 scheduler, every process's RNG states) plus, through the save hook, only the LoRA
@@ -6,10 +6,9 @@ scheduler, every process's RNG states) plus, through the save hook, only the LoR
 sampler position, LoRA shape). It is written under ``checkpoint-<step>.tmp`` and renamed when complete,
 so an interrupted save never looks like a checkpoint, and ``latest`` only ever picks complete ones.
 
-Before a resume every file is verified (:func:`verify_checkpoint`): a damaged ``latest`` is skipped for
-the newest intact checkpoint with a warning, a damaged explicit checkpoint is refused naming the file.
+Every file is verified (:func:`verify_checkpoint`) after it is written and before a resume. Choosing the
+checkpoint to resume, checking that it fits the run and loading it is ``kontext.training.resume``.
 """
-
 from __future__ import annotations
 
 import json
@@ -17,14 +16,12 @@ import logging
 import math
 import re
 import shutil
-from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
 
-from data import BucketBatchSampler, make_buckets, nearest_bucket
 from data.errors import TEMP_PREFIX, is_disk_full, is_write_error, reason_of, remove_partial, write_fix
 from kontext.errors import UserError
 from kontext.runtime.lora_io import LORA_WEIGHTS_NAME
@@ -33,9 +30,11 @@ from kontext.training.distributed import any_process
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE_NAME = "trainer_state.json"
-# The run settings a checkpoint records, so a resume can say what it changes (see ``apply_schedule``).
+# The run settings a checkpoint records, so a resume can say what it changes (see ``resume.apply_schedule``).
 SCHEDULE_KEYS = ("learning_rate", "lr_scheduler", "lr_warmup_steps", "max_steps")
-_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+# A checkpoint folder's name: ``checkpoint-<step>`` (group 1: the step), with ``.tmp`` while written or ``.old`` while
+# replaced (group 2).
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)(\.tmp|\.old)?$")
 
 
 class CheckpointError(UserError, ValueError):
@@ -52,7 +51,7 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     The order is the ``sequence`` each ``trainer_state.json`` records (:func:`finalize` numbers the saves of a
     folder), then the step: a run resumed from an earlier checkpoint writes a new branch, and its checkpoints are
     newer than the abandoned branch's higher steps, so ``latest`` and rotation follow the branch being trained.
-    Checkpoints written before saves were numbered come first, by step; one whose state cannot be read comes last,
+    Checkpoints that record no sequence come first, by step; one whose state cannot be read comes last,
     so that ``latest`` tries it first and says that it is damaged.
     """
     output_dir = Path(output_dir)
@@ -60,8 +59,8 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
         return []
     found = []
     for p in output_dir.iterdir():
-        m = _CKPT_RE.match(p.name)
-        if m and p.is_dir() and (p / TRAINER_STATE_NAME).is_file():
+        m = CHECKPOINT_RE.match(p.name)
+        if m and not m.group(2) and p.is_dir() and (p / TRAINER_STATE_NAME).is_file():
             found.append((_sequence(p), int(m.group(1)), p))
     return [p for _, _, p in sorted(found)]
 
@@ -73,57 +72,6 @@ def _sequence(checkpoint: Path) -> float:
     except (OSError, ValueError, AttributeError):
         return math.inf
     return seq if _is_int(seq) else math.inf
-
-
-def resolve_resume(
-    output_dir: str | Path, resume_from: str | None, warn: Callable[[str], None] | None = None
-) -> Path | None:
-    """Turn ``checkpoint.resume_from`` into a verified checkpoint folder, or None for a fresh start.
-
-    ``latest`` with no checkpoint yet is a fresh start (so a pre-emptible job can always pass it); a
-    damaged newest checkpoint is skipped for the newest intact one, with a warning (``warn``, default
-    this module's logger) naming the damaged one and its file; with none intact it is an error. An
-    explicit path that is not a complete, intact checkpoint is an error naming what is wrong.
-    """
-    if not resume_from:
-        return None
-    warn = logger.warning if warn is None else warn
-    if resume_from == "latest":
-        damaged = []
-        for ckpt in reversed(list_checkpoints(output_dir)):
-            problem = verify_checkpoint(ckpt)
-            if problem is None:
-                if damaged:
-                    warn(f"Damaged checkpoint skipped: {'; '.join(damaged)}. Resuming from the newest intact one, {ckpt}.")
-                return ckpt
-            damaged.append(f"{ckpt} ({problem})")
-        if damaged:
-            raise CheckpointError(
-                f"`checkpoint.resume_from` = 'latest': no intact checkpoint in {output_dir}: {'; '.join(damaged)}. "
-                "Restore one from a backup, or start a fresh run (checkpoint.overwrite_output_dir=true or a new output_dir)."
-            )
-        return None
-    path = Path(resume_from)
-    if not path.is_absolute() and not path.exists():
-        path = Path(output_dir) / resume_from
-    if not path.is_dir():
-        raise CheckpointError(
-            f"`checkpoint.resume_from` = {resume_from!r}: no such folder. Pass `latest` or an existing "
-            f"checkpoint-<step> folder (complete ones in {output_dir}: "
-            f"{[p.name for p in list_checkpoints(output_dir)] or 'none'})."
-        )
-    if not (path / TRAINER_STATE_NAME).is_file():
-        raise CheckpointError(
-            f"`checkpoint.resume_from` = {resume_from!r} is not a complete checkpoint (no {TRAINER_STATE_NAME}); "
-            "it may be an interrupted save. Pass `latest` or another checkpoint-<step> folder."
-        )
-    problem = verify_checkpoint(path)
-    if problem is not None:
-        raise CheckpointError(
-            f"`checkpoint.resume_from` = {resume_from!r}: checkpoint {path} is damaged: {problem}. "
-            "Pass `latest` (it skips damaged checkpoints) or another checkpoint-<step> folder."
-        )
-    return path
 
 
 def verify_checkpoint(checkpoint: str | Path) -> str | None:
@@ -189,7 +137,7 @@ def trainer_state_problem(state: Any, folder_name: str | None = None) -> str | N
     step = state["step"]
     if not _is_int(step) or step < 0:
         return f"{TRAINER_STATE_NAME} has step {step!r}; a step is an integer >= 0"
-    m = _CKPT_RE.match(folder_name.removesuffix(".tmp")) if folder_name else None
+    m = CHECKPOINT_RE.match(folder_name) if folder_name else None
     if m and int(m.group(1)) != step:
         return f"{TRAINER_STATE_NAME} says step {step} but the folder is {folder_name}; the two must agree"
     for k, v in data.items():
@@ -276,61 +224,8 @@ def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
 
 def lora_shape(lora_cfg: Any) -> dict[str, Any]:
     """What a checkpoint records of the LoRA (``lora.rank``, ``lora.alpha``, ``lora.target_modules``): a resume
-    with another shape is refused by :func:`check_compatible`."""
+    with another shape is refused by ``kontext.training.resume.check_compatible``."""
     return {"rank": lora_cfg.rank, "alpha": lora_cfg.alpha, "target_modules": sorted(lora_cfg.target_modules)}
-
-
-def check_compatible(
-    checkpoint: Path, state: dict[str, Any], lora_shape: dict[str, Any], optimizer: str | None = None
-) -> None:
-    """Refuse to resume a checkpoint whose LoRA rank/alpha/targets, or whose optimiser (``train.optimizer``, when
-    the checkpoint records it), differ from this run's config: the saved weights and optimiser state fit only
-    their own."""
-    if optimizer is not None and state.get("optimizer", optimizer) != optimizer:
-        raise CheckpointError(
-            f"Checkpoint {checkpoint} was trained with train.optimizer = {state['optimizer']!r}, this run has "
-            f"{optimizer!r}; a saved optimiser state can only be loaded by the same optimiser. Set train.optimizer "
-            f"back to {state['optimizer']!r}, or start a fresh run in a new output_dir."
-        )
-    saved = state.get("lora", {})
-    diffs = [
-        f"lora.{k}: checkpoint {saved.get(k)!r} vs config {v!r}"
-        for k, v in lora_shape.items()
-        if saved.get(k) != v
-    ]
-    if diffs:
-        raise CheckpointError(
-            f"Checkpoint {checkpoint} was trained with another LoRA shape ({'; '.join(diffs)}). "
-            "Set the same lora.* values as the checkpoint's run, or start a fresh run in a new output_dir."
-        )
-
-
-def check_base_model(checkpoint: Path, state: dict[str, Any], identity: dict[str, Any], allow_other: bool) -> None:
-    """Refuse to resume a checkpoint trained on another base model (``kontext.runtime.model_path.base_model_identity``).
-
-    Two local folders are the same base when their fingerprints agree (a moved or copied folder is), a hub id when
-    id and revision agree. A LoRA learned on one base is meaningless on another even when every shape fits, so a
-    different base is an error unless ``checkpoint.allow_other_base`` says it is meant. Checkpoints that record no
-    base (written before it was recorded) are not checked.
-    """
-    saved = state.get("base_model")
-    if not saved or allow_other:
-        return
-    if saved.get("fingerprint") and identity.get("fingerprint"):
-        same = saved["fingerprint"] == identity["fingerprint"]
-    else:
-        same = (saved.get("name_or_path"), saved.get("revision")) == (identity["name_or_path"], identity["revision"])
-    if not same:
-        def named(i: dict[str, Any]) -> str:
-            return repr(i.get("name_or_path")) + (f" (revision {i['revision']})" if i.get("revision") else "")
-
-        raise CheckpointError(
-            f"Checkpoint {checkpoint} was trained on the base model {named(saved)}, but this run's "
-            f"model.pretrained_model_name_or_path is {named(identity)}, whose weights differ. A LoRA learned on one "
-            "base means nothing on another, even when the shapes fit. Set model.pretrained_model_name_or_path (and "
-            "model.revision) back to the checkpoint's base; or, to continue on this base on purpose, set "
-            "checkpoint.allow_other_base=true."
-        )
 
 
 def temp_path(output_dir: str | Path, step: int) -> Path:
@@ -425,110 +320,9 @@ def remove_previous_run(output_dir: str | Path) -> list[Path]:
     return removed
 
 
-def check_data_position(
-    source: Any, cfg: Any, num_processes: int, checkpoint: Path | None = None, state: dict[str, Any] | None = None
-) -> None:
-    """Before any model loads: the batches this run will draw exist, and a resumed data position fits them.
-
-    Builds the run's ``BucketBatchSampler`` from the sample sizes alone (image headers, already read by
-    the dataset check), so a batch larger than the dataset (or than every aspect bucket) and a checkpoint
-    saved with another batch size, seed, process count or dataset size are refused here, not after the
-    model has loaded.
-    """
-    batch_size, seed = cfg.train.batch_size, cfg.train.seed
-    buckets = make_buckets(cfg.data.resolution, cfg.data.aspect_buckets)
-    ids = [nearest_bucket(*source.size(i), buckets) for i in range(len(source))]
-    saved = (state or {}).get("data", {})
-    for key, mine, name in (
-        ("batch_size", batch_size, "train.batch_size"),
-        ("seed", seed, "train.seed"),
-        ("num_replicas", num_processes, "the number of processes"),
-    ):
-        if key in saved and int(saved[key]) != mine:
-            raise CheckpointError(
-                f"Cannot resume from {checkpoint}: it was trained with {name} = {saved[key]}, this run has {mine}. "
-                f"The saved data position counts batches of that run; set {name} back to {saved[key]}, or start "
-                "a new run in another output_dir."
-            )
-    try:
-        sampler = BucketBatchSampler(ids, batch_size=batch_size, seed=seed, num_replicas=num_processes, rank=0)
-    except ValueError as e:
-        raise CheckpointError(f"train.batch_size = {batch_size} does not fit the dataset: {e}.") from None
-    # Batches hold one bucket each and incomplete ones are dropped: a bucket with fewer samples than one
-    # batch across the processes is never drawn. Say so, naming the samples.
-    need = batch_size * num_processes
-    per_bucket = Counter(ids)
-    never = [i for i, b in enumerate(ids) if per_bucket[b] < need]
-    if never:
-        names = [source.names[i] for i in never]
-        shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
-        logger.warning(
-            "%d sample(s) are never trained on: their aspect bucket holds fewer than train.batch_size x processes "
-            "= %d samples (%s). Add samples of that shape, lower train.batch_size, or turn data.aspect_buckets off.",
-            len(never), need, shown,
-        )
-    if saved:
-        try:
-            sampler.load_state_dict(saved)
-        except ValueError as e:
-            raise CheckpointError(f"Cannot resume from {checkpoint}: {e}.") from None
-
-
 def schedule_of(train_cfg: Any) -> dict[str, Any]:
     """The settings of ``train_cfg`` that shape the learning rate (recorded in every checkpoint)."""
     return {k: getattr(train_cfg, k) for k in SCHEDULE_KEYS}
-
-
-def apply_schedule(lr_scheduler: Any, state: dict[str, Any], train_cfg: Any, warn: bool = True) -> str | None:
-    """After ``accelerator.load_state``: make the resumed run use this run's learning-rate settings.
-
-    accelerate restores the checkpoint's base learning rate (the scheduler's ``base_lrs``) but builds the
-    schedule's shape from this run's config (diffusers' lambdas are closures, saved as None), so a
-    changed ``train.learning_rate`` would be silently ignored while a changed ``lr_scheduler`` silently
-    applied. Here both apply: the base rate is set to ``train.learning_rate`` and the current rate is
-    recomputed at the resumed step. Returns (and with ``warn`` logs) a warning naming each change, or
-    None when nothing changed; ``config.yaml`` records the new values, used from the resumed step on.
-    """
-    sched = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps the torch scheduler
-    if not hasattr(sched, "base_lrs"):
-        return None
-    saved = dict(state.get("schedule") or {})
-    saved.setdefault("learning_rate", sched.base_lrs[0])  # checkpoints written before settings were recorded
-    old_lr = [g["lr"] for g in sched.optimizer.param_groups]
-    new = schedule_of(train_cfg)
-    sched.base_lrs = [float(train_cfg.learning_rate)] * len(sched.base_lrs)
-    for g in sched.optimizer.param_groups:
-        g["initial_lr"] = float(train_cfg.learning_rate)
-    if hasattr(sched, "lr_lambdas"):
-        lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
-        for g, lr in zip(sched.optimizer.param_groups, lrs):
-            g["lr"] = lr
-        sched._last_lr = lrs
-    changed = [
-        f"train.{k}: {saved[k]!r} -> {new[k]!r}"
-        for k in SCHEDULE_KEYS
-        if k in saved and k != "max_steps" and not _same(saved[k], new[k])
-    ]
-    now_lr = [g["lr"] for g in sched.optimizer.param_groups]
-    if not all(math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0) for a, b in zip(old_lr, now_lr)):
-        if "max_steps" in saved and saved["max_steps"] != new["max_steps"]:
-            changed.append(f"train.max_steps: {saved['max_steps']!r} -> {new['max_steps']!r}")
-        changed.append(f"learning rate at step {sched.last_epoch}: {old_lr[0]:.6g} -> {now_lr[0]:.6g}")
-    if not changed:
-        return None
-    message = (
-        f"Resuming with changed learning-rate settings ({'; '.join(changed)}). The new values apply from "
-        "this step on; config.yaml records them."
-    )
-    if warn:
-        logger.warning(message)
-    return message
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
-        return math.isclose(float(a), float(b), rel_tol=1e-12)
-    return a == b
 
 
 def save_failure_message(exc: BaseException, output_dir: str | Path, partial: Iterable[Path], what: str) -> str | None:

@@ -28,6 +28,7 @@ import yaml
 
 from data.errors import write_text_atomic
 from kontext.errors import UserError
+from losses import GeometryLossWeights
 
 
 class ConfigError(UserError, ValueError):
@@ -223,10 +224,10 @@ class GeometryConfig:
         "All geometry terms on or off at once. Off by default: on the scale-fidelity benchmark they do not beat "
         "`loss.masked` (docs/losses.md).",
     )
-    formulation: Literal["calibrated", "seed"] = _f(
+    formulation: Literal["calibrated", "reference"] = _f(
         "calibrated",
         "`calibrated`: change masks of prediction and target under the target's statistics, minimal at the target; "
-        "`seed`: the original specification's composition (see docs/losses.md).",
+        "`reference`: the specification's composition of its loss functions (see docs/losses.md).",
     )
     weight: float = _f(1.0, "Global multiplier of the geometry total.", min=0.0)
     noise_weighting: Literal["none", "one_minus_sigma", "one_minus_sigma_sq", "cosine", "inverse_sigma"] = _f(
@@ -244,11 +245,15 @@ class GeometryConfig:
     w_in: float = _f(1.0, "MSE weight inside the mask.", min=0.0)
     w_band: float = _f(6.0, "MSE weight in the boundary band.", min=0.0)
     w_out: float = _f(0.2, "MSE weight outside the band.", min=0.0)
-    k_sigma: float = _f(2.0, "`seed`: change-mask threshold in background standard deviations.", min=0.0)
+    k_sigma: float = _f(2.0, "`reference`: change-mask threshold in background standard deviations.", min=0.0)
     temperature: float = _f(
         0.25, "`calibrated`: change-mask sigmoid width as a fraction of the target's change contrast.", exclusive_min=0
     )
     sdm_normalize: bool = _f(True, "Scale each signed distance map by its max |value|.")
+
+    def loss_weights(self) -> GeometryLossWeights:
+        """The per-term weights (``mse``, ``bg``, ``dice``, ``area``, ``boundary``) as ``losses.geometry_loss`` takes them."""
+        return GeometryLossWeights(mse=self.mse, bg=self.bg, dice=self.dice, area=self.area, boundary=self.boundary)
 
 
 @dataclass
@@ -389,6 +394,10 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+# Choice values that were renamed: {key: {old value: new value}}, so that an old config gets the new name.
+RENAMED_VALUES: dict[str, dict[str, str]] = {"loss.geometry.formulation": {"seed": "reference"}}
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the annotation ``tp`` and return it in canonical form."""
     origin = typing.get_origin(tp)
@@ -407,6 +416,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if value not in choices:
             hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
             sugg = f" Did you mean {hint[0]!r}?" if hint else ""
+            if isinstance(value, str) and value in RENAMED_VALUES.get(key, {}):
+                sugg = f" {value!r} is now called {RENAMED_VALUES[key][value]!r}: write `{key}: {RENAMED_VALUES[key][value]}`."
             raise ConfigError(
                 f"`{key}` must be one of {', '.join(map(repr, choices))}; got {value!r}.{sugg}", key
             )

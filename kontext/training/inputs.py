@@ -5,25 +5,38 @@
 - :func:`free_text_encoders`: CLIP and T5 deleted once every prompt is encoded (validation reads stored
   embeddings through the pipeline's ``encode_prompt``);
 - :func:`batches`: ``TrainBatch`` after ``TrainBatch`` from a saved data position, optionally prepared one
-  ahead in a background thread.
+  ahead in a background thread; the pixels of uncached items are VAE-encoded here (:func:`encode_items`), and
+  the latents of centre-cropped samples handed back to the dataset to keep.
 """
 
 from __future__ import annotations
 
 import gc
 import types
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
-from data import DatasetError, LatentCache, make_buckets, open_configured_source, validate_source
-from data.dataset import TrainBatch, TripletDataset, make_train_batch
+from data import (
+    DatasetError,
+    LatentCache,
+    SampleLatents,
+    TripletDataset,
+    TripletItem,
+    dataset_from_config,
+    make_buckets,
+    make_train_batch,
+    open_configured_source,
+    validate_source,
+    validation_split,
+)
+from data.dataset import TrainBatch, stack_one_bucket
 from data.errors import file_in_the_way
 from kontext.errors import UserError
 from kontext.runtime.flux import encode_images, encode_prompts
 from kontext.runtime.model_path import cache_root
-from kontext.training.validation import validation_sources
 
 Embeddings = tuple[torch.Tensor, torch.Tensor]
 
@@ -35,13 +48,14 @@ def open_sources(cfg: Any) -> tuple[Any, Any]:
     geometry terms) are warned about. ``validation.holdout`` withholds samples from training, and
     ``validation.data_root`` is checked like ``data.root``.
     """
-    d = cfg.data
-    if d.cache_latents:
-        check_cache_dir(latent_cache_dir(d.cache_dir))
+    data_config = cfg.data
+    if data_config.cache_latents:
+        check_cache_dir(latent_cache_dir(data_config.cache_dir))
     try:
-        source = open_configured_source(d, d.root)
-        validate_source(source, max_pixels=d.max_pixels, buckets=make_buckets(d.resolution, d.aspect_buckets))
-        return validation_sources(cfg, source)
+        source = open_configured_source(data_config, data_config.root)
+        buckets = make_buckets(data_config.resolution, data_config.aspect_buckets)
+        validate_source(source, max_pixels=data_config.max_pixels, buckets=buckets)
+        return validation_split(source, data_config, cfg.validation)
     except DatasetError as e:
         raise UserError(str(e)) from None
 
@@ -62,44 +76,39 @@ def check_cache_dir(path: Path) -> None:
         )
 
 
-def build_dataset(cfg: Any, source: Any, pipe: Any, accelerator: Any, encoders_device: torch.device) -> Any:
+def build_dataset(cfg: Any, source: Any, pipe: Any, accelerator: Any, encoders_device: torch.device) -> TripletDataset:
     """The training ``TripletDataset`` with every prompt's embeddings computed once (cached on disk with
     ``data.cache_latents``, else held in memory) and, when cached, every sample's latents too.
 
     With caching the VAE is parked on the CPU until validation.
     """
-    d = cfg.data
-    g = cfg.loss.geometry
+    data_config, geometry = cfg.data, cfg.loss.geometry
     model_id = f"{cfg.model.pretrained_model_name_or_path}|{cfg.model.dtype}|msl{cfg.model.max_sequence_length}"
-    cache = LatentCache(latent_cache_dir(d.cache_dir), model_id=model_id) if d.cache_latents else None
-    dataset = TripletDataset(
+    cache = None
+    if data_config.cache_latents:
+        cache = LatentCache(latent_cache_dir(data_config.cache_dir), model_id=model_id)
+    dataset = dataset_from_config(
+        data_config,
         source,
-        resolution=d.resolution,
-        aspect_buckets=d.aspect_buckets,
-        random_crop=d.random_crop,
-        random_flip=d.random_flip,
-        mask_hint=d.mask_hint,
-        outline_width=d.outline_width,
-        seed=cfg.train.seed,
-        band_r=g.band_r,
-        sdm_normalize=g.sdm_normalize,
+        cfg.train.seed,
+        band_r=geometry.band_r,
+        sdm_normalize=geometry.sdm_normalize,
         cache=cache,
         encode_images=image_encoder(pipe, encoders_device, to_cpu=True),
         encode_prompts=prompt_encoder(pipe, cfg.model.max_sequence_length, encoders_device),
         # Mask-derived targets (latent mask, band, outside, SDM) are computed once per sample.
-        with_geometry=g.enabled or cfg.loss.masked.enabled,
-        decoded_memory_mb=d.decoded_memory_mb,
+        with_geometry=geometry.enabled or cfg.loss.masked.enabled,
     )
     if cache is not None:
         # Main process fills the shared cache; the others then read it.
         with accelerator.main_process_first():
-            dataset.build_cache(progress=accelerator.is_local_main_process, batch_size=d.cache_batch_size)
+            dataset.build_cache(progress=accelerator.is_local_main_process, batch_size=data_config.cache_batch_size)
         if encoders_device.type != "cpu":
             # The VAE is not needed until validation: give its memory to training.
             pipe.vae.to("cpu")
     else:
         # Prompts do not change with crops or flips: encode them once, not in every step.
-        dataset.encode_prompt_table(batch_size=d.cache_batch_size)
+        dataset.encode_prompt_table(batch_size=data_config.cache_batch_size)
     dataset.encode_images = dataset.encode_prompts = None  # the closures must not keep the encoders alive
     return dataset
 
@@ -190,8 +199,57 @@ def use_prefetch(setting: bool | str, device: torch.device) -> bool:
     return bool(setting)
 
 
+def encode_items(
+    items: list[TripletItem], encode_images: Callable[[torch.Tensor], torch.Tensor] | None, with_scene: bool
+) -> list[TripletItem]:
+    """``items`` with latents: those that hold pixels VAE-encoded with ``encode_images``, the targets, contexts and
+    (hint drawn) scenes of the batch in one call (``image_encoder`` bounds the images per VAE call); the others as
+    they are.
+
+    The un-hinted scene is encoded when ``with_scene`` (the geometry terms read it), or when the dataset keeps the
+    latents (a ``latent_key``: a centre crop encodes each sample once per run, so what is kept serves every use).
+    """
+    pending = [j for j, item in enumerate(items) if item.latents is None]
+    if not pending:
+        return items
+    if encode_images is None:
+        raise ValueError("the batch holds uncached samples (pixels) but no VAE encoder was given")
+    pixels = [items[j].pixels for j in pending]
+    keeps = any(items[j].latent_key is not None for j in pending)
+    kinds = ["target", "context"]
+    if (with_scene or keeps) and pixels[0].scene is not None:
+        kinds.append("scene")
+    images = [stack_one_bucket([getattr(p, kind) for p in pixels], f"{kind} pixels") for kind in kinds]
+    with torch.no_grad():
+        latents = dict(zip(kinds, encode_images(torch.cat(images)).chunk(len(kinds))))  # one VAE call for the batch
+    scenes = latents.get("scene")
+    out = list(items)
+    for n, j in enumerate(pending):
+        scene = None if scenes is None else scenes[n]
+        out[j] = items[j].encoded(SampleLatents(target=latents["target"][n], context=latents["context"][n], scene=scene))
+    return out
+
+
+def train_batch(
+    dataset: TripletDataset,
+    indices: list[int],
+    epoch: int,
+    encode_images: Callable[[torch.Tensor], torch.Tensor] | None,
+    with_scene: bool,
+) -> TrainBatch:
+    """The :class:`TrainBatch` of samples ``indices`` (one bucket) as drawn in ``epoch``: the items read, their pixels
+    encoded (:func:`encode_items`), the new latents of centre-cropped samples handed to the dataset to keep."""
+    # Flips (and random crops) are drawn per (seed, epoch, index).
+    items = encode_items([dataset[(i, epoch)] for i in indices], encode_images, with_scene)
+    # Uncached with a centre crop, a sample's latents never change: encoded on first use, then kept.
+    for item in items:
+        if item.latent_key is not None:
+            dataset.remember_latents(item.latent_key, item.latents)
+    return make_train_batch(items, with_scene)
+
+
 def batches(
-    dataset: Any,
+    dataset: TripletDataset,
     sampler: Any,
     state: dict[str, int],
     encode_images: Callable[[torch.Tensor], torch.Tensor] | None,
@@ -200,8 +258,8 @@ def batches(
 ) -> Iterator[TrainBatch]:
     """Micro-batches (:class:`TrainBatch`, on the encoders' device) forever, epoch after epoch, from the data
     position ``state`` (``{"epoch", "position"}``, updated in place). Uncached samples are VAE-encoded here
-    with ``encode_images``, the batch's images in one call; ``with_scene``: also the un-hinted scene (read only
-    by the geometry terms).
+    with ``encode_images`` (:func:`encode_items`); ``with_scene``: also the un-hinted scene (read only by the
+    geometry terms).
 
     With ``prefetch`` the next batch is prepared in a background thread while the caller computes on this one
     (the same batches in the same order). The position (epoch, batches consumed) is counted when a batch is
@@ -218,10 +276,7 @@ def batches(
             epoch, position = epoch + 1, 0
 
     def build(epoch: int, indices: list[int]) -> tuple[int, TrainBatch]:
-        # Flips (and random crops) are drawn per (seed, epoch, index).
-        # Uncached with a centre crop, a sample's latents never change: encoded on first use, then kept.
-        items = [dataset[(i, epoch)] for i in indices]
-        return epoch, make_train_batch(items, encode_images, with_scene, remember=dataset.remember_latents)
+        return epoch, train_batch(dataset, indices, epoch, encode_images, with_scene)
 
     def hand_out(epoch: int) -> None:
         if epoch != state["epoch"]:
@@ -236,8 +291,6 @@ def batches(
             hand_out(epoch)
             yield batch
         return
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
         ahead = pool.submit(build, *next(todo))
         for nxt in todo:

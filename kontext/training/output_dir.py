@@ -26,7 +26,6 @@ import errno
 import json
 import logging
 import os
-import re
 import socket
 import time
 from pathlib import Path
@@ -34,11 +33,12 @@ from typing import Any
 
 import yaml
 
-from data.errors import TEMP_PREFIX
+from data.errors import TEMP_PREFIX, first_names
 from kontext.errors import UserError
 from kontext.runtime.lora_io import LORA_WEIGHTS_NAME
-from kontext.training.checkpoint import list_checkpoints, read_trainer_state, resolve_resume
+from kontext.training.checkpoint import CHECKPOINT_RE, list_checkpoints, read_trainer_state
 from kontext.training.config import Config, config_to_dict
+from kontext.training.resume import resolve_resume
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,6 @@ TRAINER_FILES = frozenset(
 TRAINER_FOLDERS = frozenset({"logs", "validation"})
 # What a file browser leaves behind; never a user's data.
 IGNORED = frozenset({".DS_Store", "Thumbs.db", ".ipynb_checkpoints"})
-_CHECKPOINT_RE = re.compile(r"^checkpoint-\d+(\.tmp|\.old)?$")
 _MODEL_CARD_TAG = "kontext-lora"
 
 
@@ -123,7 +122,7 @@ def foreign_entries(output_dir: Path, own: frozenset[str] = frozenset()) -> list
     found = []
     for p in output_dir.iterdir():
         name = p.name
-        if name in IGNORED or (_CHECKPOINT_RE.match(name) and p.is_dir()) or (name in TRAINER_FOLDERS and p.is_dir()):
+        if name in IGNORED or (CHECKPOINT_RE.match(name) and p.is_dir()) or (name in TRAINER_FOLDERS and p.is_dir()):
             continue
         if name.startswith(TEMP_PREFIX) and p.is_file():
             continue  # a temporary file of an interrupted write (ours or safetensors'); removed when a run starts
@@ -177,11 +176,12 @@ def configured_entries(cfg: Any, output_dir: Path) -> frozenset[str]:
     (``data.cache_dir``) and a synthetic ``data.root`` (with the ``<root>_heldout`` folder the run's summary tells
     the user to make beside it)."""
     own = set()
-    d = cfg.data
-    if d.cache_latents and d.cache_dir and (name := _top_entry(Path(d.cache_dir).expanduser().resolve(), output_dir)):
+    data_cfg = cfg.data
+    cache_dir = data_cfg.cache_dir
+    if data_cfg.cache_latents and cache_dir and (name := _top_entry(Path(cache_dir).expanduser().resolve(), output_dir)):
         own.add(name)
-    if d.source == "folder" and d.synthetic.enabled:
-        root = Path(str(d.root)).expanduser().resolve()
+    if data_cfg.source == "folder" and data_cfg.synthetic.enabled:
+        root = Path(str(data_cfg.root)).expanduser().resolve()
         for folder in (root, root.with_name(root.name + "_heldout")):
             if name := _top_entry(folder, output_dir):
                 own.add(name)
@@ -191,9 +191,9 @@ def configured_entries(cfg: Any, output_dir: Path) -> frozenset[str]:
 def check_layout(cfg: Any, output_dir: Path) -> None:
     """Refuse a layout that mixes the run's folder with its data: ``output_dir`` inside the dataset (``data.root``,
     ``validation.data_root``); the user's own dataset inside ``output_dir``; ``data.cache_dir`` equal to it."""
-    d = cfg.data
-    datasets = [("data.root", d.root)] if d.source == "folder" else []
-    if cfg.validation.data_root and d.source == "folder":
+    data_cfg = cfg.data
+    datasets = [("data.root", data_cfg.root)] if data_cfg.source == "folder" else []
+    if cfg.validation.data_root and data_cfg.source == "folder":
         datasets.append(("validation.data_root", cfg.validation.data_root))
     for key, root in datasets:
         root = Path(str(root)).expanduser().resolve()
@@ -202,12 +202,12 @@ def check_layout(cfg: Any, output_dir: Path) -> None:
                 f"output_dir {output_dir} is inside the dataset folder {key} = {root}; the run's files would mix with "
                 "the samples. Choose an output_dir outside it (e.g. beside it)."
             )
-        if _inside(root, output_dir) and not (key == "data.root" and d.synthetic.enabled):
+        if _inside(root, output_dir) and not (key == "data.root" and data_cfg.synthetic.enabled):
             raise OutputDirError(
                 f"{key} = {root} is inside output_dir {output_dir}; a run deletes and overwrites files in its output "
                 "folder. Keep the dataset outside it (e.g. beside it)."
             )
-    if d.cache_latents and d.cache_dir and Path(d.cache_dir).expanduser().resolve() == output_dir:
+    if data_cfg.cache_latents and data_cfg.cache_dir and Path(data_cfg.cache_dir).expanduser().resolve() == output_dir:
         raise OutputDirError(
             f"data.cache_dir is output_dir {output_dir} itself; the cache's samples/ and prompts/ would mix with the "
             "run's files. Set data.cache_dir to a folder of its own (inside output_dir is fine, e.g. "
@@ -219,7 +219,7 @@ def check_contents(output_dir: Path, own: frozenset[str] = frozenset()) -> None:
     """Refuse a folder that holds anything the trainer did not write (its files would be overwritten or mixed)."""
     foreign = foreign_entries(output_dir, own)
     if foreign:
-        shown = ", ".join(foreign[:5]) + (f" (+{len(foreign) - 5} more)" if len(foreign) > 5 else "")
+        shown = first_names(foreign, 5)
         raise OutputDirError(
             f"output_dir {output_dir} holds files this trainer did not write: {shown}. A run deletes and "
             "overwrites files in its output folder; choose an empty or new folder (a run writes config.yaml, "
@@ -241,7 +241,7 @@ def open_output_dir(cfg: Any, main: bool) -> tuple[Path, Path | None]:
 
     In order: the location (:func:`check_location`); its contents (:func:`check_contents`); the lock, if
     the folder exists (a live run there is refused before any of its checkpoints is read); the checkpoint
-    to resume, verified (``kontext.training.checkpoint.resolve_resume``); then what a run may do to what is there:
+    to resume, verified (``kontext.training.resume.resolve_resume``); then what a run may do to what is there:
 
     - a fresh run (no ``resume_from``) is refused over a finished run or another run's checkpoints,
       unless ``checkpoint.overwrite_output_dir``;
@@ -256,17 +256,17 @@ def open_output_dir(cfg: Any, main: bool) -> tuple[Path, Path | None]:
     check_layout(cfg, path)
     check_contents(path, configured_entries(cfg, path))  # before the lock: a folder not a run's gets no lock file
     lock_output_dir(path, main=main, create=False)
-    c = cfg.checkpoint
-    resume = resolve_resume(path, c.resume_from, warn=logger.warning if main else (lambda _msg: None))
+    ckpt_cfg = cfg.checkpoint
+    resume = resolve_resume(path, ckpt_cfg.resume_from, warn=logger.warning if main else (lambda _msg: None))
     finished = (path / LORA_WEIGHTS_NAME).is_file()
-    if not c.resume_from and not c.overwrite_output_dir:
+    if not ckpt_cfg.resume_from and not ckpt_cfg.overwrite_output_dir:
         fix = _ways_on("Continue it with checkpoint.resume_from=latest (and a larger train.max_steps if it finished)")
         if finished:
             raise OutputDirError(f"output_dir {path} already holds a finished run ({LORA_WEIGHTS_NAME}). {fix}")
         ckpts = list_checkpoints(path)
         if ckpts:
             raise OutputDirError(f"output_dir {path} already holds checkpoints of another run ({ckpts[-1].name}). {fix}")
-    if c.resume_from and finished and not c.overwrite_output_dir:
+    if ckpt_cfg.resume_from and finished and not ckpt_cfg.overwrite_output_dir:
         if resume is None:
             raise OutputDirError(
                 f"output_dir {path} holds a finished run ({LORA_WEIGHTS_NAME}) and no checkpoint to continue it from "

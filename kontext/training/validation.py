@@ -1,7 +1,7 @@
 """Validation during training: generate for fixed samples with the current LoRA, save a grid, log mask metrics.
 
 The trainer calls :func:`run_validation` on the main process every ``validation.every_steps`` updates and at the
-end. Which samples (:func:`validation_sources`): with ``validation.data_root`` the first ``validation.num_samples``
+end. Which samples (``data.split.validation_split``): with ``validation.data_root`` the first ``validation.num_samples``
 of that held-out dataset; with ``validation.holdout: N`` the last N samples (in name order) of ``data.root``, which
 are then withheld from training; with neither (the default) the first ``validation.num_samples`` TRAINING samples,
 which shows what the LoRA learned but not how it generalises. They are used un-flipped and centre-cropped at
@@ -22,20 +22,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data import TripletDataset, make_buckets, open_configured_source, validate_source
-from data.errors import DatasetError, writing
+from data import TripletDataset, dataset_from_config, validation_split
+from data.errors import writing
 from data.transforms import prepare_sample
-from kontext.evaluation.grid import draw_mask_outline, make_grid
-from kontext.evaluation.metrics import aggregate, latent_sample_metrics, sample_metrics
-from kontext.runtime.generation import (
-    components_on,
-    generate,
-    image_latents,
-    mask_array,
-    mask_to_pil,
-    quiet_progress,
-    to_pil,
-)
+from kontext.evaluation.grid import make_grid
+from kontext.evaluation.metrics import aggregate
+from kontext.evaluation.score import generate_and_score
+from kontext.runtime.generation import components_on, mask_to_pil, quiet_progress, to_pil
 from kontext.training.signals import busy, uninterrupted
 
 logger = logging.getLogger(__name__)
@@ -47,111 +40,20 @@ GRID_COLUMNS = ("context", "result", "target", "overlay")
 _NOT_LOGGED = ("boundary_tol_px", "count")
 
 
-class SubsetSource:
-    """Samples ``indices`` of a source, re-indexed from 0: the training part, or the held-out part, of one dataset.
-
-    Answers the same questions as ``data.sources.TripletSource`` (the fingerprint is the underlying sample's, so a
-    latent cache built on the whole dataset stays valid); ``what`` says which part it is in messages.
-    """
-
-    def __init__(self, source: Any, indices: list[int], what: str) -> None:
-        if any(not 0 <= i < len(source) for i in indices):
-            raise IndexError(f"indices out of range for a dataset of {len(source)} samples")
-        self.source = source
-        self.indices = list(indices)
-        self.what = what
-        self.max_pixels = source.max_pixels
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    @property
-    def names(self) -> list[str]:
-        names = self.source.names
-        return [names[i] for i in self.indices]
-
-    def describe(self) -> str:
-        return f"{self.source.describe()} ({self.what})"
-
-    def scan_problems(self) -> list[str]:
-        return self.source.scan_problems()
-
-    def image_refs(self, i: int) -> Any:
-        return self.source.image_refs(self.indices[i])
-
-    def prompt(self, i: int) -> str:
-        return self.source.prompt(self.indices[i])
-
-    def size(self, i: int) -> tuple[int, int]:
-        return self.source.size(self.indices[i])
-
-    def fingerprint(self, i: int) -> str:
-        return self.source.fingerprint(self.indices[i])
-
-    def load(self, i: int) -> Any:
-        return self.source.load(self.indices[i])
-
-
 def validation_sources(cfg: Any, source: Any) -> tuple[Any, Any | None]:
-    """Split off the validation samples: ``(training source, validation source or None)``.
-
-    - ``validation.holdout: N``: the last N samples in name order are withheld from training and validated on.
-    - ``validation.data_root``: that dataset (opened as ``data.root`` is: same ``data.source``, split, columns,
-      default prompt and pixel limit), checked in full like the training data; samples found in both (same
-      image bytes) are named in a warning, since they are not held out.
-    - neither: ``(source, None)``; validation then uses the first training samples.
+    """Split off the validation samples: ``(training source, validation source or None)``, as
+    ``data.split.validation_split`` reads ``validation.holdout`` and ``validation.data_root``.
 
     Raises:
         DatasetError: the holdout leaves nothing to train on, or the validation dataset has problems.
     """
-    v, d = cfg.validation, cfg.data
-    if v.holdout:
-        n = len(source)
-        if v.holdout >= n:
-            raise DatasetError(
-                source.describe(),
-                [f"validation.holdout is {v.holdout} but the dataset has {n} sample{'s' if n != 1 else ''}; "
-                 "hold out fewer, or give a separate held-out set as validation.data_root"],
-            )
-        keep = n - v.holdout
-        train = SubsetSource(source, list(range(keep)), f"training part: {keep} of {n} samples")
-        held = SubsetSource(source, list(range(keep, n)), f"held-out part: the last {v.holdout} of {n} samples")
-        logger.info("validation.holdout: %d of %d samples held out for validation (%s)", v.holdout, n,
-                    _shown(held.names))
-        return train, held
-    if not v.data_root:
-        return source, None
-    held = open_configured_source(d, v.data_root)
-    validate_source(held, max_pixels=d.max_pixels, progress=False, buckets=make_buckets(d.resolution, d.aspect_buckets))
-    shown = range(min(v.num_samples, len(held)))
-    # Same files have the same size: only training samples of a validation sample's size are hashed.
-    sizes = {held.size(i) for i in shown}
-    training = {source.fingerprint(i) for i in range(len(source)) if source.size(i) in sizes}
-    both = [held.names[i] for i in shown if held.fingerprint(i) in training]
-    if both:
-        logger.warning(
-            "validation.data_root: %d of the %d validation samples are also training samples (same files: %s); "
-            "their metrics do not measure held-out quality", len(both), len(shown), _shown(both)
-        )
-    return source, held
+    return validation_split(source, cfg.data, cfg.validation)
 
 
-def _shown(names: list[str], limit: int = 5) -> str:
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def validation_dataset(cfg: Any, source: Any) -> Any:
-    """The held-out samples as a ``data.TripletDataset`` with the training buckets and hint (no cache, no geometry)."""
-    d = cfg.data
-    return TripletDataset(
-        source,
-        resolution=d.resolution,
-        aspect_buckets=d.aspect_buckets,
-        mask_hint=d.mask_hint,
-        outline_width=d.outline_width,
-        seed=cfg.train.seed,
-        with_geometry=False,
-    )
+def validation_dataset(cfg: Any, source: Any) -> TripletDataset:
+    """The held-out samples as a ``data.TripletDataset`` built as the training one (buckets, hint), without cache or
+    geometry; :func:`validation_samples` reads them un-flipped and centre-cropped."""
+    return dataset_from_config(cfg.data, source, cfg.train.seed, with_geometry=False)
 
 
 def held_out(cfg: Any) -> bool:
@@ -253,8 +155,8 @@ def run_validation(
     sample's size, downscaled so that the grid's longer side is at most ``validation.grid_max_side`` pixels (the
     same picture goes to the PNG and the trackers).
     """
-    v = cfg.validation
-    samples = validation_samples(dataset, v.num_samples)
+    settings = cfg.validation
+    samples = validation_samples(dataset, settings.num_samples)
     if not samples:
         logger.warning("validation skipped: the dataset is empty")
         return {}
@@ -264,32 +166,31 @@ def run_validation(
     rows: list[list[Image.Image]] = []
     pixel, latent = [], []
     try:
-        what = f"the validation at step {step} ({len(samples)} x {v.num_inference_steps} denoising steps)"
+        what = f"the validation at step {step} ({len(samples)} x {settings.num_inference_steps} denoising steps)"
         with components_on(pipe, device), quiet_progress(pipe), busy(what):
-            for i, s in enumerate(samples):
-                gen = generate(
+            for i, sample in enumerate(samples):
+                scored = generate_and_score(
                     pipe,
-                    s["context"],
-                    s["prompt"],
-                    s["mask"],
+                    sample["context"],
+                    sample["prompt"],
+                    sample["mask"],
+                    sample["target"],
                     mask_hint=dataset.mask_hint,
                     outline_width=getattr(dataset, "outline_width", None),
-                    seed=v.seed + i,
-                    num_inference_steps=v.num_inference_steps,
-                    guidance_scale=v.guidance_scale,
+                    seed=settings.seed + i,
+                    num_inference_steps=settings.num_inference_steps,
+                    guidance_scale=settings.guidance_scale,
                     max_sequence_length=cfg.model.max_sequence_length,
                 )
-                result = gen.images[0]
-                m = mask_array(s["mask"])
-                pixel.append(sample_metrics(result, s["context"], m, s["target"]))
-                latent.append(latent_sample_metrics(gen.latents[0], image_latents(pipe, s["context"]), m))
-                rows.append([gen.hinted_context, result, s["target"], draw_mask_outline(result, m)])
+                pixel.append(scored.pixel)
+                latent.append(scored.latent)
+                rows.append([scored.generation.hinted_context, scored.result, sample["target"], scored.outline])
     finally:
         pipe.transformer = previous_transformer
     metrics = {f"val/{k}": _finite_or_nan(x) for k, x in aggregate(pixel).items() if k not in _NOT_LOGGED}
     metrics |= {f"val/latent_{k}": _finite_or_nan(x) for k, x in aggregate(latent).items() if k not in _NOT_LOGGED}
     metrics["val/count"] = float(len(samples))
-    grid = make_grid(rows, GRID_COLUMNS, max_side=v.grid_max_side)
+    grid = make_grid(rows, GRID_COLUMNS, max_side=settings.grid_max_side)
     path = Path(output_dir) / "validation" / f"step-{step}.png"
     # A stop that ends the final validation early (``signals``) never leaves a half-written grid.
     with uninterrupted(), writing(path, "the validation grid", partial=[path]):
