@@ -161,6 +161,9 @@ def decode_rgb(img: Image.Image) -> Image.Image:
     img = _upright(img)
     if img.mode in GREY16_MODES:
         img = _grey16_to_l(img)  # Pillow's own convert clips 0..65535 at 255: a 16-bit photo would be pure white
+    if img.mode in ("P", "PA") and "transparency" in img.info:
+        # the same colours; straight to RGB, Pillow warns on every load that such images should go through RGBA
+        img = img.convert("RGBA")
     return img if img.mode == "RGB" else img.convert("RGB")
 
 

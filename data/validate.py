@@ -233,6 +233,16 @@ def validate_source(
             notes.append(f"{len(vanished)} of {n} masks {what}")
     if problems:
         raise DatasetError(source.describe(), problems)
+    defaulted = list(getattr(source, "defaulted_prompts", None) or [])
+    if defaulted:
+        # Some samples have their own prompt and these fall back to the default: usually a prompt file that was
+        # forgotten (or a config's default, such as the tiny example's soda-can prompt, meant for other data).
+        default = getattr(source, "default_prompt", None)
+        notes.append(
+            f"{len(defaulted)} of {n} samples have no prompt of their own ({first_names(defaulted, SHOWN_NAMES)}) while "
+            f"the others do, so they train with data.default_prompt {default!r}; if that is not meant, give them their "
+            "own (prompts/NAME.txt, a metadata.jsonl line, or the prompt column)"
+        )
     if found:
         warning, summary = _background_note(found, n, background_tolerance, background_warn_share)
         logger.info("Dataset %s: %s", source.describe(), summary)

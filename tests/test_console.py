@@ -113,6 +113,8 @@ def test_summary_says_how_to_make_the_held_out_folder_it_evaluates_on(tmp_path):
     # The user's data: which samples to put there.
     text = "\n".join(summary())
     assert "put samples the LoRA never saw into" in text and evaluate_data(text.splitlines()) == str(folder)
+    # Not "it trained on every sample": a bucket smaller than the batch (or a vanished mask) leaves some untrained.
+    assert f"no sample of {tmp_path / 'data'} was held out of training" in text and "every sample" not in text
     assert "copy the last 3 samples of" in "\n".join(summary(validation={"holdout": 3}))
 
 

@@ -261,3 +261,22 @@ def test_trainer_dataset_check_warns_about_masks_that_vanish_at_the_training_siz
     cfg = config_from_dict({"data": {"root": str(root), "resolution": 64, "default_prompt": "insert"}})
     with pytest.warns(DatasetWarning, match="tiny"):
         inputs.open_sources(cfg)
+
+
+def test_a_palette_image_with_transparency_decodes_without_a_pillow_warning(tmp_path: Path) -> None:
+    """A palette PNG with a tRNS chunk (GIF-style exports) decoded to its palette colours, but Pillow warned on every
+    load ("Palette images with Transparency expressed in bytes should be converted to RGBA images")."""
+    import warnings
+
+    from data.images import ImageRef, decode_rgb, open_header
+
+    idx = (np.arange(32 * 24).reshape(24, 32) % 4).astype(np.uint8)
+    pal = Image.fromarray(idx).convert("P")
+    pal.putpalette([10, 20, 30, 200, 40, 40, 40, 200, 40, 40, 40, 200] + [0] * (3 * 252))
+    pal.save(tmp_path / "p.png", transparency=bytes([0, 128, 255, 255]))  # partial alpha: kept as bytes
+    assert isinstance(Image.open(tmp_path / "p.png").info.get("transparency"), bytes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rgb = decode_rgb(open_header(ImageRef("context/p.png", path=tmp_path / "p.png")))
+    lut = np.array([[10, 20, 30], [200, 40, 40], [40, 200, 40], [40, 40, 200]], np.uint8)
+    assert rgb.mode == "RGB" and np.array_equal(np.asarray(rgb), lut[idx])

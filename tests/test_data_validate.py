@@ -72,7 +72,10 @@ def test_valid_folder_passes_and_loads(tmp_path: Path) -> None:
     (tmp_path / "prompts").mkdir()
     (tmp_path / "prompts" / "s1.txt").write_text("  insert the red box  \n")
     src = FolderSource(tmp_path, default_prompt="default words")
-    validate_source(src, progress=False)
+    from data.validate import DatasetWarning
+
+    with pytest.warns(DatasetWarning, match=r"2 of 3 samples have no prompt of their own \(s0, s2\)"):
+        validate_source(src, progress=False)
     assert src.names == ["s0", "s1", "s2"]
     raw = src.load(1)
     assert raw.prompt == "insert the red box"
@@ -204,6 +207,55 @@ def test_prompt_sources_and_missing_prompt(tmp_path: Path) -> None:
     assert FolderSource(tmp_path, "dflt", prompts="default").prompt(0) == "dflt"
     problems = _problems(FolderSource(tmp_path))
     assert problems == ["sample 'c' has no prompt; write prompts/c.txt, add a metadata.jsonl line for it, or set data.default_prompt"]
+
+
+def test_samples_that_fall_back_to_the_default_prompt_among_prompted_ones_are_named(tmp_path: Path) -> None:
+    """A forgotten prompts/NAME.txt among prompted samples trained silently with data.default_prompt (with the
+    tiny example's config: its soda-can prompt); the check names those samples. All on the default: no warning."""
+    import warnings
+
+    from data.validate import DatasetWarning
+
+    for n in ("a", "b", "c", "d"):
+        _triplet(tmp_path, n)
+    (tmp_path / "prompts").mkdir()
+    for n in ("a", "c"):
+        (tmp_path / "prompts" / f"{n}.txt").write_bytes(b"\xef\xbb\xbfput the box here\r\n")
+    src = FolderSource(tmp_path, default_prompt="Insert the soda can")
+    assert [src.prompt(i) for i in range(4)] == ["put the box here", "Insert the soda can"] * 2
+    with pytest.warns(DatasetWarning, match=r"2 of 4 samples have no prompt of their own \(b, d\) while the others "
+                      r"do, so they train with data.default_prompt 'Insert the soda can'"):
+        notes = validate_source(src, progress=False)
+    assert len(notes) == 1
+    for n in ("b", "d"):
+        (tmp_path / "prompts" / f"{n}.txt").write_text("put the box here")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DatasetWarning)
+        assert validate_source(FolderSource(tmp_path, default_prompt="x"), progress=False) == []
+    for f in (tmp_path / "prompts").iterdir():
+        f.unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DatasetWarning)
+        assert validate_source(FolderSource(tmp_path, default_prompt="x"), progress=False) == []
+
+
+def test_hf_rows_that_fall_back_to_the_default_prompt_are_named(tmp_path: Path) -> None:
+    import datasets
+
+    from data.validate import DatasetWarning
+
+    img = Image.fromarray(np.full((16, 16, 3), 90, np.uint8))
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:10, 4:10] = 255
+    m = Image.fromarray(mask)
+    ds = datasets.Dataset.from_dict(
+        {"context": [img, img], "target": [img, img], "mask": [m, m], "prompt": ["insert it", ""]},
+        features=datasets.Features({"context": datasets.Image(), "target": datasets.Image(), "mask": datasets.Image(),
+                                    "prompt": datasets.Value("string")}),
+    )
+    ds.save_to_disk(str(tmp_path / "ds"))
+    with pytest.warns(DatasetWarning, match=r"1 of 2 samples have no prompt of their own \(row 1\)"):
+        validate_source(HFSource(tmp_path / "ds", default_prompt="dflt"), progress=False)
 
 
 def test_metadata_explicit_paths_inside_folder(tmp_path: Path) -> None:

@@ -276,3 +276,45 @@ def test_evaluate_grid_is_capped_by_grid_max_side(tiny_dataset_dir, tmp_path):
     cw, ch = grid_cell_size((SIZE, SIZE), 2, ncols, HEADER_HEIGHT, 160)
     assert (cw, ch) == (32, 32)
     assert Image.open(out / "grid.png").size == (ncols * cw, HEADER_HEIGHT + 2 * ch)
+
+
+def _write_sample(root: Path, name: str, size: tuple[int, int], box: tuple[int, int, int, int]) -> None:
+    w, h = size
+    rng = np.random.default_rng(len(name))
+    ctx = rng.integers(0, 255, size=(h, w, 3), dtype=np.uint8)
+    tgt = ctx.copy()
+    mask = np.zeros((h, w), np.uint8)
+    x0, y0, x1, y1 = box
+    tgt[y0:y1, x0:x1] = (200, 30, 30)
+    mask[y0:y1, x0:x1] = 255
+    for folder, arr in (("context", ctx), ("target", tgt), ("mask", mask)):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(root / folder / f"{name}.png")
+
+
+def test_a_sample_whose_mask_the_bucket_crops_away_is_left_out_not_scored_as_zero(tmp_path):
+    """A 1:4 portrait goes to the 3:7 bucket and is centre-cropped: a mask near its top is cut away. Scored, it
+    entered the means as IoU 0 (and area ratio NaN) without a word; it is left out with a warning naming it."""
+    from data.validate import DatasetWarning
+    from kontext.tools.common import InferenceError
+
+    data = tmp_path / "held"
+    _write_sample(data, "a_tall", (64, 256), (8, 4, 56, 40))  # mask in the top 16 %: outside the centre crop
+    _write_sample(data, "b_square", (96, 96), (24, 24, 72, 72))
+    skipped: list[str] = []
+    with pytest.warns(DatasetWarning, match=r"1 of 2 samples left out of the evaluation.*a_tall \(64x256 -> "):
+        samples = load_samples(str(data), 64, True, "insert it", None, skipped)
+    assert [s.name for s in samples] == ["b_square"] and skipped == ["a_tall"]
+    args = ["--model", "tiny", "--base", "--data", str(data), "--prompt", "insert it", "--steps", "1",
+            "--resolution", "64", "--aspect-buckets", "--out", str(tmp_path / "report")]
+    with pytest.warns(DatasetWarning, match="left out of the evaluation"):
+        assert main(args) == 0
+    doc = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert [s["name"] for s in doc["samples"]] == ["b_square"]
+    assert doc["settings"]["left_out"] == "a_tall (mask vanishes at the evaluation size)"
+    # Without buckets the tall sample keeps its own size and its mask: it is scored.
+    assert [s.name for s in load_samples(str(data), None, False, "insert it", None)] == ["a_tall", "b_square"]
+    only_tall = tmp_path / "only_tall"
+    _write_sample(only_tall, "a_tall", (64, 256), (8, 4, 56, 40))
+    with pytest.raises(InferenceError, match=r"every sample evaluated \(1 of 1\) is unusable"):
+        load_samples(str(only_tall), 64, True, "insert it", None)

@@ -202,6 +202,54 @@ def test_infer_missing_image_and_bad_mask(scene, tmp_path, capsys):
     assert "is 10x10 but --image is 64x48" in capsys.readouterr().err
 
 
+def test_infer_opens_images_as_training_does(tmp_path, capsys):
+    """--image/--mask are decoded like training data: a 16-bit greyscale photo keeps its tones (Pillow's convert
+    clipped it at 255: an all-white scene), a 16-bit mask is scaled, and a mask training refuses is refused."""
+    from kontext.tools.infer import open_image
+
+    grey = (np.arange(48 * 64, dtype=np.uint32).reshape(48, 64) * 21).astype(np.uint16)  # 0 .. 64491
+    Image.fromarray(grey).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    ctx = np.asarray(open_image(str(tmp_path / "g16.png"), "--image", "RGB"), dtype=np.int16)
+    assert ctx.shape == (48, 64, 3)
+    assert np.abs(ctx[..., 0] - np.round(grey / 257.0)).max() <= 1
+    m16 = np.zeros((48, 64), np.uint16)
+    m16[10:30, 20:40] = 65535
+    m16[10:30, 40:42] = 32768
+    Image.fromarray(m16).save(tmp_path / "m16.png")
+    m = np.asarray(open_image(str(tmp_path / "m16.png"), "--mask", "L"))
+    assert m[15, 25] == 255 and m[15, 41] == 128 and m[0, 0] == 0
+    red = np.zeros((48, 64, 3), np.uint8)
+    red[10:30, 20:40] = (255, 0, 0)
+    Image.fromarray(red).save(tmp_path / "red.png")
+    with pytest.raises(InferenceError, match=r"--mask '.*red.png' is not single-channel"):
+        open_image(str(tmp_path / "red.png"), "--mask", "L")
+    low = np.zeros((48, 64), np.uint16)
+    low[10:30, 20:40] = 255
+    Image.fromarray(low).save(tmp_path / "low16.png")
+    with pytest.raises(InferenceError, match="values stop at 255"):
+        open_image(str(tmp_path / "low16.png"), "--mask", "L")
+
+
+@pytest.mark.parametrize(
+    "value, extra, needle",
+    [
+        (0, [], "is empty: no pixel is white (>= 128; white marks where the object goes), and the mask hint would mark no region"),
+        (1, [], "(it holds only 0 and 1: scale it to 0 and 255)"),
+        (0, ["--composite"], "the output would be --image unchanged"),
+        (255, [], "is full: every pixel is white (>= 128)"),
+    ],
+)
+def test_infer_refuses_an_empty_or_full_mask(scene, tmp_path, capsys, value, extra, needle):
+    """An all-black mask (or a 0/1 one) generated without complaint when --composite was not given: the hint marked
+    nothing, so the model was not shown where to insert. Training refuses such masks; so does inference."""
+    Image.new("L", (64, 48), value).save(tmp_path / "m.png")
+    assert main(_args(scene, tmp_path / "x.png", "--mask", str(tmp_path / "m.png"), *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --mask '{tmp_path / 'm.png'}' ") and needle in err
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_parse_lora_spec(tmp_path, loras):
     a, _ = loras
     s = parse_lora_spec(f"{a}:0.25")

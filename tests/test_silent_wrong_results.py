@@ -166,8 +166,11 @@ def test_an_empty_mask_with_composite_is_refused_before_the_model_loads(tmp_path
     capsys.readouterr()
     assert infer_main([*args, "--composite"]) == 2
     err = capsys.readouterr().err
-    assert f"--mask '{mask}' is empty" in err and "drop --composite" in err, err
+    assert f"--mask '{mask}' is empty" in err and "drop --mask and --composite" in err, err
     assert not (tmp_path / "r.png").exists()
-    # Without --composite an empty mask is no error: it goes on to load the model.
+    # Without --composite the hint drawn from an empty mask marks nothing: refused too, before the model loads.
+    assert infer_main(args) == 2
+    assert "the mask hint would mark no region" in capsys.readouterr().err
+    # With --mask-hint none and no --composite the mask is not used: no error, it goes on to load the model.
     with pytest.raises(AssertionError, match="base model was loaded"):
-        infer_main(args)
+        infer_main([*args, "--mask-hint", "none"])

@@ -353,3 +353,26 @@ def test_trainer_refuses_a_holdout_that_leaves_nothing_to_train(tmp_path, tiny_m
     with pytest.raises(UserError, match=f"validation.holdout is {n}"):
         setup(config_from_dict(d))
     assert not (tmp_path / "out" / "config.yaml").exists()  # refused before anything was written
+
+
+def test_validation_passes_over_a_sample_whose_mask_its_bucket_crops_away(tmp_path, caplog):
+    """The first training sample is a 1:4 portrait whose mask sits at the top: the 3:7 bucket's centre crop cuts
+    it away. Validating on it scored IoU 0 (area ratio NaN) into val/* without a word; the next sample is taken."""
+    import logging
+
+    rng = np.random.default_rng(0)
+    for name, (w, h), (x0, y0, x1, y1) in (("a_tall", (64, 256), (8, 4, 56, 40)), ("b_square", (96, 96), (24, 24, 72, 72)),
+                                            ("c_square", (96, 96), (30, 30, 60, 60))):
+        ctx = rng.integers(0, 255, size=(h, w, 3), dtype=np.uint8)
+        tgt, mask = ctx.copy(), np.zeros((h, w), np.uint8)
+        tgt[y0:y1, x0:x1], mask[y0:y1, x0:x1] = (200, 30, 30), 255
+        for folder, arr in (("context", ctx), ("target", tgt), ("mask", mask)):
+            (tmp_path / folder).mkdir(exist_ok=True)
+            Image.fromarray(arr).save(tmp_path / folder / f"{name}.png")
+    ds = TripletDataset(open_source("folder", tmp_path, default_prompt="insert it"), resolution=64, aspect_buckets=True,
+                        mask_hint="fill", with_geometry=False)
+    with caplog.at_level(logging.INFO, logger="kontext.training.validation"):
+        samples = validation_samples(ds, 2)
+    assert [s["name"] for s in samples] == ["b_square", "c_square"]
+    assert all(np.asarray(s["mask"]).max() >= 128 for s in samples)
+    assert "passes over 1 sample(s) whose mask vanishes at the training size (a_tall)" in caplog.text

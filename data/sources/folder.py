@@ -62,6 +62,8 @@ class FolderSource(_SourceBase):
         self.prompts_mode = prompts
         self.max_pixels = max_pixels
         self._entries: list[_FolderEntry] = []
+        # Samples whose prompt is ``default_prompt`` although some other sample has its own (see validate_source).
+        self.defaulted_prompts: list[str] = []
         self._scan()
 
     def describe(self) -> str:
@@ -312,6 +314,7 @@ class FolderSource(_SourceBase):
         file_prompts = self._read_prompt_files(root_resolved) if use_files else {}
         names = sorted(set().union(*by_role.values(), meta_files, meta_prompts))
         no_prompt: list[str] = []
+        defaulted: list[str] = []
         for name in names:
             if name in broken or name in self._rejected:
                 continue
@@ -338,9 +341,12 @@ class FolderSource(_SourceBase):
                 prompt = file_prompts[name]
             elif self.default_prompt:
                 prompt = self.default_prompt
+                defaulted.append(name)
             if prompt is None:
                 no_prompt.append(name)
             self._entries.append(_FolderEntry(name, files, prompt))  # type: ignore[arg-type]
+        if len(defaulted) < len(self._entries):
+            self.defaulted_prompts = defaulted
         if len(no_prompt) == 1:
             self._problems.append(self._no_prompt_message(no_prompt[0]))
         elif no_prompt:

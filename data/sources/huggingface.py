@@ -52,6 +52,8 @@ class HFSource(_SourceBase):
         self._base: Path | None = None
         self._names: list[str] = []
         self._prompts: list[str | None] = []
+        # Rows whose prompt is ``default_prompt`` although some other row has its own (see validate_source).
+        self.defaulted_prompts: list[str] = []
         self._load_dataset()
 
     def describe(self) -> str:
@@ -158,16 +160,20 @@ class HFSource(_SourceBase):
                 )
                 self._prompts = [None] * n
                 return
+        defaulted: list[str] = []
         for i, p in enumerate(raw_prompts):
             if isinstance(p, str) and p.strip():
                 self._prompts.append(p.strip())
             elif self.default_prompt:
                 self._prompts.append(self.default_prompt)
+                defaulted.append(self._names[i])
             else:
                 self._prompts.append(None)
                 self._problems.append(
                     f"{self._names[i]}: column '{self.prompt_column}' is empty; fill it or set data.default_prompt"
                 )
+        if len(defaulted) < n:
+            self.defaulted_prompts = defaulted
 
     def prompt(self, i: int) -> str:
         """The prompt column of row ``i``, or the default prompt where it is empty."""

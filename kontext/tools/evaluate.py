@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from data import DatasetError, make_buckets, nearest_bucket, open_source, valida
 from data.errors import write_text_atomic, writing
 from data.hint import MASK_HINT_MODES, apply_mask_hint_pil
 from data.transforms import prepare_sample
+from data.validate import DatasetWarning, mask_vanishes
 from kontext.evaluation.grid import make_grid
 from kontext.evaluation.metrics import MAX_THRESHOLD, METRIC_FIELDS, LatentMetrics, aggregate
 from kontext.evaluation.plot import bar_chart
@@ -114,12 +116,22 @@ class EvalSample:
 
 
 def load_samples(
-    data: str, resolution: int | None, aspect_buckets: bool, default_prompt: str | None, limit: int | None
+    data: str,
+    resolution: int | None,
+    aspect_buckets: bool,
+    default_prompt: str | None,
+    limit: int | None,
+    skipped: list[str] | None = None,
 ) -> list[EvalSample]:
     """Open and validate a dataset folder and bring its samples to evaluation size.
 
     With ``resolution`` each sample goes to its training bucket (``data.make_buckets``), centre-cropped as
     training does; without, it keeps its own size floored to a multiple of 16.
+
+    A sample whose mask vanishes at its evaluation size (no latent cell more than half white after the resize
+    and centre crop, e.g. a mask near the top of a 1:4 portrait in a 3:7 bucket) cannot be scored: its IoU would
+    enter the means as 0 and its area ratio as NaN. It is left out with a :class:`DatasetWarning` naming it, and
+    its name is appended to ``skipped`` when a list is given; an error if every sample vanishes.
     """
     if not Path(data).expanduser().is_dir():
         raise InferenceError(f"--data {data!r} is not a folder; give a dataset folder with context/, target/ and mask/")
@@ -134,6 +146,7 @@ def load_samples(
         raise InferenceError(f"--resolution: {e}") from None
     n = len(source) if limit is None else min(limit, len(source))
     out = []
+    vanished: list[tuple[str, str]] = []  # (name, mask size -> bucket)
     for i in range(n):
         raw = source.load(i)
         if buckets is not None:
@@ -141,10 +154,28 @@ def load_samples(
         else:
             w, h = raw.context.size
             bucket = (max(16, w // 16 * 16), max(16, h // 16 * 16))
+        if mask_vanishes(raw.mask, [bucket]):
+            vanished.append((raw.name, f"{raw.mask.size[0]}x{raw.mask.size[1]} -> {bucket[0]}x{bucket[1]}"))
+            continue
         p = prepare_sample(raw, bucket, flip=False, crop="center")
         out.append(
             EvalSample(raw.name, raw.prompt, to_pil(p["context"])[0], to_pil(p["target"])[0], mask_to_pil(p["mask"]))
         )
+    if vanished:
+        shown = ", ".join(f"{name} ({sizes})" for name, sizes in vanished)
+        why = (
+            f"the mask vanishes at the evaluation size: after resizing and centre cropping to the bucket no latent "
+            f"cell (8x8 pixels) is more than half white, so there is nothing to score ({shown}); "
+            "crop the images around the object, paint larger masks, or evaluate at another --resolution"
+        )
+        if not out:
+            raise InferenceError(f"--data {data!r}: every sample evaluated ({n} of {n}) is unusable: {why}")
+        warnings.warn(
+            DatasetWarning(f"--data {data!r}: {len(vanished)} of {n} samples left out of the evaluation: {why}"),
+            stacklevel=2,
+        )
+        if skipped is not None:
+            skipped.extend(name for name, _ in vanished)
     return out
 
 
@@ -458,7 +489,10 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     mask_hint, outline_width = mask_hint_settings(args.mask_hint, args.outline_width, trained)
     guidance = guidance_setting(args.guidance, trained)
     resolution, aspect = evaluation_buckets(args.resolution, args.aspect_buckets, trained)
-    samples = load_samples(args.data, resolution, aspect, args.prompt or trained.get("default_prompt"), args.limit)
+    skipped: list[str] = []
+    samples = load_samples(
+        args.data, resolution, aspect, args.prompt or trained.get("default_prompt"), args.limit, skipped
+    )
 
     opened = open_pipeline(args.model, [v.lora for v in with_lora], args.device, args.dtype, prefix="eval")
     model, pipe = opened.model, opened.pipe
@@ -489,6 +523,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
         "run_config": trained.get("config"),
         "data": str(Path(args.data).expanduser().resolve()),
         "samples": len(samples),
+        **({"left_out": ", ".join(skipped) + " (mask vanishes at the evaluation size)"} if skipped else {}),
         "mask_hint": mask_hint,
         "resolution": resolution if resolution is not None else "own size",
         "aspect_buckets": aspect if resolution is not None else None,

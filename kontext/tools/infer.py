@@ -33,6 +33,7 @@ from data import make_buckets, nearest_bucket
 from data.buckets import BUCKET_MULTIPLE
 from data.errors import writing
 from data.hint import MASK_HINT_MODES
+from data.images import ImageProblem, ImageRef, decode_mask, decode_rgb, open_header
 from kontext.runtime.generation import DEFAULT_MAX_AREA, generate
 from kontext.tools.common import (
     InferenceError,
@@ -56,17 +57,47 @@ SETTINGS_CHUNK = "kontext-lora"
 
 # -------------------------------------------------------------------------------------------- files
 def open_image(path: str, option: str, mode: str) -> Image.Image:
-    """Open ``path`` as an image in ``mode`` (``RGB`` / ``L``), with an error naming ``option`` when it cannot."""
+    """Open ``path`` as an RGB image (``mode`` ``RGB``) or a mask (``L``), with an error naming ``option`` when it cannot.
+
+    Decoded as training decodes its data (``data.images``): EXIF orientation applied, 16-bit greyscale scaled
+    (Pillow's own ``convert`` clips it at 255, turning a 16-bit photo white), CMYK and palette converted, and a
+    mask held to the training rules (grey and opaque, a 16-bit mask white at 65535).
+    """
     p = Path(path).expanduser()
     if not p.is_file():
         raise InferenceError(f"{option} {path!r}: no such file; give the path of an existing image")
     try:
-        with Image.open(p) as im:
-            from PIL import ImageOps
-
-            return ImageOps.exif_transpose(im).convert(mode)
+        with open_header(ImageRef(option, path=p)) as im:
+            return decode_mask(im) if mode == "L" else decode_rgb(im)
+    except ImageProblem as e:
+        raise InferenceError(f"{option} {path!r} {e}") from None
     except (UnidentifiedImageError, OSError) as e:
         raise InferenceError(f"{option} {path!r}: not a readable image ({e}); give a PNG, JPEG or WebP file") from None
+
+
+def check_mask_coverage(mask: Image.Image, path: str, composite: bool, hint: str) -> None:
+    """Refuse an empty or full ``--mask`` (``L``) that is used, as training refuses such masks: the hint drawn from an
+    empty mask marks nothing (the model is not shown where to insert) and ``--composite`` would return the scene
+    unchanged; a full one greys out the whole scene. With ``--mask-hint none`` and no ``--composite`` the mask is
+    not used, and any mask passes."""
+    if hint == "none" and not composite:
+        return
+    low, high = mask.getextrema()
+    if high < 128:
+        scale = " (it holds only 0 and 1: scale it to 0 and 255)" if high == 1 else ""
+        effect = (
+            "with --composite only the masked region is taken from the result, so the output would be --image unchanged"
+            if composite else "the mask hint would mark no region, so the model is not shown where the object goes"
+        )
+        raise InferenceError(
+            f"--mask {path!r} is empty: no pixel is white (>= 128; white marks where the object goes){scale}, and "
+            f"{effect}. Give a mask that marks the region, or drop --mask{' and --composite' if composite else ''}"
+        )
+    if low >= 128:
+        raise InferenceError(
+            f"--mask {path!r} is full: every pixel is white (>= 128), so the whole scene is marked for the object and "
+            "nothing of it is kept. Paint the area outside the object black, or drop --mask"
+        )
 
 
 def output_paths(out: str, num_images: int, seeds: Sequence[int]) -> list[Path]:
@@ -188,14 +219,10 @@ def run(args: argparse.Namespace) -> list[Path]:
             f"--mask {args.mask!r} is {mask.size[0]}x{mask.size[1]} but --image is "
             f"{context.size[0]}x{context.size[1]}; give a mask of the same size"
         )
-    if mask is not None and args.composite and mask.getextrema()[1] < 128:
-        raise InferenceError(
-            f"--mask {args.mask!r} is empty (no pixel at or above 128; white marks where the object goes): with "
-            "--composite only the masked region is taken from the result, so the output would be --image unchanged. "
-            "Give a mask that marks the region, or drop --composite"
-        )
     trained = trained_settings(specs[0] if specs else None)
     hint, outline_width = mask_hint_settings(args.mask_hint, args.outline_width, trained, has_mask=mask is not None)
+    if mask is not None:
+        check_mask_coverage(mask, args.mask, args.composite, hint)
     guidance = guidance_setting(args.guidance, trained)
     width, height = args.width, args.height
     if width is None and height is None:

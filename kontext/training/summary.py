@@ -111,8 +111,8 @@ def held_out_folder(cfg: Any) -> tuple[str, list[str]]:
         )
     else:
         how = (
-            f"put samples the LoRA never saw into {folder} {layout}: it trained on every sample of {root} "
-            "(validation.holdout: N keeps the last N out of training)"
+            f"put samples the LoRA never saw into {folder} {layout}: no sample of {root} was held out of training "
+            "(validation.holdout: N keeps the last N out)"
         )
     return folder, [f"Make a held-out folder: {how}; then evaluate on it:"]
 

@@ -25,6 +25,7 @@ from PIL import Image
 from data import TripletDataset, dataset_from_config, validation_split
 from data.errors import writing
 from data.transforms import prepare_sample
+from data.validate import mask_vanishes
 from kontext.evaluation.grid import make_grid
 from kontext.evaluation.metrics import aggregate
 from kontext.evaluation.score import generate_and_score
@@ -64,6 +65,10 @@ def held_out(cfg: Any) -> bool:
 def validation_samples(dataset: Any, num_samples: int) -> list[dict[str, Any]]:
     """The fixed validation samples: the first ``num_samples`` of ``dataset``, un-flipped, centre-cropped.
 
+    A sample whose mask vanishes in its bucket (``data.validate.mask_vanishes``: the centre crop cuts the mask
+    away, or it is smaller than a latent cell) is passed over for the next one: it has nothing to score, and its
+    IoU 0 would pull the ``val/*`` means down while its area ratio is NaN. The dataset check already warned about it.
+
     Args:
         dataset: a ``data.TripletDataset`` (``load_raw``, ``buckets``, ``bucket_ids``, ``mask_hint``).
 
@@ -72,9 +77,15 @@ def validation_samples(dataset: Any, num_samples: int) -> list[dict[str, Any]]:
         context WITHOUT hint) and ``mask`` (``L`` PIL).
     """
     out = []
-    for i in range(min(int(num_samples), len(dataset))):
+    passed_over = []
+    for i in range(len(dataset)):
+        if len(out) >= int(num_samples):
+            break
         raw = dataset.load_raw(i)
         bucket = dataset.buckets[dataset.bucket_ids[i]]
+        if mask_vanishes(raw.mask, [bucket]):
+            passed_over.append(raw.name)
+            continue
         # centre crop even when training crops at random: validation must see the same pixels every time
         p = prepare_sample(raw, bucket, flip=False, crop="center")
         out.append(
@@ -85,6 +96,12 @@ def validation_samples(dataset: Any, num_samples: int) -> list[dict[str, Any]]:
                 "target": to_pil(p["target"])[0],
                 "mask": mask_to_pil(p["mask"]),
             }
+        )
+    if passed_over:
+        logger.info(
+            "validation passes over %d sample(s) whose mask vanishes at the training size (%s)",
+            len(passed_over),
+            ", ".join(passed_over),
         )
     return out
 
@@ -158,7 +175,11 @@ def run_validation(
     settings = cfg.validation
     samples = validation_samples(dataset, settings.num_samples)
     if not samples:
-        logger.warning("validation skipped: the dataset is empty")
+        logger.warning(
+            "validation skipped: the dataset is empty" if len(dataset) == 0 else
+            "validation skipped: every sample's mask vanishes at the training size (the centre crop to its bucket "
+            "leaves no latent cell more than half white); crop the images around the object or paint larger masks"
+        )
         return {}
     device = next(transformer.parameters()).device
     previous_transformer = pipe.transformer
