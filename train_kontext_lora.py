@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -797,13 +798,13 @@ def finish(run: Run, reason: StopReason | str) -> StopReason:
 def _finish(run: Run, reason: StopReason, stop: StopRequest) -> StopReason:
     cfg, acc = run.cfg, run.accelerator
     if reason in (StopReason.PAUSED, StopReason.SIGNAL):
-        acc.end_training()
+        _end_training(run)
         unlock_output_dir(run.output_dir)
         if reason is StopReason.SIGNAL:
             acc.print(_stopped_message(run))
         return reason
     if reason in (StopReason.NONFINITE, StopReason.NONFINITE_WEIGHTS):
-        acc.end_training()
+        _end_training(run)
         unlock_output_dir(run.output_dir)
         last = _last_checkpoint_name(run)
         what = f"{cfg.train.max_nonfinite_steps} consecutive updates had a NaN/inf loss or gradient (see the warnings above for the term)"
@@ -825,7 +826,7 @@ def _finish(run: Run, reason: StopReason, stop: StopRequest) -> StopReason:
     if any_process(acc, stop.requested is not None):
         if not final_ckpt.is_dir():
             save_checkpoint(run, run.start_step)
-        acc.end_training()
+        _end_training(run)
         unlock_output_dir(run.output_dir)
         acc.print(_stopped_message(run, "before the final export"))
         return StopReason.SIGNAL
@@ -876,8 +877,29 @@ def _export(run: Run, metrics: dict[str, float]) -> None:
         acc.print(f"Done: {path}")
         acc.print(finished_run_summary(run.output_dir, cfg, run.history, run.start_step, metrics))
     acc.wait_for_everyone()
-    acc.end_training()
+    _end_training(run)
     unlock_output_dir(run.output_dir)
+
+
+def _end_training(run: Run) -> None:
+    """``accelerator.end_training()`` (which destroys the process group), after releasing the DDP wrapper; with
+    several processes ``run.transformer`` is the unwrapped model from then on.
+
+    The wrapper's reducer holds the process group. Kept past ``destroy_process_group``, it is the group's last owner,
+    and the release of the run (once ``run_training`` returns) runs the gloo group's destructor with the GIL held:
+    torch frees the reducer without letting go of the GIL, and that destructor joins the group's worker threads. A
+    worker that has just completed the last collective takes the GIL to release that collective's Python tensors,
+    and both wait forever (a process that never exits, after the last checkpoint was saved). Released first
+    (``gc.collect`` for a wrapper in a reference cycle), the wrapper leaves the last reference to
+    ``destroy_process_group``, whose Python handle of the group lets go of the GIL while the group is destroyed.
+    """
+    acc = run.accelerator
+    unwrapped = acc.unwrap_model(run.transformer)
+    if unwrapped is not run.transformer:
+        run.transformer = unwrapped
+        acc.free_memory()  # accelerate's own references to the prepared model, optimiser and schedule
+        gc.collect()
+    acc.end_training()
 
 
 def _last_checkpoint_name(run: Run) -> str:
