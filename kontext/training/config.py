@@ -749,14 +749,14 @@ def resolve_paths(cfg: Config, base: str | Path | None = None) -> Config:
     so hub ids stay as they are.
     """
     base = Path.cwd() if base is None else Path(base)
-    d = cfg.data
+    data_cfg = cfg.data
     cfg.output_dir = _absolute(cfg.output_dir, base)
-    if d.source == "folder" or _exists(d.root, base):
-        d.root = _absolute(d.root, base)
-    if d.cache_dir:
-        d.cache_dir = _absolute(d.cache_dir, base)
+    if data_cfg.source == "folder" or _exists(data_cfg.root, base):
+        data_cfg.root = _absolute(data_cfg.root, base)
+    if data_cfg.cache_dir:
+        data_cfg.cache_dir = _absolute(data_cfg.cache_dir, base)
     val_root = getattr(cfg.validation, "data_root", None)  # a held-out set, where the schema has one
-    if isinstance(val_root, str) and val_root and (d.source == "folder" or _exists(val_root, base)):
+    if isinstance(val_root, str) and val_root and (data_cfg.source == "folder" or _exists(val_root, base)):
         cfg.validation.data_root = _absolute(val_root, base)
     resume = cfg.checkpoint.resume_from
     if resume and resume != "latest" and _exists(resume, base):
@@ -765,18 +765,18 @@ def resolve_paths(cfg: Config, base: str | Path | None = None) -> Config:
 
 
 def _check_cross_field(cfg: Config) -> None:
-    d = cfg.data
-    if d.source == "hf" and d.synthetic.enabled:
+    data_cfg = cfg.data
+    if data_cfg.source == "hf" and data_cfg.synthetic.enabled:
         raise ConfigError(
             "`data.synthetic.enabled` writes a folder dataset; it cannot be used with `data.source: hf`.",
             ("data.synthetic.enabled", "data.source"),
         )
-    if d.resolution % 16 != 0:
+    if data_cfg.resolution % 16 != 0:
         raise ConfigError(
-            f"`data.resolution` must be divisible by 16 (VAE 8x and 2x2 packing); got {d.resolution}.",
+            f"`data.resolution` must be divisible by 16 (VAE 8x and 2x2 packing); got {data_cfg.resolution}.",
             "data.resolution",
         )
-    if d.random_crop and d.cache_latents:
+    if data_cfg.random_crop and data_cfg.cache_latents:
         raise ConfigError(
             "`data.random_crop: true` cannot be cached (every epoch has a new crop window); set "
             "`data.cache_latents: false` or `data.random_crop: false`.",
@@ -787,16 +787,16 @@ def _check_cross_field(cfg: Config) -> None:
             "`validation.data_root` and `validation.holdout` both choose the validation samples; set only one.",
             ("validation.data_root", "validation.holdout"),
         )
-    op = cfg.loss.on_policy
-    if op.enabled and not cfg.loss.geometry.enabled:
+    on_policy = cfg.loss.on_policy
+    if on_policy.enabled and not cfg.loss.geometry.enabled:
         raise ConfigError(
             "`loss.on_policy.enabled: true` judges the geometry terms on the model's own samples, but "
             "`loss.geometry.enabled` is false; turn the geometry terms on or on-policy off.",
             ("loss.on_policy.enabled", "loss.geometry.enabled"),
         )
-    if op.sigma_min > op.sigma_max:
+    if on_policy.sigma_min > on_policy.sigma_max:
         raise ConfigError(
-            f"`loss.on_policy.sigma_min` ({op.sigma_min}) is above `loss.on_policy.sigma_max` ({op.sigma_max}); "
+            f"`loss.on_policy.sigma_min` ({on_policy.sigma_min}) is above `loss.on_policy.sigma_max` ({on_policy.sigma_max}); "
             "swap them.",
             ("loss.on_policy.sigma_min", "loss.on_policy.sigma_max"),
         )

@@ -44,11 +44,16 @@ def check_optional_features(cfg: Any) -> None:
 
 def make_optimizer(cfg: Any, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """``train.optimizer`` (adamw, adamw8bit or prodigy) over ``params`` with the config's betas, eps and decay."""
-    t = cfg.train
-    kwargs = {"lr": t.learning_rate, "betas": (t.adam_beta1, t.adam_beta2), "eps": t.adam_epsilon, "weight_decay": t.weight_decay}
-    if t.optimizer == "adamw":
+    train_cfg = cfg.train
+    kwargs = {
+        "lr": train_cfg.learning_rate,
+        "betas": (train_cfg.adam_beta1, train_cfg.adam_beta2),
+        "eps": train_cfg.adam_epsilon,
+        "weight_decay": train_cfg.weight_decay,
+    }
+    if train_cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, **kwargs)
-    if t.optimizer == "adamw8bit":
+    if train_cfg.optimizer == "adamw8bit":
         import bitsandbytes as bnb  # availability checked in check_optional_features
 
         return bnb.optim.AdamW8bit(params, **kwargs)

@@ -97,11 +97,11 @@ def held_out_folder(cfg: Any) -> tuple[str, list[str]]:
     root = Path(str(cfg.data.root))
     folder = str(root.parent / f"{root.name}_heldout")
     if cfg.data.synthetic.enabled:
-        s = cfg.data.synthetic
+        synthetic = cfg.data.synthetic
         return folder, [
             "Make a held-out folder (new scenes of the same product: another seed), then evaluate on it:",
-            f"  python -m data.synthetic --root {shlex.quote(folder)} --num-samples {HELDOUT_SAMPLES} --size {s.size} "
-            f"--seed {s.seed + 1}",
+            f"  python -m data.synthetic --root {shlex.quote(folder)} --num-samples {HELDOUT_SAMPLES} "
+            f"--size {synthetic.size} --seed {synthetic.seed + 1}",
         ]
     layout = "(context/, target/, mask/, prompts/ as in data.root)"
     if cfg.validation.holdout:
