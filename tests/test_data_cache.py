@@ -28,6 +28,9 @@ from data import (
 from data.dataset import TrainBatch
 from kontext.training.inputs import encode_items, train_batch
 
+# One sample has its own prompt and the rest use the default (prompts key the cache by their text): expected.
+pytestmark = pytest.mark.filterwarnings("ignore:.*have no prompt of their own:data.validate.DatasetWarning")
+
 SHIFT, SCALE = 0.1159, 0.3611  # FLUX.1's VAE shift and scaling factors
 
 

@@ -11,6 +11,9 @@ from PIL import Image
 
 from data import FolderSource, HFSource, open_source, validate_source
 
+# Their samples mix own prompts and the default on purpose (the fallback is what they test).
+pytestmark = pytest.mark.filterwarnings("ignore:.*have no prompt of their own:data.validate.DatasetWarning")
+
 
 def _arrays(k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(k)
