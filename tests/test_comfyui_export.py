@@ -696,3 +696,34 @@ def test_bf16_file_rounds_only_the_trained_factors(layout):
             assert torch.allclose(got[target], folded, rtol=1e-6, atol=1e-6), target
             continue
         assert rel <= 1e-6, f"{layout} {target}: {rel:.2e} from the rounded factors' delta"
+
+
+def test_a_checkpoint_folder_reads_the_runs_config_one_folder_up(trained, tmp_path, caplog):
+    """``python -m kontext.tools.comfyui run/checkpoint-2``: the run's config.yaml sits in ``run/``, not beside the
+    checkpoint's LoRA; it still names the base model (recorded in the file) and its width (checked)."""
+    import logging
+    import shutil
+
+    transformer, folder = trained
+    run = tmp_path / "run"
+    checkpoint = run / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    shutil.copy(folder / LORA_WEIGHTS_NAME, checkpoint / LORA_WEIGHTS_NAME)
+    base = tmp_path / "models" / "my_base"
+    (base / "transformer").mkdir(parents=True)
+    (base / "transformer" / "config.json").write_text(json.dumps(dict(transformer.config)))
+    (run / "config.yaml").write_text(f"model:\n  pretrained_model_name_or_path: {base}\n")
+    with caplog.at_level(logging.WARNING, logger="kontext.export.comfyui"):
+        out = export_comfyui(checkpoint)
+    assert out == checkpoint / COMFYUI_LORA_NAME
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["base_model"] == "my_base"
+    assert "no base model config" not in caplog.text
+    # Without the run's config.yaml nothing names the base: no base_model, and the width warning says why.
+    (run / "config.yaml").unlink()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kontext.export.comfyui"):
+        again = export_comfyui(checkpoint, checkpoint / "again.safetensors")
+    with safe_open(str(again), "pt") as f:
+        assert "base_model" not in f.metadata()
+    assert "no base model config beside it" in caplog.text

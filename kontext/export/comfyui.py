@@ -398,10 +398,19 @@ def _resolve_input(path: Path) -> Path:
     return path
 
 
+def _run_config_for(folder: Path) -> Path | None:
+    """The run's ``config.yaml`` for a LoRA in ``folder``: beside it (a training output folder), or one folder up
+    when ``folder`` is one of the run's ``checkpoint-<step>`` folders; None when there is none."""
+    for candidate in (folder, folder.parent) if folder.name.startswith("checkpoint-") else (folder,):
+        if (candidate / "config.yaml").is_file():
+            return candidate / "config.yaml"
+    return None
+
+
 def _base_model_of(folder: Path) -> str | None:
-    """The run's base model from ``config.yaml`` beside the LoRA, when there is one."""
-    cfg = folder / "config.yaml"
-    if not cfg.is_file():
+    """The run's base model from its ``config.yaml`` (:func:`_run_config_for`), when there is one."""
+    cfg = _run_config_for(folder)
+    if cfg is None:
         return None
     import yaml
 
@@ -414,8 +423,8 @@ def _base_model_of(folder: Path) -> str | None:
 
 
 def _base_transformer_config(folder: Path) -> dict[str, Any] | None:
-    """The transformer config of the run's base model, when ``config.yaml`` beside the LoRA names a local diffusers
-    folder (the LoRA's widths are then checked against it), else None."""
+    """The transformer config of the run's base model, when the run's ``config.yaml`` (:func:`_run_config_for`) names a
+    local diffusers folder (the LoRA's widths are then checked against it), else None."""
     base = _base_model_of(folder)
     if base is None:
         return None
