@@ -12,7 +12,15 @@ import torch
 from PIL import Image
 
 from data.hint import apply_mask_hint
-from kontext.runtime.generation import composite_inside_mask, feather_alpha, fit_size, generate, pil_to_tensor, to_pil
+from kontext.runtime.generation import (
+    composite_inside_mask,
+    feather_alpha,
+    fit_size,
+    generate,
+    mask_array,
+    pil_to_tensor,
+    to_pil,
+)
 from kontext.tools.infer import InferenceError, main, parse_lora_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -362,6 +370,22 @@ def test_generation_progress_shows_one_labelled_bar_and_restores(pipe, scene):
     assert "generating 2 images" in buf.getvalue() and f"{STEPS}/{STEPS}" in buf.getvalue()
     assert pipe._progress_bar_config == before
 
+
+
+def test_generate_decodes_16_bit_images_and_masks_as_training_does(pipe):
+    """``generate`` called from Python with a 16-bit greyscale context and mask (as ``Image.open`` gives them):
+    scaled 0..65535 -> 0..255 as training reads them, not clipped to white by Pillow's own convert."""
+    import numpy as np
+
+    context = Image.fromarray(np.full((64, 64), 30000, dtype=np.uint16))  # mode I;16, a mid grey
+    mask16 = np.zeros((64, 64), dtype=np.uint16)
+    mask16[16:48, 16:48] = 65535
+    mask = Image.fromarray(mask16)
+    assert context.mode.startswith("I") and mask.mode.startswith("I")
+    out = generate(pipe, context, "a bottle", mask, mask_hint="none", num_inference_steps=1, max_sequence_length=32)
+    seen = np.asarray(out.context, dtype=np.float64)
+    assert out.context.mode == "RGB" and abs(seen.mean() - 30000 / 257) < 1.0, seen.mean()
+    assert mask_array(out.mask).sum() == 32 * 32
 
 # ----------------------------------------------------------------------------------- pipeline loading
 def test_load_pipeline_errors_name_the_path_and_the_setting(tmp_path):

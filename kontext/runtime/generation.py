@@ -25,6 +25,7 @@ from PIL import Image
 from scipy import ndimage
 
 from data.hint import MASK_HINT_MODES, apply_mask_hint_pil
+from data.images import decode_mask, decode_rgb
 from kontext.runtime.flux import VAE_SCALE_FACTOR, decode_latents, encode_images, unpack_latents
 
 # The pipeline floors sizes to this multiple (VAE 8x times 2x2 packing).
@@ -219,9 +220,11 @@ def generate(
     Args:
         pipe: a loaded ``FluxKontextPipeline`` (LoRAs already loaded/activated as wanted); all components on one
             device (see :func:`components_on`).
-        context: the un-hinted RGB context, any size.
+        context: the un-hinted context, any size and mode (decoded as training decodes images: EXIF orientation,
+            16-bit greyscale scaled to 8 bits).
         prompt: the instruction.
-        mask: ``L`` insertion mask of the context's size (white where the object goes), or None.
+        mask: the insertion mask of the context's size (white where the object goes; greyscale 8 or 16 bit, or grey
+            RGB), or None.
         mask_hint: ``none`` / ``fill`` / ``outline``: drawn into the context from the mask with :mod:`data.hint`,
             exactly as in training. ``fill`` and ``outline`` need a mask.
         outline_width: band width of ``outline`` in pixels (None: the training default for this size).
@@ -251,6 +254,10 @@ def generate(
         raise ValueError("compositing inside the mask needs a mask; give a mask or turn compositing off")
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1; got {num_images}")
+    # As training decodes them: EXIF orientation applied, 16-bit scaled (Pillow's own convert clips it to white),
+    # masks grey and opaque. Already-decoded RGB and L images pass through unchanged.
+    context = decode_rgb(context)
+    mask = decode_mask(mask) if mask is not None else None
     w0, h0 = context.size
     if width is not None and height is None:
         height = max(1, round(h0 * width / w0))  # one side given: keep the context's aspect ratio
