@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data import TripletDataset, open_source
+from data import TripletDataset, open_source, validation_split
 from kontext.evaluation.grid import HEADER_HEIGHT, mask_outline, outline_width_for
 from kontext.evaluation.metrics import METRIC_FIELDS, sample_metrics
 from kontext.evaluation.score import generate_and_score
@@ -221,12 +221,12 @@ def test_validation_grid_respects_grid_max_side(lora_pipe, dataset, tmp_path):
 
 
 def test_holdout_withholds_the_last_samples_from_training(tiny_dataset_dir):
-    from kontext.training.validation import held_out, validation_dataset, validation_sources
+    from kontext.training.validation import held_out, validation_dataset
 
     source = open_source("folder", tiny_dataset_dir)
     cfg = config_from_dict({"data": {"root": str(tiny_dataset_dir), "resolution": SIZE}, "validation": {"holdout": 3}})
     assert held_out(cfg)
-    train, held = validation_sources(cfg, source)
+    train, held = validation_split(source, cfg.data, cfg.validation)
     n = len(source)
     assert len(train) == n - 3 and len(held) == 3
     assert train.names == source.names[: n - 3] and held.names == source.names[n - 3 :]
@@ -242,21 +242,20 @@ def test_holdout_withholds_the_last_samples_from_training(tiny_dataset_dir):
 
 def test_holdout_must_leave_training_samples(tiny_dataset_dir):
     from data import DatasetError
-    from kontext.training.validation import validation_sources
 
     source = open_source("folder", tiny_dataset_dir)
     cfg = config_from_dict({"data": {"root": str(tiny_dataset_dir)}, "validation": {"holdout": len(source)}})
     with pytest.raises(DatasetError, match=f"validation.holdout is {len(source)} but the dataset has {len(source)}"):
-        validation_sources(cfg, source)
+        validation_split(source, cfg.data, cfg.validation)
 
 
 def test_without_holdout_or_data_root_validation_uses_training_samples(tiny_dataset_dir):
-    from kontext.training.validation import held_out, validation_sources
+    from kontext.training.validation import held_out
 
     source = open_source("folder", tiny_dataset_dir)
     cfg = config_from_dict({"data": {"root": str(tiny_dataset_dir)}})
     assert not held_out(cfg)
-    assert validation_sources(cfg, source) == (source, None)
+    assert validation_split(source, cfg.data, cfg.validation) == (source, None)
 
 
 def test_data_root_is_a_separate_checked_set_and_overlap_is_named(tiny_dataset_dir, tmp_path, caplog):
@@ -265,13 +264,12 @@ def test_data_root_is_a_separate_checked_set_and_overlap_is_named(tiny_dataset_d
 
     from data import DatasetError
     from data.synthetic import generate_dataset
-    from kontext.training.validation import validation_sources
 
     source = open_source("folder", tiny_dataset_dir)
     other = generate_dataset(tmp_path / "heldout", num_samples=3, size=(SIZE, SIZE), seed=11)
     cfg = config_from_dict({"data": {"root": str(tiny_dataset_dir)}, "validation": {"data_root": str(other)}})
     with caplog.at_level(logging.WARNING, logger="kontext.training.validation"):
-        train, held = validation_sources(cfg, source)
+        train, held = validation_split(source, cfg.data, cfg.validation)
     assert train is source and len(held) == 3 and not caplog.records
     assert {held.fingerprint(i) for i in range(3)}.isdisjoint({source.fingerprint(i) for i in range(len(source))})
 
@@ -285,7 +283,7 @@ def test_data_root_is_a_separate_checked_set_and_overlap_is_named(tiny_dataset_d
         shutil.copy(path, dup / role / path.name)  # replaces the held-out sample of the same name
     cfg.validation.data_root = str(dup)
     with caplog.at_level(logging.WARNING, logger="kontext.training.validation"):
-        validation_sources(cfg, source)
+        validation_split(source, cfg.data, cfg.validation)
     assert any(name in r.getMessage() and "also training samples" in r.getMessage() for r in caplog.records)
 
     # a broken validation folder is reported like training data
@@ -294,7 +292,7 @@ def test_data_root_is_a_separate_checked_set_and_overlap_is_named(tiny_dataset_d
     next((broken / "mask").iterdir()).unlink()
     cfg.validation.data_root = str(broken)
     with pytest.raises(DatasetError):
-        validation_sources(cfg, source)
+        validation_split(source, cfg.data, cfg.validation)
 
 
 def test_data_root_and_holdout_together_are_a_config_error():

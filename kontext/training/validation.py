@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data import TripletDataset, dataset_from_config, validation_split
+from data import TripletDataset, dataset_from_config
 from data.errors import writing
 from data.transforms import prepare_sample
 from data.validate import mask_vanishes
@@ -39,16 +39,6 @@ logger = logging.getLogger(__name__)
 GRID_COLUMNS = ("context", "result", "target", "overlay")
 # Diagnostics that do not belong on a metric curve.
 _NOT_LOGGED = ("boundary_tol_px", "count")
-
-
-def validation_sources(cfg: Any, source: Any) -> tuple[Any, Any | None]:
-    """Split off the validation samples: ``(training source, validation source or None)``, as
-    ``data.split.validation_split`` reads ``validation.holdout`` and ``validation.data_root``.
-
-    Raises:
-        DatasetError: the holdout leaves nothing to train on, or the validation dataset has problems.
-    """
-    return validation_split(source, cfg.data, cfg.validation)
 
 
 def validation_dataset(cfg: Any, source: Any) -> TripletDataset:
