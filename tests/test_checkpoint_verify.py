@@ -15,7 +15,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from safetensors.torch import load_file, save_file
 

@@ -11,7 +11,7 @@ import yaml
 from safetensors import safe_open
 
 from kontext.training.config import config_from_dict
-from train_kontext_lora import Run, run_training, setup, train, finish
+from train_kontext_lora import run_training, setup, train, finish
 
 
 def tiny_cfg(tmp_path: Path, model_dir: Path, data_dir: Path, **sections):

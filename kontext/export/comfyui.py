@@ -44,7 +44,7 @@ from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from data.errors import WriteError, writing
+from data.errors import writing
 from kontext.errors import UserError
 from kontext.runtime.lora_io import LORA_WEIGHTS_NAME
 from kontext.runtime.sharing import respect_umask, shareable_model_name
