@@ -326,7 +326,8 @@ def test_pack_unpack_roundtrip_matches_pipeline_layout():
 @pytest.mark.parametrize("masked", [False, True])
 def test_trainer_and_pretraining_share_the_flow_step(tiny, masked):
     """The trainer's flow loss, the tiny model's pretraining loss and flow_step with the transformer are one
-    computation: the same bits from the same generator (guidance fixed for the pretraining's draw)."""
+    computation: the same loss from the same generator, to float32 rounding (guidance fixed for the pretraining's
+    draw)."""
     from kontext.tiny.pretrain import pretrain_loss
     from losses import flow_matching as fm
 
@@ -342,6 +343,8 @@ def test_trainer_and_pretraining_share_the_flow_step(tiny, masked):
         shared = step.loss(v, weight)
         pretraining = pretrain_loss(transformer, batch.target_latents, batch.context_latents, batch.prompt_embeds,
                                     batch.pooled_prompt_embeds, torch.Generator().manual_seed(4), sched, (2.5, 2.5))
-    assert torch.equal(trainer, shared) and torch.equal(logs["loss/flow"], shared)
+    rounding = {"rtol": 1e-6, "atol": 1e-7}  # float32 rounding; another formula or draw order is far off
+    torch.testing.assert_close(trainer, shared, **rounding)
+    torch.testing.assert_close(logs["loss/flow"], shared, **rounding)
     if not masked:
-        assert torch.equal(pretraining, shared)
+        torch.testing.assert_close(pretraining, shared, **rounding)
