@@ -632,6 +632,8 @@ class TermLog:
                              disable=not run.accelerator.is_local_main_process, dynamic_ncols=True)
 
     def add(self, step: int, names: list[str], terms: torch.Tensor, grad_norm: float | None, step_time: float) -> None:
+        """Record update ``step``: ``terms`` ``[len(names)]`` (the logged loss terms, on the device) stay pending with
+        the host values (learning rate, gradient norm, seconds); the progress bar advances."""
         host = {
             "step": step,
             "lr": self.run.lr_scheduler.get_last_lr()[0],  # a host float: no sync
@@ -642,6 +644,7 @@ class TermLog:
         self.progress.update(1)
 
     def flush(self) -> None:
+        """Move the pending records to ``run.history`` (one transfer; the mean over processes) and show the last."""
         if not self.pending:
             return
         acc = self.run.accelerator
@@ -660,6 +663,7 @@ class TermLog:
         )
 
     def close(self) -> None:
+        """Flush what is pending and close the progress bar."""
         self.flush()
         self.progress.close()
 

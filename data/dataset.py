@@ -74,6 +74,7 @@ class SampleLatents:
     scene: torch.Tensor | None = None
 
     def nbytes(self) -> int:
+        """Bytes the tensors hold (for the ``decoded_memory_mb`` budget)."""
         return sum(t.numel() * t.element_size() for t in (self.target, self.context, self.scene) if t is not None)
 
 
