@@ -44,7 +44,13 @@ from kontext.export.model_card import write_model_card
 from kontext.runtime.dtypes import DTYPES
 from kontext.runtime.flux import predict_velocity
 from kontext.runtime.lora import attach_lora, make_lora_config
-from kontext.runtime.lora_io import LORA_WEIGHTS_NAME, check_replicas_agree, register_checkpoint_hooks, save_lora
+from kontext.runtime.lora_io import (
+    LORA_WEIGHTS_NAME,
+    check_replicas_agree,
+    register_checkpoint_hooks,
+    save_lora,
+    unwrapped,
+)
 from kontext.runtime.model_path import base_model_identity, text_length_warning
 from kontext.runtime.pipeline import load_pipeline
 from kontext.tiny.model import resolve_model_path
@@ -327,6 +333,7 @@ def setup(cfg: Config) -> Run:
         if cfg.logging.report_to != "none":
             accelerator.init_trackers(cfg.logging.project_name, config=flat_config(cfg))
     _log_cpu_threads(cfg, accelerator.device)
+    _log_compilation(accelerator)
     return run
 
 
@@ -463,6 +470,18 @@ def _log_cpu_threads(cfg: Config, device: torch.device) -> None:
             "Training on the CPU with %d intra-op thread%s per process; the next batch is prepared %s.",
             torch.get_num_threads(), "" if torch.get_num_threads() == 1 else "s",
             "in a background thread" if prefetch else "between steps (data.prefetch)",
+        )
+
+
+def _log_compilation(accelerator: Accelerator) -> None:
+    """Say so when the launcher compiles the transformer (``--dynamo_backend``): the first steps then take minutes."""
+    plugin = accelerator.state.dynamo_plugin
+    backend = getattr(plugin.backend, "value", plugin.backend)
+    if str(backend).lower() != "no":
+        logger.info(
+            "The launcher compiles the transformer (torch.compile, backend %s%s): the first step includes the "
+            "compilation, and a new image size (another aspect bucket) may compile again. Validation runs uncompiled.",
+            str(backend).lower(), ", by region" if plugin.use_regional_compilation else "",
         )
 
 
@@ -724,7 +743,7 @@ def _nonfinite_grad_names(run: Run, limit: int = 3) -> str:
     Only this process's shard of a sharded (DTensor) gradient is looked at: no collective on this path.
     """
     names = [
-        n for n, p in run.accelerator.unwrap_model(run.transformer).named_parameters()
+        n for n, p in unwrapped(run.accelerator, run.transformer).named_parameters()
         if p.grad is not None and not torch.isfinite(getattr(p.grad, "to_local", lambda: p.grad)()).all()
     ]
     return first_names(names, limit) or "the gradient on another process"
@@ -771,7 +790,7 @@ def validate(run: Run, step: int, stop: StopRequest | None = None) -> dict[str, 
     acc = run.accelerator
     metrics: dict[str, float] = {}
     if acc.is_main_process:
-        transformer = acc.unwrap_model(run.transformer)
+        transformer = unwrapped(acc, run.transformer)
         was_training = transformer.training
         transformer.eval()
         try:
@@ -850,7 +869,7 @@ def _stopped_message(run: Run, when: str = "") -> str:
 def _export(run: Run, metrics: dict[str, float]) -> None:
     """History and model card, then the final LoRA (whose presence makes the run finished), then the ComfyUI file."""
     cfg, acc = run.cfg, run.accelerator
-    transformer = acc.unwrap_model(run.transformer)
+    transformer = unwrapped(acc, run.transformer)
     check_replicas_agree(acc, transformer)
     # Each write below runs on the main process, and every rank learns its outcome, so that a failed write stops
     # them all instead of leaving the others at the next barrier.
@@ -887,7 +906,7 @@ def _export(run: Run, metrics: dict[str, float]) -> None:
 
 def _end_training(run: Run) -> None:
     """``accelerator.end_training()`` (which destroys the process group), after releasing the DDP wrapper; with
-    several processes ``run.transformer`` is the unwrapped model from then on.
+    several processes (or a compiled model) ``run.transformer`` is the unwrapped model from then on.
 
     The wrapper's reducer holds the process group. Kept past ``destroy_process_group``, it is the group's last owner,
     and the release of the run (once ``run_training`` returns) runs the gloo group's destructor with the GIL held:
@@ -898,9 +917,9 @@ def _end_training(run: Run) -> None:
     ``destroy_process_group``, whose Python handle of the group lets go of the GIL while the group is destroyed.
     """
     acc = run.accelerator
-    unwrapped = acc.unwrap_model(run.transformer)
-    if unwrapped is not run.transformer:
-        run.transformer = unwrapped
+    base = unwrapped(acc, run.transformer)
+    if base is not run.transformer:
+        run.transformer = base
         acc.free_memory()  # accelerate's own references to the prepared model, optimiser and schedule
         gc.collect()
     acc.end_training()

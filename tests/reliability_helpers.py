@@ -47,7 +47,7 @@ def tree_digest(folder: Path) -> dict[str, str]:
 
 def lora_of(run) -> dict[str, torch.Tensor]:
     """A copy of the run's LoRA (on CPU float32 ``full_lora_state_dict`` shares the live storage)."""
-    return {k: v.clone() for k, v in lora_io.full_lora_state_dict(run.accelerator.unwrap_model(run.transformer)).items()}
+    return {k: v.clone() for k, v in lora_io.full_lora_state_dict(lora_io.unwrapped(run.accelerator, run.transformer)).items()}
 
 
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

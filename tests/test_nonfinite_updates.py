@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import kontext.runtime.lora_io as lora_io
 import train_kontext_lora as tk
 from kontext.training.checkpoint import finalize, list_checkpoints, temp_path
 from kontext.training.config import config_from_dict
@@ -117,7 +118,7 @@ def test_nan_gradient_skips_update(tmp_path, tiny_model_dir, tiny_dataset_dir, c
         assert tk.train(run) == "done"
     assert fired["n"] == 4 and [h["step"] for h in run.history] == [1, 2, 3]
     msgs = [r.getMessage() for r in caplog.records if "non-finite" in r.getMessage()]
-    poisoned = next(n for n, p in run.accelerator.unwrap_model(run.transformer).named_parameters() if p is run.lora_params[0])
+    poisoned = next(n for n, p in lora_io.unwrapped(run.accelerator, run.transformer).named_parameters() if p is run.lora_params[0])
     assert len(msgs) == 1 and f"non-finite gradient in {poisoned}" in msgs[0], msgs
     assert all(torch.isfinite(v).all() for v in lora_of(run).values())
 

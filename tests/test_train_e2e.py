@@ -10,6 +10,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
+import kontext.runtime.lora_io as lora_io
 from kontext.training.config import config_from_dict
 from train_kontext_lora import run_training, setup, train, finish
 
@@ -104,7 +105,7 @@ def test_end_to_end_outputs_and_lora_loads(tmp_path, tiny_model_dir, tiny_datase
 
     # Base weights untouched by training; LoRA B matrices moved away from their zero init.
     fresh = FluxTransformer2DModel.from_pretrained(tiny_model_dir, subfolder="transformer")
-    trained = run.accelerator.unwrap_model(run.transformer)
+    trained = lora_io.unwrapped(run.accelerator, run.transformer)
     fresh_sd = fresh.state_dict()
     for name, p in trained.named_parameters():
         if "lora_" in name:

@@ -6,6 +6,7 @@ The trainer, the checkpoints and the tests all go through these functions:
 - :func:`save_lora` writes ``pytorch_lora_weights.safetensors`` in diffusers/PEFT format with the *whole* LoRA
   config as ``lora_adapter_metadata`` (diffusers' loader needs more than rank and alpha);
 - :func:`load_lora_file` / :func:`load_lora_state_dict` read it back into the ``default`` adapter;
+- :func:`unwrapped` is the transformer under accelerate's wrappers (DDP, FSDP, ``torch.compile``);
 - :func:`register_checkpoint_hooks` makes ``accelerator.save_state`` hold only the LoRA, never the frozen base;
 - :func:`lora_digest` and :func:`check_replicas_agree` show that every process ended with the same weights.
 """
@@ -22,6 +23,17 @@ import torch
 from kontext.runtime.sharing import respect_umask, shareable_model_name
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
+def unwrapped(accelerator: Any, model: torch.nn.Module) -> torch.nn.Module:
+    """The module ``accelerator.prepare`` was given: DDP/FSDP/DeepSpeed wrappers and ``torch.compile`` removed.
+
+    ``accelerate launch --dynamo_backend ...`` compiles the prepared model, either whole (a wrapper whose
+    parameter names start with ``_orig_mod.``) or, with ``--dynamo_use_regional_compilation``, as a copy whose
+    repeated blocks are compiled. Saving, loading, validation and the weight checks all work on the original
+    module, whose parameters are the ones being trained and whose names are the LoRA's file keys.
+    """
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
 
 
 def adapter_metadata(transformer: torch.nn.Module, base_model: str | None = None) -> dict[str, Any]:
@@ -124,18 +136,18 @@ def register_checkpoint_hooks(accelerator: Any, transformer: torch.nn.Module) ->
     ``accelerator.save_state`` then writes the LoRA with :func:`save_lora` (every process takes part in the
     gather, the main one writes) and ``load_state`` reads it back with :func:`load_lora_file`.
     """
-    base = accelerator.unwrap_model(transformer)
+    base = unwrapped(accelerator, transformer)
 
     def save_hook(models: list, weights: list, out_dir: str) -> None:
         for i in reversed(range(len(models))):
-            if accelerator.unwrap_model(models[i]) is base:
+            if unwrapped(accelerator, models[i]) is base:
                 save_lora(base, out_dir, write=accelerator.is_main_process)
                 if weights:
                     weights.pop(i)
 
     def load_hook(models: list, in_dir: str) -> None:
         for i in reversed(range(len(models))):
-            if accelerator.unwrap_model(models[i]) is base:
+            if unwrapped(accelerator, models[i]) is base:
                 models.pop(i)
                 load_lora_file(base, Path(in_dir) / LORA_WEIGHTS_NAME)
 
