@@ -33,6 +33,13 @@ script's math is touched. The same clock on both sides:
 - **load**: the 1-minute load average before and after each run, and the cores other processes kept busy during
   it (all CPUs' busy time from ``/proc/stat`` less the run's own CPU time, over its wall time).
 
+``--compile SIDE ...`` launches those sides with ``--dynamo_backend inductor --dynamo_use_regional_compilation``
+(accelerate compiles each repeated transformer block with ``torch.compile``; nothing in either script changes).
+Each compiled run gets its own empty inductor cache (``TORCHINDUCTOR_CACHE_DIR``), so its first steps pay the
+whole compilation, as a user's first run does, unless ``--warm-compile``, where every run of a side shares one
+cache that an untimed run filled first (a user's later runs on the same machine). The first step's time is
+reported with the loop.
+
 Runs are interleaved: every (threads, path) setting runs project then example on even repeats and example then
 project on odd ones (A B B A ...), the order of settings reversed on odd repeats. Reported: per path and thread
 count, each side's figures and the ratios project / example; per side and path the thread scaling
@@ -45,6 +52,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -304,16 +312,23 @@ def example_args(out: Path, model: Path, peer: Path, resolution: int, steps: int
 
 
 def launch(python: str, threads: int, side: str, script: Path, desc: str, timing: Path, script_args: list[str],
-           log: Path, timeout: float, profile: list[int] | None = None) -> dict[str, Any]:
-    """One ``accelerate launch --cpu`` run of a side; its timing record plus load and wall figures."""
+           log: Path, timeout: float, updates: int, profile: list[int] | None = None,
+           compile_cache: Path | None = None) -> dict[str, Any]:
+    """One ``accelerate launch --cpu`` run of a side (``updates`` steps); its timing record plus load and wall figures.
+
+    ``compile_cache``: compile the transformer's blocks (accelerate's regional compilation with inductor), with
+    this folder as inductor's cache."""
+    dynamo = ["--dynamo_backend", "inductor", "--dynamo_use_regional_compilation"] if compile_cache else ["--dynamo_backend", "no"]
     cmd = [
         python, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", str(threads),
+        "--mixed_precision", "no", *dynamo, "--num_cpu_threads_per_process", str(threads),
         str(THIS), "--side", side, "--script", str(script), "--desc", desc, "--timing", str(timing),
         *(["--profile", *map(str, profile)] if profile else []), "--", *script_args,
     ]
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    if compile_cache:
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache)
     load0, busy0, t0 = os.getloadavg(), _cpu_busy_s(), time.perf_counter()
     import resource
 
@@ -324,12 +339,20 @@ def launch(python: str, threads: int, side: str, script: Path, desc: str, timing
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     own = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     other = max(0.0, (_cpu_busy_s() - busy0 - own) / wall)
-    if proc.returncode != 0 or not timing.is_file():
+    rec = json.loads(timing.read_text(encoding="utf-8")) if timing.is_file() else {}
+    # A script that fails after its loop finished (the example's final save and reload fail under regional
+    # compilation) still timed every step: kept, and its failure reported.
+    finished_loop = len(rec.get("ticks", [])) == updates
+    if proc.returncode != 0 and not finished_loop:
         tail = log.read_text(encoding="utf-8", errors="replace")[-3000:]
         raise RuntimeError(f"{side} run failed (exit {proc.returncode}); log {log}:\n{tail}")
-    rec = json.loads(timing.read_text(encoding="utf-8"))
     if not rec.get("ticks"):
         raise RuntimeError(f"{side}: no update of a progress bar named {desc!r} was seen; log {log}")
+    if proc.returncode != 0:
+        # The script's own exception: the first "SomeError: ..." line (the launcher's CalledProcessError follows it).
+        lines = [x.strip() for x in log.read_text(encoding="utf-8", errors="replace").splitlines()
+                 if re.match(r"^[\w.]+(Error|Exception): ", x.strip()) and "CalledProcessError" not in x]
+        rec["failed_after_loop"] = f"exit {proc.returncode}: {lines[0][:300] if lines else 'see ' + str(log)}"
     rec.update(load_before=load0[0], load_after=os.getloadavg()[0], other_cores=other, wall_s=wall,
                cpu_s=own, sys_s=r1.ru_stime - r0.ru_stime)
     return rec
@@ -375,6 +398,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", type=int, nargs=2, default=None, metavar=("FIRST", "COUNT"),
                     help="torch.profiler over updates FIRST+1 .. FIRST+COUNT of every run (slows those steps: "
                          "for the op breakdown, not for the timing table)")
+    ap.add_argument("--compile", nargs="+", choices=SIDES, default=[],
+                    help="launch these sides with accelerate's regional compilation (--dynamo_backend inductor)")
+    ap.add_argument("--warm-compile", action="store_true",
+                    help="compiled runs of a side share one inductor cache, filled by an untimed run first")
     args = ap.parse_args(argv)
     if args.steps <= args.warmup:
         ap.error("--steps must exceed --warmup")
@@ -391,21 +418,35 @@ def main(argv: list[str] | None = None) -> int:
     print(f"start: load average {'%.2f %.2f %.2f' % os.getloadavg()}")
     settings = [(n, p) for n in args.threads for p in args.paths]
     runs: list[dict[str, Any]] = []
+
+    def compile_cache(side: str, tag: str) -> Path | None:
+        if side not in args.compile:
+            return None
+        return work / f"inductor_{side}" if args.warm_compile else work / f"inductor_{tag}"
+
+    if args.warm_compile:
+        for side in args.compile:  # fill each side's cache, untimed, for every path the runs take
+            for path in args.paths:
+                tag = f"{side}_{path}_warmup"
+                sargs = _side_args(side, args, work / tag, model, data, peer, path == "cached", steps=args.warmup + 1)
+                py, script, desc = _side_program(side, args)
+                launch(py, args.threads[-1], side, script, desc, work / f"{tag}.timing.json", sargs,
+                       work / f"{tag}.log", args.timeout, args.warmup + 1, None, compile_cache(side, tag))
+                print(f"  {tag}: inductor cache filled", flush=True)
     for rep in range(args.repeats):
         for threads, path in settings if rep % 2 == 0 else settings[::-1]:
             for side in SIDES if rep % 2 == 0 else SIDES[::-1]:
                 tag = f"{side}_{path}_t{threads}_r{rep}"
                 out = work / tag
-                cached = path == "cached"
-                if side == "project":
-                    sargs = project_args(out, model, data, args.resolution, args.steps, cached, args.geometry, args.masked)
-                    py, script, desc = args.python, REPO / "train_kontext_lora.py", "train"
-                else:
-                    sargs = example_args(out, model, peer, args.resolution, args.steps, cached)
-                    py, script, desc = args.example_python, args.example.resolve(), "Steps"
+                sargs = _side_args(side, args, out, model, data, peer, path == "cached", steps=args.steps)
+                py, script, desc = _side_program(side, args)
                 rec = launch(py, threads, side, script, desc, work / f"{tag}.timing.json", sargs, work / f"{tag}.log",
-                             args.timeout, args.profile)
+                             args.timeout, args.steps, args.profile, compile_cache(side, tag))
                 s = summarise(rec, args.warmup)
+                s["compiled"] = side in args.compile
+                if "failed_after_loop" in rec:
+                    s["failed_after_loop"] = rec["failed_after_loop"]
+                    print(f"  {tag}: the loop finished, then the script failed ({rec['failed_after_loop']})", flush=True)
                 if side == "project":
                     hist = json.loads((out / "training_history.json").read_text(encoding="utf-8"))
                     s["own_step_time"] = statistics.median(h["step_time_s"] for h in hist[args.warmup :])
@@ -413,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
                              **{k: rec[k] for k in ("load_before", "load_after", "other_cores", "wall_s", "cpu_s", "sys_s")}})
                 r = runs[-1]
                 print(f"  {tag:<26} threads {r['threads']}  s/step {statistics.median(r['steady']):.3f}  loop "
-                      f"{r['loop_s']:.1f} s  RSS loop {r['rss_loop_mib']:.0f} / exit {r['rss_exit_mib']:.0f} MiB  "
+                      f"{r['loop_s']:.1f} s (first step {r['steps'][0]:.1f} s)  RSS loop {r['rss_loop_mib']:.0f} / exit {r['rss_exit_mib']:.0f} MiB  "
                       f"load {r['load_before']:.2f}->{r['load_after']:.2f}  other cores {r['other_cores']:.2f}  "
                       f"per step: user {r['user_s']:.3f} s, sys {r['sys_s_step']:.3f} s, {r['faults']:.0f} faults",
                       flush=True)
@@ -430,6 +471,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _side_args(side: str, args: argparse.Namespace, out: Path, model: Path, data: Path, peer: Path, cached: bool,
+               steps: int) -> list[str]:
+    if side == "project":
+        return project_args(out, model, data, args.resolution, steps, cached, args.geometry, args.masked)
+    return example_args(out, model, peer, args.resolution, steps, cached)
+
+
+def _side_program(side: str, args: argparse.Namespace) -> tuple[str, Path, str]:
+    """The Python a side runs with, its script, and the description of its training progress bar."""
+    if side == "project":
+        return args.python, REPO / "train_kontext_lora.py", "train"
+    return args.example_python, args.example.resolve(), "Steps"
+
+
 def report(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
     def pick(side: str, path: str, n: int) -> list[dict[str, Any]]:
         return [r for r in runs if r["side"] == side and r["path"] == path and r["threads"] == n]
@@ -440,6 +495,7 @@ def report(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[st
         return {
             "s_step": statistics.median(steady), "s_step_min": min(per_rep), "s_step_max": max(per_rep),
             "loop_s": statistics.median(r["loop_s"] for r in rs),
+            "first_s": statistics.median(r["steps"][0] for r in rs),
             "rss_loop": max(r["rss_loop_mib"] for r in rs), "rss_exit": max(r["rss_exit_mib"] for r in rs),
             "load_lo": min(r["load_before"] for r in rs), "load_hi": max(max(r["load_before"], r["load_after"]) for r in rs),
             "other": max(r["other_cores"] for r in rs),
@@ -451,7 +507,10 @@ def report(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[st
     table: list[dict[str, Any]] = []
     print(f"\n== {args.resolution} px, batch {BATCH}, rank {RANK}, {args.steps} steps, {args.repeats} repeats; "
           f"s/step: median of steady steps (first {args.warmup} left out) [per-repeat medians min-max] ==")
-    head = (f"{'path':<9}{'thr':>4} {'side':<8}{'s/step':>8} {'[min-max]':<14}{'loop s':>8}{'RSS loop':>10}"
+    if args.compile:
+        print(f"compiled (accelerate's regional compilation, inductor, {'warm' if args.warm_compile else 'cold'} "
+              f"cache): {', '.join(args.compile)}; first s: the first step, compilation included")
+    head = (f"{'path':<9}{'thr':>4} {'side':<8}{'s/step':>8} {'[min-max]':<14}{'first s':>8}{'loop s':>8}{'RSS loop':>10}"
             f"{'RSS exit':>10}  {'load 1-min':<11}{'other':>6}{'own s/step':>11}")
     print(head)
     for path in args.paths:
@@ -461,11 +520,11 @@ def report(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[st
                 x = f[side]
                 own = f"{x['own']:>11.3f}" if "own" in x else f"{'':>11}"
                 print(f"{path:<9}{n:>4} {side:<8}{x['s_step']:>8.3f} [{x['s_step_min']:.3f}-{x['s_step_max']:.3f}] "
-                      f"{x['loop_s']:>7.1f}{x['rss_loop']:>10.0f}{x['rss_exit']:>10.0f}  "
+                      f"{x['first_s']:>7.1f}{x['loop_s']:>8.1f}{x['rss_loop']:>10.0f}{x['rss_exit']:>10.0f}  "
                       f"{x['load_lo']:.2f}-{x['load_hi']:.2f}  {x['other']:>5.2f}{own}")
             p, e = f["project"], f["example"]
             ratio = {k: p[k] / e[k] for k in ("s_step", "loop_s", "rss_loop", "rss_exit")}
-            print(f"{'':<13} {'ratio':<8}{ratio['s_step']:>8.2f} {'':<14}{ratio['loop_s']:>8.2f}"
+            print(f"{'':<13} {'ratio':<8}{ratio['s_step']:>8.2f} {'':<14}{'':>8}{ratio['loop_s']:>8.2f}"
                   f"{ratio['rss_loop']:>10.2f}{ratio['rss_exit']:>10.2f}")
             table.append({"path": path, "threads": n, "project": p, "example": e, "ratio": ratio})
     print("\nper steady step (medians): CPU seconds in user / kernel mode, minor page faults, involuntary context switches")

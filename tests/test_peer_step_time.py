@@ -65,3 +65,17 @@ def test_runner_profiles_the_chosen_updates(tmp_path, isolated):
     rows = json.loads(timing.read_text(encoding="utf-8"))["profile"]
     ones = next(r for r in rows if r["name"] == "aten::ones")
     assert ones["calls"] == 1  # two profiled updates, one call each, counted per update
+
+
+def test_a_run_that_fails_after_its_loop_keeps_its_timing_and_says_why(tmp_path):
+    """Under regional compilation the example finishes its loop and then fails to reload its LoRA: its steps count,
+    its failure is reported. A run that fails before its loop ends is still an error."""
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT.replace("sys.exit(int(sys.argv[1]))",
+                                     "raise ValueError('cannot reload the saved LoRA')"), encoding="utf-8")
+    args = (sys.executable, 1, "example", script, "Steps")
+    rec = peer.launch(*args, tmp_path / "t4.json", [], tmp_path / "t4.log", 120, updates=4)
+    assert len(rec["ticks"]) == 4
+    assert rec["failed_after_loop"] == "exit 1: ValueError: cannot reload the saved LoRA"
+    with pytest.raises(RuntimeError, match=r"example run failed \(exit 1\)"):
+        peer.launch(*args, tmp_path / "t5.json", [], tmp_path / "t5.log", 120, updates=5)
