@@ -304,3 +304,28 @@ def test_a_sample_alone_in_its_aspect_bucket_is_named(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="kontext.training.checkpoint"):
         check_data_position(source, cfg, 1)
     assert "never trained on" not in caplog.text
+
+
+def test_a_save_that_leaves_the_lora_out_is_not_blamed_on_the_disk(tmp_path, tiny_model_dir, tiny_dataset_dir,
+                                                                   monkeypatch):
+    """A launch setting whose model the checkpoint hooks did not recognise (accelerate's torch.compile did) wrote no
+    LoRA into the checkpoint; the message asked whether the disk was full and said to free some space."""
+    from conftest import tiny_run_dict
+
+    real_export = lora_io.save_lora
+
+    def export_nothing(transformer, out_dir, *args, **kwargs):
+        if Path(out_dir).name == "checkpoint-4.tmp":
+            return Path(out_dir) / LORA  # no error, no file
+        return real_export(transformer, out_dir, *args, **kwargs)
+
+    monkeypatch.setattr(lora_io, "save_lora", export_nothing)
+    out = tmp_path / "out"
+    d = tiny_run_dict(out, tiny_model_dir, tiny_dataset_dir, tmp_path / "cache", train={"max_steps": 6})
+    with pytest.raises(tk.UserError) as info:
+        tk.run_training(config_from_dict(d))
+    msg = str(info.value)
+    assert f"(checkpoint-4.tmp does not read back intact: {LORA} is missing); no write failed" in msg, msg
+    assert "disk full" not in msg and "Free some space" not in msg, msg
+    assert "--dynamo_backend" in msg and f"the newest intact checkpoint is {out / 'checkpoint-2'}" in msg, msg
+    assert list_checkpoints(out) == [out / "checkpoint-2"] and not (out / "checkpoint-4.tmp").exists()

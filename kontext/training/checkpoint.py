@@ -334,6 +334,13 @@ def save_failure_message(exc: BaseException, output_dir: str | Path, partial: It
     """
     if is_disk_full(exc):
         head, fix = f"no space left on device while writing {what} in {output_dir}", "Free some space and"
+    elif isinstance(exc, CheckpointWriteError) and str(exc).endswith(" is missing"):
+        # No write failed and no file is short: the save itself left a file out (a launcher setting or engine
+        # whose model the checkpoint hooks did not recognise), not the disk.
+        head = (f"{what} in {output_dir} was not written intact ({exc}); no write failed, so the save left the file "
+                "out: this is a fault of the trainer with this launch setup, not of the disk")
+        fix = "Please report it with the accelerate launch command and config you used. To go on, launch without the " \
+              "setting that differs from a plain `accelerate launch` (for example --dynamo_backend) and"
     elif isinstance(exc, CheckpointWriteError):
         head, fix = f"{what} in {output_dir} was not written intact ({exc}); is the disk full?", "Free some space and"
     elif is_write_error(exc):
