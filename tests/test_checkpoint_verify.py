@@ -213,9 +213,18 @@ def test_a_checkpoint_that_does_not_read_back_is_never_promoted(tmp_path):
     assert list_checkpoints(out) == [out / "checkpoint-2"] and not (out / "checkpoint-4").exists()
 
 
-def test_a_save_that_loses_data_silently_stops_with_one_message(tmp_path, tiny_model_dir, tiny_dataset_dir, monkeypatch):
+def _failed_run_message(out: Path, model_dir: Path, data_dir: Path, monkeypatch, save_lora) -> str:
+    """The error of a 6-step run (checkpoints every 2) whose checkpoints' LoRA is written by ``save_lora``."""
     from conftest import tiny_run_dict
 
+    monkeypatch.setattr(lora_io, "save_lora", save_lora)
+    d = tiny_run_dict(out, model_dir, data_dir, out.parent / "cache", train={"max_steps": 6})
+    with pytest.raises(tk.UserError) as info:
+        tk.run_training(config_from_dict(d))
+    return str(info.value)
+
+
+def test_a_save_that_loses_data_silently_stops_with_one_message(tmp_path, tiny_model_dir, tiny_dataset_dir, monkeypatch):
     real_export = lora_io.save_lora
 
     def export_truncated(transformer, out_dir, *args, **kwargs):
@@ -224,12 +233,8 @@ def test_a_save_that_loses_data_silently_stops_with_one_message(tmp_path, tiny_m
             _truncate(path)  # no error raised: the data is simply not all there
         return path
 
-    monkeypatch.setattr(lora_io, "save_lora", export_truncated)
     out = tmp_path / "out"
-    d = tiny_run_dict(out, tiny_model_dir, tiny_dataset_dir, tmp_path / "cache", train={"max_steps": 6})
-    with pytest.raises(tk.UserError) as info:
-        tk.run_training(config_from_dict(d))
-    msg = str(info.value)
+    msg = _failed_run_message(out, tiny_model_dir, tiny_dataset_dir, monkeypatch, export_truncated)
     assert msg.startswith(f"checkpoint-4 in {out} was not written intact (checkpoint-4.tmp does not read back intact: "), msg
     assert "is the disk full?" in msg and f"the newest intact checkpoint is {out / 'checkpoint-2'}" in msg, msg
     assert list_checkpoints(out) == [out / "checkpoint-2"] and not (out / "checkpoint-4.tmp").exists()
@@ -310,8 +315,6 @@ def test_a_save_that_leaves_the_lora_out_is_not_blamed_on_the_disk(tmp_path, tin
                                                                    monkeypatch):
     """A launch setting whose model the checkpoint hooks did not recognise (accelerate's torch.compile did) wrote no
     LoRA into the checkpoint; the message asked whether the disk was full and said to free some space."""
-    from conftest import tiny_run_dict
-
     real_export = lora_io.save_lora
 
     def export_nothing(transformer, out_dir, *args, **kwargs):
@@ -319,12 +322,8 @@ def test_a_save_that_leaves_the_lora_out_is_not_blamed_on_the_disk(tmp_path, tin
             return Path(out_dir) / LORA  # no error, no file
         return real_export(transformer, out_dir, *args, **kwargs)
 
-    monkeypatch.setattr(lora_io, "save_lora", export_nothing)
     out = tmp_path / "out"
-    d = tiny_run_dict(out, tiny_model_dir, tiny_dataset_dir, tmp_path / "cache", train={"max_steps": 6})
-    with pytest.raises(tk.UserError) as info:
-        tk.run_training(config_from_dict(d))
-    msg = str(info.value)
+    msg = _failed_run_message(out, tiny_model_dir, tiny_dataset_dir, monkeypatch, export_nothing)
     assert f"(checkpoint-4.tmp does not read back intact: {LORA} is missing); no write failed" in msg, msg
     assert "disk full" not in msg and "Free some space" not in msg, msg
     assert "--dynamo_backend" in msg and f"the newest intact checkpoint is {out / 'checkpoint-2'}" in msg, msg
