@@ -12,7 +12,9 @@ launched test compiles with inductor, as a user does.
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -29,6 +31,7 @@ from kontext.training.config import config_from_dict
 
 from reliability_helpers import REPO, lora_of, max_diff, saved_lora
 from reliability_helpers import finished  # noqa: F401 (pytest fixtures)
+from test_distributed import _free_port
 from test_launch import accelerate_cmd, subprocess_env, tiny_overrides
 
 MODES = {"whole": {}, "regional": {"ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "true"}}
@@ -124,3 +127,29 @@ def test_accelerate_launch_with_inductor_regional_compilation(tmp_path, tiny_mod
     assert proc.returncode == 0, proc.stderr[-4000:]
     # Inductor fuses and reorders float32 arithmetic: the same training to rounding, not bit for bit.
     assert max_diff(saved_lora(out), saved_lora(plain / "out")) <= 1e-4
+
+
+@pytest.mark.slow
+def test_two_processes_compiled_by_region_train_the_uncompiled_runs_lora(tmp_path, tiny_model_dir, tiny_dataset_dir):
+    """DDP under accelerate's regional compilation (the DDP wrapper, then the compiled copy): both ranks end with the
+    same LoRA, and it is the one the same launch trains uncompiled."""
+    def launch(name: str, dynamo: list[str]) -> tuple[Path, str]:
+        cmd = accelerate_cmd() + [
+            "launch", "--config_file", "configs/accelerate/cpu_2proc.yaml", "--main_process_port", str(_free_port()),
+            *dynamo, "train_kontext_lora.py", "--config", "configs/example_tiny.yaml",
+            *tiny_overrides(tiny_model_dir, tiny_dataset_dir, tmp_path / name),
+        ]
+        proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        digests = re.findall(r"LoRA digest per process: (\[.*?\])", proc.stdout + proc.stderr)
+        assert len(digests) == 1 and len(set(json.loads(digests[0]))) == 1, digests
+        return tmp_path / name / "out", proc.stdout + proc.stderr
+
+    compiled, log = launch("compiled", ["--dynamo_backend", "eager", "--dynamo_use_regional_compilation"])
+    assert "The launcher compiles the transformer (torch.compile, backend eager, by region)" in log
+    plain, log = launch("plain", ["--dynamo_backend", "no"])
+    assert "The launcher compiles" not in log
+    for folder in ("checkpoint-2", "."):
+        assert _lora_keys(compiled / folder / "pytorch_lora_weights.safetensors") == \
+            _lora_keys(plain / folder / "pytorch_lora_weights.safetensors")
+    assert max_diff(saved_lora(compiled), saved_lora(plain)) <= 1e-6
