@@ -94,6 +94,18 @@ def tiny_run_dict(out: Path, model_dir: Path, data_dir: Path, cache: Path, **sec
     return base
 
 
+@pytest.fixture()
+def no_model_load(monkeypatch):
+    """Loading the base model fails the test: bad input (a config, a checkpoint, an output folder) must be refused
+    before any model loads."""
+    from diffusers import FluxKontextPipeline
+
+    def refuse(*a, **k):
+        raise AssertionError("the base model was loaded although the input should have been refused before that")
+
+    monkeypatch.setattr(FluxKontextPipeline, "from_pretrained", refuse)
+
+
 @pytest.fixture(scope="module")
 def two_step_run(tmp_path_factory, tiny_model_dir, tiny_dataset_dir) -> dict:
     """A finished 2-step tiny run with checkpoint-2: ``{"dict": its run description, "out": its output folder}``.

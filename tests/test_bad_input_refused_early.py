@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from reliability_helpers import cfg_dict, run_main_expect_user_error, tree_digest, write_yaml
-from reliability_helpers import finished, no_model_load  # noqa: F401 (pytest fixtures)
+from reliability_helpers import finished  # noqa: F401 (pytest fixtures)
 
 
 def _png(path: Path, arr: np.ndarray) -> None:

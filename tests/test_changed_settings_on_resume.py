@@ -17,7 +17,7 @@ import train_kontext_lora as tk
 from kontext.training.config import config_from_dict
 
 from reliability_helpers import cfg_dict, run_main_expect_user_error, tree_state, write_yaml
-from reliability_helpers import finished, no_model_load  # noqa: F401 (pytest fixtures)
+from reliability_helpers import finished  # noqa: F401 (pytest fixtures)
 
 
 def _unfinished_copy(finished, dst: Path) -> Path:

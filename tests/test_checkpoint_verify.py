@@ -46,16 +46,6 @@ def trained(tmp_path_factory, tiny_model_dir, tiny_dataset_dir):
     return {"out": root / "out", "dict": d}
 
 
-@pytest.fixture()
-def no_model_load(monkeypatch):
-    from diffusers import FluxKontextPipeline
-
-    def refuse(*a, **k):
-        raise AssertionError("the base model was loaded although the checkpoint should have been refused")
-
-    monkeypatch.setattr(FluxKontextPipeline, "from_pretrained", refuse)
-
-
 def _truncate(path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])

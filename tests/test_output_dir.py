@@ -31,17 +31,6 @@ from kontext.training.output_dir import (
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture()
-def no_model_load(monkeypatch):
-    """Loading the base model fails the test: a refused output folder must be refused before any model loads."""
-    from diffusers import FluxKontextPipeline
-
-    def refuse(*a, **k):
-        raise AssertionError("the base model was loaded although the output folder should have been refused")
-
-    monkeypatch.setattr(FluxKontextPipeline, "from_pretrained", refuse)
-
-
 def snapshot(folder: Path) -> dict[str, tuple[bytes | None, int]]:
     """Every entry under ``folder``: its bytes (None for a folder) and its mtime in ns."""
     return {

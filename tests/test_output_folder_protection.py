@@ -15,7 +15,7 @@ import train_kontext_lora as tk
 from kontext.training.config import config_from_dict
 
 from reliability_helpers import REPO, cfg_dict, run_main_expect_user_error, tree_state, write_yaml
-from reliability_helpers import finished, no_model_load  # noqa: F401 (pytest fixtures)
+from reliability_helpers import finished  # noqa: F401 (pytest fixtures)
 
 
 def test_resuming_a_finished_run_never_touches_it(tmp_path, tiny_model_dir, tiny_dataset_dir, finished, no_model_load, capsys):

@@ -28,16 +28,6 @@ def _tree(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*"))}
 
 
-@pytest.fixture()
-def no_model_load(monkeypatch):
-    from diffusers import FluxKontextPipeline
-
-    def refuse(*a, **k):
-        raise AssertionError("the base model was loaded")
-
-    monkeypatch.setattr(FluxKontextPipeline, "from_pretrained", refuse)
-
-
 # ---------------------------------------------------------------------------------------------
 # Resume: the branch being trained, the base it was trained on
 # ---------------------------------------------------------------------------------------------

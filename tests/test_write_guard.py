@@ -46,16 +46,6 @@ def _main(args: list[str], capsys) -> str:
     return cap.err[cap.err.index(lines[0]):]
 
 
-@pytest.fixture()
-def no_model_load(monkeypatch):
-    from diffusers import FluxKontextPipeline
-
-    def refuse(*a, **k):
-        raise AssertionError("the base model was loaded although the input was bad")
-
-    monkeypatch.setattr(FluxKontextPipeline, "from_pretrained", refuse)
-
-
 # ---------------------------------------------------------------------------------------------
 # The guard itself
 # ---------------------------------------------------------------------------------------------
