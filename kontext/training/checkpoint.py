@@ -42,7 +42,14 @@ class CheckpointError(UserError, ValueError):
 
 
 class CheckpointWriteError(OSError):
-    """A checkpoint just written does not read back intact (data lost without a write error)."""
+    """A checkpoint just written does not read back intact (data lost without a write error).
+
+    ``left_out``: a file is absent although no write failed (the save itself skipped it), not short or garbled.
+    """
+
+    def __init__(self, message: str, left_out: bool = False) -> None:
+        super().__init__(message)
+        self.left_out = left_out
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -149,10 +156,13 @@ def trainer_state_problem(state: Any, folder_name: str | None = None) -> str | N
     return None
 
 
+_MISSING = " is missing"  # how verify_checkpoint names an absent file
+
+
 def _missing_or_empty(path: Path) -> str | None:
     """Why ``path`` cannot hold a checkpoint file (missing, or 0 bytes), or None."""
     if not path.is_file():
-        return f"{path.name} is missing"
+        return f"{path.name}{_MISSING}"
     if path.stat().st_size == 0:
         return f"{path.name} is empty (0 bytes)"
     return None
@@ -248,7 +258,9 @@ def finalize(output_dir: str | Path, step: int, state: dict[str, Any], total_lim
     # that drops an error, would otherwise leave a damaged checkpoint that `latest` picks.
     problem = verify_checkpoint(tmp)
     if problem is not None:
-        raise CheckpointWriteError(f"{tmp.name} does not read back intact: {problem}")
+        raise CheckpointWriteError(
+            f"{tmp.name} does not read back intact: {problem}", left_out=problem.endswith(_MISSING)
+        )
     final = output_dir / f"checkpoint-{step}"
     if final.exists():
         # Re-saving a step: move the old folder aside first, so a crash between the two renames
@@ -334,7 +346,7 @@ def save_failure_message(exc: BaseException, output_dir: str | Path, partial: It
     """
     if is_disk_full(exc):
         head, fix = f"no space left on device while writing {what} in {output_dir}", "Free some space and"
-    elif isinstance(exc, CheckpointWriteError) and str(exc).endswith(" is missing"):
+    elif isinstance(exc, CheckpointWriteError) and exc.left_out:
         # No write failed and no file is short: the save itself left a file out (a launcher setting or engine
         # whose model the checkpoint hooks did not recognise), not the disk.
         head = (f"{what} in {output_dir} was not written intact ({exc}); no write failed, so the save left the file "
