@@ -476,12 +476,12 @@ def _log_cpu_threads(cfg: Config, device: torch.device) -> None:
 def _log_compilation(accelerator: Accelerator) -> None:
     """Say so when the launcher compiles the transformer (``--dynamo_backend``): the first steps then take minutes."""
     plugin = accelerator.state.dynamo_plugin
-    backend = getattr(plugin.backend, "value", plugin.backend)
-    if str(backend).lower() != "no":
+    backend = str(getattr(plugin.backend, "value", plugin.backend)).lower()
+    if backend != "no":
         logger.info(
             "The launcher compiles the transformer (torch.compile, backend %s%s): the first step includes the "
             "compilation, and a new image size (another aspect bucket) may compile again. Validation runs uncompiled.",
-            str(backend).lower(), ", by region" if plugin.use_regional_compilation else "",
+            backend, ", by region" if plugin.use_regional_compilation else "",
         )
 
 
