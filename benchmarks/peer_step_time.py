@@ -473,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _side_args(side: str, args: argparse.Namespace, out: Path, model: Path, data: Path, peer: Path, cached: bool,
                steps: int) -> list[str]:
+    """A side's command-line arguments for ``steps`` updates into ``out`` (latents cached or not)."""
     if side == "project":
         return project_args(out, model, data, args.resolution, steps, cached, args.geometry, args.masked)
     return example_args(out, model, peer, args.resolution, steps, cached)
